@@ -1,0 +1,353 @@
+//! perch-loadgen: runs each benchmark scenario against perch and nats-server
+//! alternately (a fresh server per run), prints a table per scenario with
+//! each server's median and the ratio perch/nats-server, and writes every
+//! measurement as JSON lines. The method is written up in BENCHMARKS.md.
+
+mod machine;
+mod proto;
+mod report;
+mod scenarios;
+mod selfcheck;
+mod server;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::machine::{program_version, Machine};
+use crate::report::{RunRecord, NATS_SERVER, PERCH};
+use crate::scenarios::{Params, Scenario};
+use crate::server::{Flavor, ServerSpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Only {
+    Perch,
+    Nats,
+}
+
+/// Compare perch with nats-server over the raw NATS client protocol.
+#[derive(Parser, Debug)]
+#[command(name = "perch-loadgen", version)]
+struct Cli {
+    /// perch binary; started as `serve --listen 127.0.0.1:PORT --shards N`.
+    #[arg(long, default_value = "target/release/perch")]
+    perch: PathBuf,
+    /// Extra arguments for `perch serve`, split on whitespace.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    perch_args: String,
+    /// perch's --shards [default: CPUs this process may use].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// nats-server binary; started as `-a 127.0.0.1 -p PORT`.
+    #[arg(long, default_value = "nats-server")]
+    nats_server: PathBuf,
+    /// Extra arguments for nats-server, split on whitespace.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    nats_args: String,
+    /// Run only one of the two servers.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// Run only this scenario (repeatable) [default: all].
+    #[arg(long, value_enum)]
+    scenario: Vec<Scenario>,
+    /// Rounds; each round runs every selected server once per scenario.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Measured time of the duration-bound scenarios (pub-only, pub-sub,
+    /// fan-out, req-rep).
+    #[arg(long, default_value_t = 3000)]
+    duration_ms: u64,
+    /// Unmeasured traffic before each duration-bound measurement.
+    #[arg(long, default_value_t = 300)]
+    warmup_ms: u64,
+    /// Bound on every setup, drain and count-bound phase.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    #[arg(long, default_value_t = 16)]
+    payload_bytes: usize,
+    /// pub-sub/fan-out: most messages the publisher may be ahead of the
+    /// slowest subscriber.
+    #[arg(long, default_value_t = 100_000)]
+    window_msgs: u64,
+    #[arg(long, default_value_t = 4)]
+    fan_out_subscribers: usize,
+    #[arg(long, default_value_t = 8000)]
+    fan_in_devices: usize,
+    #[arg(long, default_value_t = 100)]
+    fan_in_msgs_per_device: usize,
+    #[arg(long, default_value_t = 5000)]
+    idle_conns: usize,
+    /// idle-conn: wait before each RSS reading.
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
+    /// Threads that open the fan-in and idle-conn connections.
+    #[arg(long, default_value_t = 4)]
+    connect_threads: usize,
+    /// Also write every run and summary as JSON lines to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where server logs go [default: /tmp/perch-loadgen-<pid>].
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Measure the loadgen's own ceilings without a server, then exit.
+    #[arg(long)]
+    self_check: bool,
+    /// Testing aid: run nats-server in perch's slot too (ratios should be ~1).
+    #[arg(long, hide = true)]
+    perch_is_nats: bool,
+}
+
+impl Cli {
+    fn params(&self) -> Params {
+        Params {
+            duration: Duration::from_millis(self.duration_ms),
+            warmup: Duration::from_millis(self.warmup_ms),
+            timeout: Duration::from_millis(self.timeout_ms),
+            payload_bytes: self.payload_bytes,
+            window_msgs: self.window_msgs,
+            fan_out_subscribers: self.fan_out_subscribers,
+            fan_in_devices: self.fan_in_devices,
+            fan_in_msgs_per_device: self.fan_in_msgs_per_device,
+            idle_conns: self.idle_conns,
+            settle: Duration::from_millis(self.settle_ms),
+            connect_threads: self.connect_threads,
+        }
+    }
+
+    fn servers(&self, machine: &Machine) -> Vec<ServerSpec> {
+        let split =
+            |args: &str| -> Vec<String> { args.split_whitespace().map(String::from).collect() };
+        let nats = ServerSpec {
+            label: NATS_SERVER,
+            program: self.nats_server.clone(),
+            flavor: Flavor::NatsServer {
+                extra_args: split(&self.nats_args),
+            },
+        };
+        let perch = if self.perch_is_nats {
+            ServerSpec {
+                label: PERCH,
+                ..nats.clone()
+            }
+        } else {
+            ServerSpec {
+                label: PERCH,
+                program: self.perch.clone(),
+                flavor: Flavor::Perch {
+                    shards: self.shards.unwrap_or(machine.nproc),
+                    extra_args: split(&self.perch_args),
+                },
+            }
+        };
+        match self.only {
+            Some(Only::Perch) => vec![perch],
+            Some(Only::Nats) => vec![nats],
+            None => vec![perch, nats],
+        }
+    }
+
+    fn scenarios(&self) -> Vec<Scenario> {
+        Scenario::ALL
+            .into_iter()
+            .filter(|scenario| self.scenario.is_empty() || self.scenario.contains(scenario))
+            .collect()
+    }
+}
+
+/// A program given as a path (not a bare name looked up in PATH) must exist.
+fn check_program(label: &str, program: &Path) -> Result<()> {
+    if program.components().count() > 1 && !program.exists() {
+        bail!(
+            "{label} binary not found at {} (build it with `cargo build --release`, pass its path, or use --only)",
+            program.display()
+        );
+    }
+    Ok(())
+}
+
+struct JsonLines(Option<BufWriter<File>>);
+
+impl JsonLines {
+    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
+        if let Some(out) = &mut self.0 {
+            writeln!(out, "{line}").context("writing JSON lines")?;
+            out.flush().context("writing JSON lines")?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the server, runs the scenario, stops the server.
+fn run_once(
+    spec: &ServerSpec,
+    scenario: Scenario,
+    params: &Params,
+    log_path: &Path,
+) -> Result<scenarios::Measurement> {
+    let server = spec.start(log_path)?;
+    match scenario.run(&server, params) {
+        Ok(measurement) => {
+            if let Err(error) = server.stop() {
+                eprintln!("warning: {error:#}");
+            }
+            Ok(measurement)
+        }
+        Err(error) => {
+            let slow_consumer_lines = server.slow_consumer_lines();
+            if slow_consumer_lines.is_empty() {
+                Err(error)
+            } else {
+                Err(error.context(format!(
+                    "{} logged a slow consumer: {}",
+                    server.label,
+                    slow_consumer_lines.join(" | ")
+                )))
+            }
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<bool> {
+    let params = cli.params();
+    if cli.self_check {
+        selfcheck::run(params.payload_bytes, params.duration)?;
+        return Ok(true);
+    }
+    if cli.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let open_file_limit = server::raise_open_file_limit()?;
+    let machine = Machine::detect();
+    let servers = cli.servers(&machine);
+    let scenarios = cli.scenarios();
+    for spec in &servers {
+        check_program(spec.label, &spec.program)?;
+    }
+    let needed_files = (params.fan_in_devices.max(params.idle_conns) + 64) as u64;
+    if open_file_limit < needed_files {
+        bail!("the open file limit is {open_file_limit}; the connection scenarios need {needed_files}");
+    }
+    let log_dir = cli.log_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("perch-loadgen-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("creating log dir {}", log_dir.display()))?;
+    let mut json_lines = JsonLines(match &cli.json {
+        Some(path) => Some(BufWriter::new(
+            File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    });
+
+    let versions: Vec<(String, String)> = servers
+        .iter()
+        .map(|spec| (spec.label.to_string(), program_version(&spec.program)))
+        .collect();
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    println!("## perch-loadgen results\n");
+    println!(
+        "machine: {} CPUs, {}, Linux {}",
+        machine.nproc, machine.cpu_model, machine.kernel
+    );
+    for (label, version) in &versions {
+        println!("{label}: {version}");
+    }
+    if cli.perch_is_nats {
+        println!("NOTE: --perch-is-nats: the perch column is nats-server");
+    }
+    println!(
+        "rounds: {}, duration: {} ms, warmup: {} ms, payload: {} B, server logs: {}\n",
+        cli.rounds,
+        cli.duration_ms,
+        cli.warmup_ms,
+        cli.payload_bytes,
+        log_dir.display()
+    );
+    json_lines.write(&json!({
+        "type": "machine",
+        "nproc": machine.nproc,
+        "cpu_model": machine.cpu_model,
+        "kernel": machine.kernel,
+        "server_versions": versions.iter().map(|(label, version)| (label.clone(), json!(version))).collect::<serde_json::Map<_, _>>(),
+        "perch_is_nats": cli.perch_is_nats,
+        "started_unix_s": started_unix_s,
+        "args": std::env::args().skip(1).collect::<Vec<_>>(),
+    }))?;
+
+    let mut records = Vec::new();
+    let mut all_ok = true;
+    for &scenario in &scenarios {
+        let description = scenario.description(&params);
+        eprintln!("== {}: {description}", scenario.name());
+        for round in 1..=cli.rounds {
+            // Alternate which server goes first so drift favours neither.
+            let mut order: Vec<&ServerSpec> = servers.iter().collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for spec in order {
+                let log_path = log_dir.join(format!(
+                    "{}-{}-round{round}.log",
+                    spec.label,
+                    scenario.name()
+                ));
+                let outcome = run_once(spec, scenario, &params, &log_path)
+                    .map_err(|error| format!("{error:#}"));
+                match &outcome {
+                    Ok(measurement) => {
+                        let shown: Vec<String> = measurement
+                            .iter()
+                            .map(|(key, value)| format!("{key}={value:.3}"))
+                            .collect();
+                        eprintln!("   round {round} {:<11} {}", spec.label, shown.join(" "));
+                    }
+                    Err(error) => {
+                        all_ok = false;
+                        eprintln!("   round {round} {:<11} FAILED: {error}", spec.label);
+                    }
+                }
+                let record = RunRecord {
+                    scenario,
+                    server: spec.label,
+                    round,
+                    outcome,
+                };
+                json_lines.write(&record.to_json())?;
+                records.push(record);
+            }
+        }
+        let summaries = report::summarize(&records, scenario);
+        println!(
+            "{}",
+            report::scenario_table(scenario, &description, &summaries)
+        );
+        for summary in &summaries {
+            json_lines.write(&summary.to_json(scenario))?;
+        }
+    }
+    println!("Cells: median (min–max) over rounds; ratio = perch median / nats-server median.");
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("some runs failed (see FAILED above)");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("perch-loadgen: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,972 @@
+//! The benchmark scenarios. Each opens its own raw NATS connections to a
+//! running server, measures, and returns named metrics. Every loop is bounded
+//! by a count and a deadline; any connection error fails the scenario.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::proto::{
+    frames_per_batch, pub_batch, reply_subject, Conn, FrameKind, SMALL_READ_BUFFER_BYTES,
+    STREAM_READ_BUFFER_BYTES,
+};
+use crate::server::{proc_cpu_time, RunningServer};
+
+/// Bytes of PUB frames a publisher hands to one write.
+const PUB_BATCH_BYTES: usize = 64 * 1024;
+/// How long a request may wait for its reply before the scenario fails.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a throttled publisher sleeps before re-checking its window.
+const WINDOW_WAIT: Duration = Duration::from_micros(50);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    PubOnly,
+    PubSub,
+    FanOut,
+    FanIn,
+    ReqRep,
+    IdleConn,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::PubOnly,
+        Scenario::PubSub,
+        Scenario::FanOut,
+        Scenario::FanIn,
+        Scenario::ReqRep,
+        Scenario::IdleConn,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::PubOnly => "pub-only",
+            Scenario::PubSub => "pub-sub",
+            Scenario::FanOut => "fan-out",
+            Scenario::FanIn => "fan-in",
+            Scenario::ReqRep => "req-rep",
+            Scenario::IdleConn => "idle-conn",
+        }
+    }
+
+    pub fn description(self, params: &Params) -> String {
+        let payload_bytes = params.payload_bytes;
+        match self {
+            Scenario::PubOnly => format!(
+                "1 publisher, {payload_bytes} B to bench.p, no subscribers: msgs/s the server absorbs"
+            ),
+            Scenario::PubSub => format!(
+                "1 publisher -> 1 subscriber, {payload_bytes} B: delivered msgs/s"
+            ),
+            Scenario::FanOut => format!(
+                "1 publisher -> {} subscribers, {payload_bytes} B: total delivered msgs/s",
+                params.fan_out_subscribers
+            ),
+            Scenario::FanIn => format!(
+                "{} device connections x {} msgs of {payload_bytes} B -> 1 subscriber on sensors.>",
+                params.fan_in_devices, params.fan_in_msgs_per_device
+            ),
+            Scenario::ReqRep => format!(
+                "sequential request/reply round trips through one responder, {payload_bytes} B"
+            ),
+            Scenario::IdleConn => format!(
+                "{} idle connections, each with one SUB: server RSS per connection",
+                params.idle_conns
+            ),
+        }
+    }
+
+    pub fn metrics(self) -> &'static [MetricDef] {
+        match self {
+            Scenario::PubOnly => &PUB_ONLY_METRICS,
+            Scenario::PubSub => &PUB_SUB_METRICS,
+            Scenario::FanOut => &FAN_OUT_METRICS,
+            Scenario::FanIn => &FAN_IN_METRICS,
+            Scenario::ReqRep => &REQ_REP_METRICS,
+            Scenario::IdleConn => &IDLE_CONN_METRICS,
+        }
+    }
+
+    pub fn run(self, server: &RunningServer, params: &Params) -> Result<Measurement> {
+        match self {
+            Scenario::PubOnly => pub_only(server, params),
+            Scenario::PubSub => fan_out(server, params, 1),
+            Scenario::FanOut => fan_out(server, params, params.fan_out_subscribers),
+            Scenario::FanIn => fan_in(server, params),
+            Scenario::ReqRep => req_rep(server, params),
+            Scenario::IdleConn => idle_conn(server, params),
+        }
+    }
+}
+
+/// Knobs shared by all scenarios (see `--help` for each).
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub timeout: Duration,
+    pub payload_bytes: usize,
+    pub window_msgs: u64,
+    pub fan_out_subscribers: usize,
+    pub fan_in_devices: usize,
+    pub fan_in_msgs_per_device: usize,
+    pub idle_conns: usize,
+    pub settle: Duration,
+    pub connect_threads: usize,
+}
+
+/// Metric key → value in the metric's base unit (see [`MetricDef`]).
+pub type Measurement = Vec<(&'static str, f64)>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+    /// Context only (e.g. CPU used), no better direction.
+    Neither,
+}
+
+/// A goal from DESIGN/BENCHMARKS: on the ratio perch/nats-server, or on
+/// perch's absolute value.
+#[derive(Clone, Copy, Debug)]
+pub enum Goal {
+    RatioAtLeast(f64),
+    RatioAtMost(f64),
+    PerchAtMost(f64),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    /// JSON key; the suffix names the base unit.
+    pub key: &'static str,
+    /// Table label, with the display unit.
+    pub label: &'static str,
+    /// Base value / divisor = displayed value.
+    pub display_divisor: f64,
+    pub decimals: usize,
+    pub better: Better,
+    pub goal: Option<Goal>,
+}
+
+const fn metric(
+    key: &'static str,
+    label: &'static str,
+    display_divisor: f64,
+    decimals: usize,
+    better: Better,
+    goal: Option<Goal>,
+) -> MetricDef {
+    MetricDef {
+        key,
+        label,
+        display_divisor,
+        decimals,
+        better,
+        goal,
+    }
+}
+
+const SERVER_CPU: MetricDef = metric(
+    "server_cpu_cores",
+    "server CPU (cores)",
+    1.0,
+    2,
+    Better::Neither,
+    None,
+);
+const LOADGEN_CPU: MetricDef = metric(
+    "loadgen_cpu_cores",
+    "loadgen CPU (cores)",
+    1.0,
+    2,
+    Better::Neither,
+    None,
+);
+
+static PUB_ONLY_METRICS: [MetricDef; 3] = [
+    metric(
+        "published_msgs_per_s",
+        "absorbed (M msg/s)",
+        1e6,
+        3,
+        Better::Higher,
+        None,
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+static PUB_SUB_METRICS: [MetricDef; 3] = [
+    metric(
+        "delivered_msgs_per_s",
+        "delivered (M msg/s)",
+        1e6,
+        3,
+        Better::Higher,
+        Some(Goal::RatioAtLeast(1.3)),
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+static FAN_OUT_METRICS: [MetricDef; 3] = [
+    metric(
+        "delivered_msgs_per_s",
+        "delivered, all subs (M msg/s)",
+        1e6,
+        3,
+        Better::Higher,
+        None,
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+static FAN_IN_METRICS: [MetricDef; 5] = [
+    metric(
+        "delivered_msgs_per_s",
+        "delivered (M msg/s)",
+        1e6,
+        3,
+        Better::Higher,
+        Some(Goal::RatioAtLeast(1.5)),
+    ),
+    metric(
+        "server_peak_rss_kib",
+        "server peak RSS (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        Some(Goal::RatioAtMost(0.25)),
+    ),
+    metric(
+        "connect_s",
+        "connect all devices (s)",
+        1.0,
+        2,
+        Better::Lower,
+        None,
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+static REQ_REP_METRICS: [MetricDef; 4] = [
+    metric("p50_us", "round trip p50 (µs)", 1.0, 1, Better::Lower, None),
+    metric(
+        "p99_us",
+        "round trip p99 (µs)",
+        1.0,
+        1,
+        Better::Lower,
+        Some(Goal::RatioAtMost(0.5)),
+    ),
+    metric(
+        "round_trips",
+        "round trips (count)",
+        1.0,
+        0,
+        Better::Higher,
+        None,
+    ),
+    SERVER_CPU,
+];
+static IDLE_CONN_METRICS: [MetricDef; 3] = [
+    metric(
+        "rss_per_conn_kib",
+        "RSS per connection (KiB)",
+        1.0,
+        2,
+        Better::Lower,
+        Some(Goal::PerchAtMost(2.0)),
+    ),
+    metric(
+        "rss_before_kib",
+        "server RSS before (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "rss_after_kib",
+        "server RSS after (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+];
+
+/// CPU time used by the server and by this process over a window, in cores
+/// (CPU seconds per wall second).
+struct CpuWindow {
+    server_start: Duration,
+    loadgen_start: Duration,
+    wall_start: Instant,
+}
+
+impl CpuWindow {
+    fn start(server: &RunningServer) -> Result<Self> {
+        Ok(Self {
+            server_start: server.cpu_time()?,
+            loadgen_start: proc_cpu_time("self")?,
+            wall_start: Instant::now(),
+        })
+    }
+
+    /// (server cores, loadgen cores).
+    fn finish(self, server: &RunningServer) -> Result<(f64, f64)> {
+        let wall_s = self.wall_start.elapsed().as_secs_f64().max(1e-9);
+        let server_s = server.cpu_time()?.saturating_sub(self.server_start);
+        let loadgen_s = proc_cpu_time("self")?.saturating_sub(self.loadgen_start);
+        Ok((
+            server_s.as_secs_f64() / wall_s,
+            loadgen_s.as_secs_f64() / wall_s,
+        ))
+    }
+}
+
+fn pub_frame_bytes(subject: &str, payload_bytes: usize) -> usize {
+    format!("PUB {subject} {payload_bytes}\r\n").len() + payload_bytes + 2
+}
+
+/// Writes `batch` back to back for `duration`; returns the batches written.
+fn publish_for(conn: &mut Conn, batch: &[u8], duration: Duration) -> Result<u64> {
+    let end = Instant::now() + duration;
+    let mut batches = 0u64;
+    while Instant::now() < end {
+        conn.stream
+            .write_all(batch)
+            .context("publisher write failed")?;
+        batches += 1;
+    }
+    Ok(batches)
+}
+
+fn pub_only(server: &RunningServer, params: &Params) -> Result<Measurement> {
+    let subject = "bench.p";
+    let setup_deadline = Instant::now() + params.timeout;
+    let mut publisher = Conn::open(server.addr, SMALL_READ_BUFFER_BYTES, setup_deadline)?;
+    publisher.handshake(b"", setup_deadline)?;
+    let batch_msgs = frames_per_batch(
+        pub_frame_bytes(subject, params.payload_bytes),
+        PUB_BATCH_BYTES,
+    );
+    let batch = pub_batch(subject, params.payload_bytes, batch_msgs);
+
+    // Warm up, then a PING/PONG barrier so the measured window starts with
+    // the server's buffers drained.
+    publish_for(&mut publisher, &batch, params.warmup)?;
+    publisher.ping_pong(Instant::now() + params.timeout)?;
+
+    let cpu = CpuWindow::start(server)?;
+    let started = Instant::now();
+    let batches = publish_for(&mut publisher, &batch, params.duration)?;
+    publisher
+        .ping_pong(Instant::now() + params.timeout)
+        .context("waiting for the server to process everything published")?;
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let (server_cores, loadgen_cores) = cpu.finish(server)?;
+    let published = batches * batch_msgs as u64;
+    Ok(vec![
+        ("published_msgs_per_s", published as f64 / elapsed_s),
+        ("server_cpu_cores", server_cores),
+        ("loadgen_cpu_cores", loadgen_cores),
+    ])
+}
+
+/// Reads and counts MSG frames until `stop` is set or `target` messages have
+/// arrived; publishes the running count in `received` after every read.
+/// Returns the count and the instant the target was reached (or it stopped).
+fn count_messages(
+    mut conn: Conn,
+    received: &AtomicU64,
+    stop: &AtomicBool,
+    target: Option<u64>,
+    deadline: Instant,
+) -> Result<(u64, Instant)> {
+    let mut count = 0u64;
+    loop {
+        while let Some(frame) = conn.reader.next_frame()? {
+            match frame.kind {
+                FrameKind::Msg => count += 1,
+                FrameKind::Ping => conn
+                    .stream
+                    .write_all(b"PONG\r\n")
+                    .context("answering PING")?,
+                FrameKind::Err => bail!(
+                    "server sent {} after {count} messages",
+                    String::from_utf8_lossy(conn.reader.bytes(frame.line))
+                ),
+                FrameKind::Pong | FrameKind::Ok | FrameKind::Info => {}
+            }
+        }
+        received.store(count, Ordering::Relaxed);
+        if target.is_some_and(|target| count >= target) || stop.load(Ordering::Relaxed) {
+            return Ok((count, Instant::now()));
+        }
+        if Instant::now() >= deadline {
+            bail!("subscriber had received {count} messages when the scenario deadline passed");
+        }
+        conn.fill().with_context(|| {
+            format!("subscriber connection failed after {count} messages (slow consumer?)")
+        })?;
+    }
+}
+
+/// Sleeps until `end`, returning early (false) when `failed` is set.
+fn sleep_unless_failed(end: Instant, failed: &AtomicBool) -> bool {
+    loop {
+        if failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= end {
+            return true;
+        }
+        thread::sleep((end - now).min(Duration::from_millis(10)));
+    }
+}
+
+fn join_thread<T>(handle: thread::ScopedJoinHandle<'_, Result<T>>, what: &str) -> Result<T> {
+    handle
+        .join()
+        .map_err(|_| anyhow!("{what} thread panicked"))?
+}
+
+/// 1 publisher → `subscriber_count` subscribers on one subject. The publisher
+/// keeps at most `window_msgs` messages ahead of the slowest subscriber, so
+/// the measurement is the sustained delivery rate, not how much the server
+/// buffers; the rate is counted at the subscribers over `duration` after
+/// `warmup`, and at the end every subscriber must have received every message.
+fn fan_out(
+    server: &RunningServer,
+    params: &Params,
+    subscriber_count: usize,
+) -> Result<Measurement> {
+    let subject = "bench.p";
+    let setup_deadline = Instant::now() + params.timeout;
+    let mut subscribers = Vec::with_capacity(subscriber_count);
+    for index in 0..subscriber_count {
+        let mut conn = Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline)
+            .with_context(|| format!("subscriber {index}"))?;
+        conn.handshake(format!("SUB {subject} 1\r\n").as_bytes(), setup_deadline)
+            .with_context(|| format!("subscriber {index}"))?;
+        subscribers.push(conn);
+    }
+    let mut publisher =
+        Conn::open(server.addr, SMALL_READ_BUFFER_BYTES, setup_deadline).context("publisher")?;
+    publisher
+        .handshake(b"", setup_deadline)
+        .context("publisher")?;
+    let batch_msgs = frames_per_batch(
+        pub_frame_bytes(subject, params.payload_bytes),
+        PUB_BATCH_BYTES,
+    ) as u64;
+    let batch = pub_batch(subject, params.payload_bytes, batch_msgs as usize);
+    let window_msgs = params.window_msgs.max(batch_msgs);
+    let run_deadline = Instant::now() + params.warmup + params.duration + params.timeout;
+    let drain_timeout = params.timeout;
+
+    let counts: Vec<AtomicU64> = (0..subscriber_count).map(|_| AtomicU64::new(0)).collect();
+    let stop_publisher = AtomicBool::new(false);
+    let stop_subscribers = AtomicBool::new(false);
+    let failed = AtomicBool::new(false);
+
+    thread::scope(|scope| -> Result<Measurement> {
+        let (counts, stop_publisher, stop_subscribers, failed) =
+            (&counts, &stop_publisher, &stop_subscribers, &failed);
+        let subscriber_handles: Vec<_> = subscribers
+            .into_iter()
+            .zip(counts)
+            .enumerate()
+            .map(|(index, (conn, count))| {
+                scope.spawn(move || {
+                    let result = count_messages(conn, count, stop_subscribers, None, run_deadline)
+                        .with_context(|| format!("subscriber {index}"));
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        let publisher_handle = scope.spawn(move || -> Result<u64> {
+            let mut published = 0u64;
+            let result = (|| {
+                while !stop_publisher.load(Ordering::Relaxed) && !failed.load(Ordering::Relaxed) {
+                    if Instant::now() >= run_deadline {
+                        bail!("publisher still running at the scenario deadline");
+                    }
+                    let slowest = counts
+                        .iter()
+                        .map(|count| count.load(Ordering::Relaxed))
+                        .min()
+                        .unwrap_or(0);
+                    if published - slowest >= window_msgs {
+                        thread::sleep(WINDOW_WAIT);
+                        continue;
+                    }
+                    publisher
+                        .stream
+                        .write_all(&batch)
+                        .context("publisher write failed")?;
+                    published += batch_msgs;
+                }
+                // PING/PONG before the connection closes: a close with unread
+                // bytes (e.g. a server PING) in our receive queue sends a RST,
+                // and the server may then discard what it had not yet read.
+                if !failed.load(Ordering::Relaxed) {
+                    publisher
+                        .ping_pong(Instant::now() + drain_timeout)
+                        .context("publisher's final PING")?;
+                }
+                Ok(published)
+            })();
+            if result.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            result
+        });
+
+        let total = || -> u64 {
+            counts
+                .iter()
+                .map(|count| count.load(Ordering::Relaxed))
+                .sum()
+        };
+        let mut measured = None;
+        if sleep_unless_failed(Instant::now() + params.warmup, failed) {
+            let cpu = CpuWindow::start(server)?;
+            let (count_start, window_start) = (total(), Instant::now());
+            if sleep_unless_failed(window_start + params.duration, failed) {
+                let (count_end, window_end) = (total(), Instant::now());
+                let (server_cores, loadgen_cores) = cpu.finish(server)?;
+                let rate =
+                    (count_end - count_start) as f64 / (window_end - window_start).as_secs_f64();
+                measured = Some((rate, server_cores, loadgen_cores));
+            }
+        }
+        stop_publisher.store(true, Ordering::Relaxed);
+        let publisher_result = join_thread(publisher_handle, "publisher");
+
+        // Drain: every subscriber must get every message published.
+        if let Ok(published) = publisher_result {
+            let drain_deadline = Instant::now() + params.timeout;
+            while !failed.load(Ordering::Relaxed)
+                && Instant::now() < drain_deadline
+                && counts
+                    .iter()
+                    .any(|count| count.load(Ordering::Relaxed) < published)
+            {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        stop_subscribers.store(true, Ordering::Relaxed);
+        let mut subscriber_totals = Vec::with_capacity(subscriber_count);
+        for handle in subscriber_handles {
+            subscriber_totals.push(join_thread(handle, "subscriber")?.0);
+        }
+        let published = publisher_result?;
+        for (index, received) in subscriber_totals.iter().enumerate() {
+            if *received != published {
+                bail!(
+                    "subscriber {index} received {received} of {published} messages \
+                     within {:?} after publishing stopped",
+                    params.timeout
+                );
+            }
+        }
+        let (rate, server_cores, loadgen_cores) =
+            measured.context("the measurement window did not complete")?;
+        Ok(vec![
+            ("delivered_msgs_per_s", rate),
+            ("server_cpu_cores", server_cores),
+            ("loadgen_cpu_cores", loadgen_cores),
+        ])
+    })
+}
+
+/// Opens `count` connections from `threads` threads; connection `id` sends
+/// `extra(id)` between CONNECT and PING. Returns (id, connection) per thread.
+fn connect_many(
+    addr: SocketAddr,
+    count: usize,
+    threads: usize,
+    deadline: Instant,
+    extra: &(dyn Fn(usize) -> Vec<u8> + Sync),
+) -> Result<Vec<Vec<(usize, Conn)>>> {
+    let threads = threads.clamp(1, count.max(1));
+    let failed = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let failed = &failed;
+        let handles: Vec<_> = (0..threads)
+            .map(|first_id| {
+                scope.spawn(move || -> Result<Vec<(usize, Conn)>> {
+                    let mut conns = Vec::with_capacity(count / threads + 1);
+                    for id in (first_id..count).step_by(threads) {
+                        if failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let result = Conn::open(addr, SMALL_READ_BUFFER_BYTES, deadline)
+                            .and_then(|mut conn| {
+                                conn.handshake(&extra(id), deadline)?;
+                                Ok(conn)
+                            })
+                            .with_context(|| {
+                                format!("connection {id} (after {} on this thread)", conns.len())
+                            });
+                        match result {
+                            Ok(conn) => conns.push((id, conn)),
+                            Err(error) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(error);
+                            }
+                        }
+                    }
+                    Ok(conns)
+                })
+            })
+            .collect();
+        let mut groups = Vec::with_capacity(threads);
+        let mut first_error = None;
+        for handle in handles {
+            match join_thread(handle, "connect") {
+                Ok(group) => groups.push(group),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(groups),
+        }
+    })
+}
+
+fn fan_in(server: &RunningServer, params: &Params) -> Result<Measurement> {
+    let devices = params.fan_in_devices;
+    let msgs_per_device = params.fan_in_msgs_per_device;
+    let expected = (devices * msgs_per_device) as u64;
+    let setup_deadline = Instant::now() + params.timeout;
+    let mut subscriber =
+        Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline).context("subscriber")?;
+    subscriber
+        .handshake(b"SUB sensors.> 1\r\n", setup_deadline)
+        .context("subscriber")?;
+
+    let connect_started = Instant::now();
+    let groups = connect_many(
+        server.addr,
+        devices,
+        params.connect_threads,
+        setup_deadline,
+        &|_| Vec::new(),
+    )
+    .context("connecting devices")?;
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    // Each device's 100 PUB frames, formatted before the clock starts.
+    let groups: Vec<Vec<(usize, Conn, Vec<u8>)>> = groups
+        .into_iter()
+        .map(|group| {
+            group
+                .into_iter()
+                .map(|(id, conn)| {
+                    let batch = pub_batch(
+                        &format!("sensors.{id}.t"),
+                        params.payload_bytes,
+                        msgs_per_device,
+                    );
+                    (id, conn, batch)
+                })
+                .collect()
+        })
+        .collect();
+
+    let received = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let barrier = Barrier::new(groups.len() + 1);
+    let run_deadline = Instant::now() + params.timeout;
+    thread::scope(|scope| -> Result<Measurement> {
+        let (received, stop, barrier) = (&received, &stop, &barrier);
+        let subscriber_handle = scope.spawn(move || {
+            count_messages(subscriber, received, stop, Some(expected), run_deadline)
+                .context("subscriber")
+        });
+        let device_handles: Vec<_> = groups
+            .into_iter()
+            .map(|mut group| {
+                scope.spawn(move || -> Result<Vec<(usize, Conn, Vec<u8>)>> {
+                    barrier.wait();
+                    for (id, conn, batch) in group.iter_mut() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(error) = conn.stream.write_all(batch) {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(error).with_context(|| format!("device {id} publish"));
+                        }
+                    }
+                    // Keep the connections open until the subscriber is done.
+                    Ok(group)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let cpu = CpuWindow::start(server)?;
+        let started = Instant::now();
+        let mut open_devices = Vec::new();
+        let mut device_error = None;
+        for handle in device_handles {
+            match join_thread(handle, "device") {
+                Ok(group) => open_devices.push(group),
+                Err(error) => {
+                    device_error.get_or_insert(error);
+                }
+            }
+        }
+        let subscriber_result = join_thread(subscriber_handle, "subscriber");
+        if let Some(error) = device_error {
+            return Err(error);
+        }
+        let (count, finished) = subscriber_result?;
+        if count < expected {
+            bail!("subscriber received {count} of {expected} messages");
+        }
+        let (server_cores, loadgen_cores) = cpu.finish(server)?;
+        let peak_rss_kib = server.peak_rss_kib()?;
+        drop(open_devices);
+        Ok(vec![
+            (
+                "delivered_msgs_per_s",
+                expected as f64 / (finished - started).as_secs_f64(),
+            ),
+            ("server_peak_rss_kib", peak_rss_kib as f64),
+            ("connect_s", connect_s),
+            ("server_cpu_cores", server_cores),
+            ("loadgen_cpu_cores", loadgen_cores),
+        ])
+    })
+}
+
+/// Answers every request on `svc.echo` with its payload until `stop`.
+fn respond(mut conn: Conn, stop: &AtomicBool, deadline: Instant) -> Result<u64> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut replied = 0u64;
+    loop {
+        while let Some(frame) = conn.reader.next_frame()? {
+            match frame.kind {
+                FrameKind::Msg => {
+                    let line = conn.reader.bytes(frame.line.clone());
+                    let reply = reply_subject(line).with_context(|| {
+                        format!(
+                            "request without reply subject: {:?}",
+                            String::from_utf8_lossy(line)
+                        )
+                    })?;
+                    out.extend_from_slice(b"PUB ");
+                    out.extend_from_slice(reply);
+                    write!(out, " {}\r\n", frame.payload.len()).context("formatting a reply")?;
+                    out.extend_from_slice(conn.reader.bytes(frame.payload));
+                    out.extend_from_slice(b"\r\n");
+                    replied += 1;
+                }
+                FrameKind::Ping => out.extend_from_slice(b"PONG\r\n"),
+                FrameKind::Err => bail!(
+                    "responder got {}",
+                    String::from_utf8_lossy(conn.reader.bytes(frame.line))
+                ),
+                FrameKind::Pong | FrameKind::Ok | FrameKind::Info => {}
+            }
+        }
+        if !out.is_empty() {
+            conn.stream
+                .write_all(&out)
+                .context("responder write failed")?;
+            out.clear();
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(replied);
+        }
+        if Instant::now() >= deadline {
+            bail!("responder still running at the scenario deadline");
+        }
+        conn.fill().context("responder connection failed")?;
+    }
+}
+
+/// Sequential requests for `duration`; pushes each round trip in ns to
+/// `latencies_ns` when given.
+fn request_loop(
+    conn: &mut Conn,
+    payload: &[u8],
+    duration: Duration,
+    next_request_id: &mut u64,
+    mut latencies_ns: Option<&mut Vec<u64>>,
+    failed: &AtomicBool,
+) -> Result<()> {
+    let end = Instant::now() + duration;
+    let mut request = Vec::with_capacity(128 + payload.len());
+    let mut expected_line = Vec::with_capacity(64);
+    while Instant::now() < end {
+        if failed.load(Ordering::Relaxed) {
+            bail!("the responder failed");
+        }
+        let request_id = *next_request_id;
+        *next_request_id += 1;
+        request.clear();
+        write!(
+            request,
+            "PUB svc.echo _INBOX.lg.{request_id} {}\r\n",
+            payload.len()
+        )
+        .context("formatting a request")?;
+        request.extend_from_slice(payload);
+        request.extend_from_slice(b"\r\n");
+        expected_line.clear();
+        write!(expected_line, "MSG _INBOX.lg.{request_id} ").context("formatting")?;
+
+        let sent_at = Instant::now();
+        conn.stream
+            .write_all(&request)
+            .context("requester write failed")?;
+        let reply = conn
+            .wait_for(FrameKind::Msg, sent_at + REPLY_TIMEOUT)
+            .with_context(|| format!("waiting for the reply to request {request_id}"))?;
+        let round_trip = sent_at.elapsed();
+        let line = conn.reader.bytes(reply.line);
+        if !line.starts_with(&expected_line) {
+            bail!(
+                "reply to request {request_id} arrived as {:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        if let Some(latencies_ns) = latencies_ns.as_deref_mut() {
+            latencies_ns.push(u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted values, `quantile` in (0, 1].
+pub fn percentile(sorted: &[u64], quantile: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (quantile * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn req_rep(server: &RunningServer, params: &Params) -> Result<Measurement> {
+    let setup_deadline = Instant::now() + params.timeout;
+    let mut responder =
+        Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline).context("responder")?;
+    responder
+        .handshake(b"SUB svc.echo 1\r\n", setup_deadline)
+        .context("responder")?;
+    let mut requester =
+        Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline).context("requester")?;
+    requester
+        .handshake(b"SUB _INBOX.lg.* 1\r\n", setup_deadline)
+        .context("requester")?;
+    let payload = vec![b'x'; params.payload_bytes];
+    let run_deadline = Instant::now() + params.warmup + params.duration + params.timeout;
+    let stop = AtomicBool::new(false);
+    let failed = AtomicBool::new(false);
+
+    thread::scope(|scope| -> Result<Measurement> {
+        let (stop, failed) = (&stop, &failed);
+        let responder_handle = scope.spawn(move || {
+            let result = respond(responder, stop, run_deadline);
+            if result.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            result
+        });
+        let mut latencies_ns = Vec::with_capacity(1 << 16);
+        let mut cpu_cores = 0.0;
+        let requests_result = (|| -> Result<()> {
+            let mut next_request_id = 0u64;
+            request_loop(
+                &mut requester,
+                &payload,
+                params.warmup,
+                &mut next_request_id,
+                None,
+                failed,
+            )?;
+            let cpu = CpuWindow::start(server)?;
+            request_loop(
+                &mut requester,
+                &payload,
+                params.duration,
+                &mut next_request_id,
+                Some(&mut latencies_ns),
+                failed,
+            )?;
+            cpu_cores = cpu.finish(server)?.0;
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let responder_result = join_thread(responder_handle, "responder");
+        // The responder's error explains a requester's timeout: report it first.
+        responder_result?;
+        requests_result?;
+        latencies_ns.sort_unstable();
+        let micros = |quantile| percentile(&latencies_ns, quantile).map(|ns| ns as f64 / 1000.0);
+        Ok(vec![
+            ("p50_us", micros(0.50).context("no round trips completed")?),
+            ("p99_us", micros(0.99).context("no round trips completed")?),
+            ("round_trips", latencies_ns.len() as f64),
+            ("server_cpu_cores", cpu_cores),
+        ])
+    })
+}
+
+fn idle_conn(server: &RunningServer, params: &Params) -> Result<Measurement> {
+    thread::sleep(params.settle);
+    let rss_before_kib = server.rss_kib()?;
+    let setup_deadline = Instant::now() + params.timeout;
+    let mut groups = connect_many(
+        server.addr,
+        params.idle_conns,
+        params.connect_threads,
+        setup_deadline,
+        &|id| format!("SUB dev.{id}.cmd 1\r\n").into_bytes(),
+    )?;
+    thread::sleep(params.settle);
+    let rss_after_kib = server.rss_kib()?;
+    // Every connection must still be open: one more PING/PONG on each.
+    let check_deadline = Instant::now() + params.timeout;
+    for (id, conn) in groups.iter_mut().flatten() {
+        conn.ping_pong(check_deadline)
+            .with_context(|| format!("idle connection {id} after settling"))?;
+    }
+    drop(groups);
+    let per_conn_kib =
+        (rss_after_kib as f64 - rss_before_kib as f64) / params.idle_conns.max(1) as f64;
+    Ok(vec![
+        ("rss_per_conn_kib", per_conn_kib),
+        ("rss_before_kib", rss_before_kib as f64),
+        ("rss_after_kib", rss_after_kib as f64),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let values: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&values, 0.5), Some(50));
+        assert_eq!(percentile(&values, 0.99), Some(99));
+        assert_eq!(percentile(&values, 1.0), Some(100));
+        assert_eq!(percentile(&[7], 0.99), Some(7));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}

@@ -1,0 +1,181 @@
+//! The broker's configuration: one TOML file, every key also a command-line flag,
+//! flags winning over the file. Limits carry their unit in the name and are
+//! checked together here, once, before any shard starts.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::runtime::io::IoMode;
+
+/// nats-server's defaults, kept so that clients tuned for it behave the same.
+pub const PAYLOAD_BYTES_MAX_DEFAULT: usize = 1 << 20;
+pub const PENDING_BYTES_MAX_DEFAULT: usize = 64 << 20;
+pub const CONTROL_LINE_BYTES_MAX_DEFAULT: usize = 4096;
+pub const CONNECTIONS_MAX_DEFAULT: usize = 64 * 1024;
+pub const PING_INTERVAL_MS_DEFAULT: u64 = 120_000;
+pub const PINGS_OUTSTANDING_MAX_DEFAULT: u32 = 2;
+/// A client must send CONNECT within this long after the INFO (nats-server's
+/// auth timeout), so half-open sockets cannot pile up.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+/// Shards are addressed by bit in 64-bit interest masks.
+pub const SHARDS_MAX: usize = 64;
+
+const _: () = assert!(PAYLOAD_BYTES_MAX_DEFAULT <= PENDING_BYTES_MAX_DEFAULT);
+
+/// How shard 0 hands accepted sockets to shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// The shard with the fewest connections (the default).
+    LeastLoaded,
+    /// Connection i goes to shard i mod N: deterministic, for tests.
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// None: one shard per CPU this process may run on.
+    pub shards: Option<usize>,
+    pub io: IoMode,
+    pub placement: Placement,
+    pub server_name: Option<String>,
+    pub max_payload: usize,
+    pub max_pending: usize,
+    pub max_control_line: usize,
+    pub max_connections: usize,
+    /// 0 means unlimited, as in nats-server.
+    pub max_subscriptions: usize,
+    pub connect_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub ping_max_outstanding: u32,
+    pub log_level: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4222)),
+            shards: None,
+            io: IoMode::Auto,
+            placement: Placement::LeastLoaded,
+            server_name: None,
+            max_payload: PAYLOAD_BYTES_MAX_DEFAULT,
+            max_pending: PENDING_BYTES_MAX_DEFAULT,
+            max_control_line: CONTROL_LINE_BYTES_MAX_DEFAULT,
+            max_connections: CONNECTIONS_MAX_DEFAULT,
+            max_subscriptions: 0,
+            connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
+            ping_max_outstanding: PINGS_OUTSTANDING_MAX_DEFAULT,
+            log_level: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    /// A value is out of range or contradicts another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks the limits against each other. Called once after flags are merged.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Some(shards) = self.shards {
+            if shards == 0 || shards > SHARDS_MAX {
+                return invalid(format!("shards must be 1..={SHARDS_MAX}, got {shards}"));
+            }
+        }
+        if self.max_payload == 0 {
+            return invalid("max_payload must be positive".into());
+        }
+        if self.max_payload > self.max_pending {
+            return invalid(format!(
+                "max_payload ({}) may not exceed max_pending ({})",
+                self.max_payload, self.max_pending
+            ));
+        }
+        if self.max_control_line < 32 {
+            return invalid("max_control_line must be at least 32 bytes".into());
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections must be positive".into());
+        }
+        if self.ping_interval_ms == 0 || self.ping_max_outstanding == 0 {
+            return invalid("ping_interval_ms and ping_max_outstanding must be positive".into());
+        }
+        if self.connect_timeout_ms == 0 {
+            return invalid("connect_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The shard count to run: the configured one, or the CPUs we may run on.
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .unwrap_or_else(|| crate::runtime::affinity::allowed_cpus().len().max(1))
+            .min(SHARDS_MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_reference() {
+        let config = Config::default();
+        config.validate().expect("defaults valid");
+        assert_eq!(config.max_payload, 1048576);
+        assert_eq!(config.listen.port(), 4222);
+    }
+
+    #[test]
+    fn toml_keys_parse_and_unknown_keys_are_rejected() {
+        let config = Config::from_toml(
+            "listen = \"127.0.0.1:5000\"\nshards = 3\nio = \"epoll\"\nmax_payload = 2048\n",
+        )
+        .expect("parse");
+        assert_eq!(config.shards, Some(3));
+        assert_eq!(config.io, IoMode::Epoll);
+        assert_eq!(config.max_payload, 2048);
+        assert!(Config::from_toml("max_paylod = 1").is_err());
+    }
+
+    #[test]
+    fn payload_above_pending_is_rejected() {
+        let config = Config {
+            max_payload: 10,
+            max_pending: 5,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! One client connection's NATS protocol state: the options it sent in CONNECT,
+//! whether it has connected yet, its subscriptions, and the bytes queued for it.
+//!
+//! A session is a plain value the runtime drives: `handle_op` takes one parsed op
+//! and answers with an [`Effect`] for the runtime to carry out (publish,
+//! subscribe, ...); replies that need nothing else (PONG, -ERR) are queued on the
+//! spot. The session never touches a socket or the clock: the runtime's writer
+//! task drains [`Session::take_output`], and closing is a state the runtime acts
+//! on (it shuts the socket down).
+//!
+//! Outbound bytes are bounded by `pending_bytes_max`: crossing it marks the
+//! client a slow consumer and closes it without stalling anyone else.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use tokio::sync::Notify;
+
+use super::connect::{parse_connect, ConnectOptions};
+use super::encode;
+use super::parser::ClientOp;
+use super::subject::{is_valid_publish_subject, is_valid_queue, is_valid_subject};
+
+/// A message as it moves through the broker: borrowed, so routing copies nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct Message<'a> {
+    pub subject: &'a [u8],
+    pub reply: Option<&'a [u8]>,
+    /// The NATS/1.0 header block, when the publisher sent HPUB.
+    pub headers: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// What a session is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// INFO sent; only CONNECT (or PING) is expected.
+    AwaitingConnect,
+    /// CONNECT accepted; any op may come.
+    Established,
+    /// Closing: `flush` says whether queued output is still written first.
+    Closing { flush: bool },
+}
+
+/// Why a session was closed, for logs and counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    ProtocolError,
+    SlowConsumer,
+    StaleConnection,
+    ConnectTimeout,
+    MaxConnections,
+    ServerShutdown,
+}
+
+impl CloseReason {
+    /// Whether queued output (e.g. the -ERR explaining the close) is flushed first.
+    fn flushes(self) -> bool {
+        !matches!(self, CloseReason::SlowConsumer | CloseReason::ClientClosed)
+    }
+}
+
+/// The options from CONNECT that change how the broker talks to this client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flags {
+    pub verbose: bool,
+    pub pedantic: bool,
+    pub echo: bool,
+    pub headers: bool,
+    pub no_responders: bool,
+}
+
+impl Flags {
+    fn from_options(options: &ConnectOptions) -> Flags {
+        Flags {
+            verbose: options.verbose,
+            pedantic: options.pedantic,
+            echo: options.echo,
+            headers: options.headers,
+            no_responders: options.no_responders,
+        }
+    }
+}
+
+/// A subscription: owned by its session's table and referenced from the router's
+/// trie. The `Rc<Session>` cycle is broken when the session ends (see
+/// [`Session::take_subscriptions`]).
+pub struct Subscription {
+    pub session: Rc<Session>,
+    pub sid: Box<[u8]>,
+    pub subject: Box<[u8]>,
+    pub queue: Option<Box<[u8]>>,
+    /// Auto-unsubscribe after this many deliveries in total; 0 = never.
+    max_msgs: Cell<u64>,
+    delivered: Cell<u64>,
+    live: Cell<bool>,
+}
+
+/// The outcome of offering a message to one subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the client.
+    Delivered,
+    /// Queued, and it was the last one `UNSUB <sid> <max>` allowed: remove it now.
+    DeliveredLast,
+    /// Not delivered: the subscription or its session is gone.
+    Dead,
+}
+
+impl Subscription {
+    pub fn new(session: Rc<Session>, sid: &[u8], subject: &[u8], queue: Option<&[u8]>) -> Self {
+        Subscription {
+            session,
+            sid: sid.into(),
+            subject: subject.into(),
+            queue: queue.map(Into::into),
+            max_msgs: Cell::new(0),
+            delivered: Cell::new(0),
+            live: Cell::new(true),
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.get()
+    }
+
+    /// Marks the subscription removed; later deliveries are refused.
+    pub fn kill(&self) {
+        self.live.set(false);
+    }
+
+    /// Auto-unsubscribe after `max` deliveries in total (what `UNSUB <sid> <max>` does).
+    pub fn set_max_msgs(&self, max: u64) {
+        self.max_msgs.set(max);
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered.get()
+    }
+
+    /// Offers `msg` to the client; the caller removes the subscription on
+    /// `DeliveredLast`.
+    pub fn deliver(&self, msg: &Message<'_>) -> Delivery {
+        if !self.live.get() || self.session.is_closing() {
+            return Delivery::Dead;
+        }
+        let delivered = self.delivered.get() + 1;
+        self.delivered.set(delivered);
+        self.session.queue_message(&self.sid, msg);
+        let max = self.max_msgs.get();
+        if max != 0 && delivered >= max {
+            self.live.set(false);
+            Delivery::DeliveredLast
+        } else {
+            Delivery::Delivered
+        }
+    }
+}
+
+/// What the runtime must do after `handle_op`.
+#[derive(Debug)]
+pub enum Effect<'a> {
+    /// Nothing beyond what was queued.
+    None,
+    /// Route this message (the +OK, if verbose, is already queued).
+    Publish(Message<'a>),
+    /// Add this subscription to the router, then call [`Session::acknowledge`].
+    Subscribe(Rc<Subscription>),
+    /// Remove this subscription from the router (it is already out of the table).
+    Unsubscribe(Rc<Subscription>),
+    /// The session is closing; stop reading.
+    Close,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("sid", &String::from_utf8_lossy(&self.sid))
+            .field("subject", &String::from_utf8_lossy(&self.subject))
+            .finish()
+    }
+}
+
+/// Limits a session enforces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    pub pending_bytes_max: usize,
+    /// 0 = unlimited.
+    pub subscriptions_max: usize,
+}
+
+pub struct Session {
+    pub id: u64,
+    limits: SessionLimits,
+    state: Cell<State>,
+    close_reason: Cell<Option<CloseReason>>,
+    flags: Cell<Flags>,
+    out: RefCell<Vec<u8>>,
+    /// Bytes handed to the socket and not yet confirmed written.
+    in_flight_bytes: Cell<usize>,
+    writer: Notify,
+    subs: RefCell<HashMap<Box<[u8]>, Rc<Subscription>>>,
+    pings_outstanding: Cell<u32>,
+    msgs_in: Cell<u64>,
+    msgs_out: Cell<u64>,
+}
+
+/// Before CONNECT arrives, nats-server (without auth) already serves the client
+/// with the defaults an empty `CONNECT {}` implies: verbose, pedantic, echo.
+const FLAGS_BEFORE_CONNECT: Flags = Flags {
+    verbose: true,
+    pedantic: true,
+    echo: true,
+    headers: false,
+    no_responders: false,
+};
+
+impl Session {
+    pub fn new(id: u64, limits: SessionLimits) -> Rc<Session> {
+        Rc::new(Session {
+            id,
+            limits,
+            state: Cell::new(State::AwaitingConnect),
+            close_reason: Cell::new(None),
+            flags: Cell::new(FLAGS_BEFORE_CONNECT),
+            out: RefCell::new(Vec::new()),
+            in_flight_bytes: Cell::new(0),
+            writer: Notify::new(),
+            subs: RefCell::new(HashMap::new()),
+            pings_outstanding: Cell::new(0),
+            msgs_in: Cell::new(0),
+            msgs_out: Cell::new(0),
+        })
+    }
+
+    pub fn state(&self) -> State {
+        self.state.get()
+    }
+
+    pub fn flags(&self) -> Flags {
+        self.flags.get()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        matches!(self.state.get(), State::Closing { .. })
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.get()
+    }
+
+    pub fn msgs_in(&self) -> u64 {
+        self.msgs_in.get()
+    }
+
+    pub fn msgs_out(&self) -> u64 {
+        self.msgs_out.get()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subs.borrow().len()
+    }
+
+    /// Takes one parsed op. Replies that depend on nothing else are queued here;
+    /// the rest is returned as an [`Effect`] for the runtime.
+    pub fn handle_op<'a>(self: &Rc<Self>, op: ClientOp<'a>) -> Effect<'a> {
+        if self.is_closing() {
+            return Effect::Close;
+        }
+        match op {
+            ClientOp::Connect { json } => self.handle_connect(json),
+            ClientOp::Ping => {
+                self.queue_bytes(encode::PONG);
+                Effect::None
+            }
+            ClientOp::Pong => {
+                self.pings_outstanding.set(0);
+                self.ok();
+                Effect::None
+            }
+            // nats-server acknowledges a client's INFO and +OK in verbose mode.
+            ClientOp::Info | ClientOp::Ok => {
+                self.ok();
+                Effect::None
+            }
+            ClientOp::Err => self.fail(None, true),
+            ClientOp::Pub { subject, reply, payload } => self.handle_pub(subject, reply, None, payload),
+            ClientOp::Hpub {
+                subject,
+                reply,
+                headers,
+                payload,
+            } => {
+                if !self.flags.get().headers {
+                    // nats-server closes silently: HPUB is unknown without headers.
+                    return self.fail(None, true);
+                }
+                self.handle_pub(subject, reply, Some(headers), payload)
+            }
+            ClientOp::Sub { subject, queue, sid } => self.handle_sub(subject, queue, sid),
+            ClientOp::Unsub { sid, max_msgs } => self.handle_unsub(sid, max_msgs),
+        }
+    }
+
+    fn handle_connect<'a>(&self, json: &[u8]) -> Effect<'a> {
+        match parse_connect(json) {
+            Ok(options) => {
+                let flags = Flags::from_options(&options);
+                self.flags.set(flags);
+                if self.state.get() == State::AwaitingConnect {
+                    self.state.set(State::Established);
+                }
+                self.ok();
+                Effect::None
+            }
+            Err(e) => self.fail(e.err_text(), e.closes_connection()),
+        }
+    }
+
+    fn handle_pub<'a>(
+        &self,
+        subject: &'a [u8],
+        reply: Option<&'a [u8]>,
+        headers: Option<&'a [u8]>,
+        payload: &'a [u8],
+    ) -> Effect<'a> {
+        let flags = self.flags.get();
+        if flags.pedantic && !is_valid_publish_subject(subject) {
+            // nats-server complains but still acknowledges and routes the message.
+            self.fail(Some("Invalid Publish Subject"), false);
+        }
+        self.msgs_in.set(self.msgs_in.get() + 1);
+        self.ok();
+        Effect::Publish(Message {
+            subject,
+            reply,
+            headers,
+            payload,
+        })
+    }
+
+    fn handle_sub<'a>(self: &Rc<Self>, subject: &[u8], queue: Option<&[u8]>, sid: &[u8]) -> Effect<'a> {
+        if !is_valid_subject(subject) || !queue.map_or(true, is_valid_queue) {
+            return self.fail(Some("Invalid Subject"), false);
+        }
+        let mut subs = self.subs.borrow_mut();
+        if subs.contains_key(sid) {
+            // nats-server ignores a SUB that reuses a live sid.
+            drop(subs);
+            self.ok();
+            return Effect::None;
+        }
+        let max = self.limits.subscriptions_max;
+        if max != 0 && subs.len() >= max {
+            drop(subs);
+            return self.fail(Some("maximum subscriptions exceeded"), false);
+        }
+        let sub = Rc::new(Subscription::new(Rc::clone(self), sid, subject, queue));
+        subs.insert(sid.into(), Rc::clone(&sub));
+        Effect::Subscribe(sub)
+    }
+
+    fn handle_unsub<'a>(&self, sid: &[u8], max_msgs: Option<u64>) -> Effect<'a> {
+        let mut subs = self.subs.borrow_mut();
+        let Some(sub) = subs.get(sid) else {
+            drop(subs);
+            self.ok();
+            return Effect::None;
+        };
+        if let Some(max) = max_msgs {
+            if max > sub.delivered.get() {
+                sub.set_max_msgs(max);
+                drop(subs);
+                self.ok();
+                return Effect::None;
+            }
+        }
+        let sub = subs.remove(sid).expect("present: looked up above");
+        drop(subs);
+        sub.kill();
+        self.ok();
+        Effect::Unsubscribe(sub)
+    }
+
+    /// Removes a subscription that delivered its last allowed message.
+    pub fn forget_subscription(&self, sub: &Subscription) {
+        let mut subs = self.subs.borrow_mut();
+        if subs.get(&sub.sid).is_some_and(|s| std::ptr::eq(&**s, sub)) {
+            subs.remove(&sub.sid);
+        }
+    }
+
+    /// Empties the subscription table (session ending), breaking the Rc cycle.
+    pub fn take_subscriptions(&self) -> Vec<Rc<Subscription>> {
+        let subs: Vec<_> = self.subs.borrow_mut().drain().map(|(_, s)| s).collect();
+        for sub in &subs {
+            sub.kill();
+        }
+        subs
+    }
+
+    /// Finds this session's subscription whose subject matches `subject`
+    /// (used for the no-responders status, sent on the requester's inbox sid).
+    pub fn subscription_matching(&self, subject: &[u8]) -> Option<Rc<Subscription>> {
+        self.subs
+            .borrow()
+            .values()
+            .find(|s| s.queue.is_none() && super::subject::subject_matches(&s.subject, subject))
+            .cloned()
+    }
+
+    /// Queues +OK if the client asked for verbose mode.
+    pub fn ok(&self) {
+        if self.flags.get().verbose {
+            self.queue_bytes(encode::OK);
+        }
+    }
+
+    /// Queues `-ERR '<text>'` (None: the reference closes silently) and, if
+    /// `closes`, starts closing.
+    fn fail<'a>(&self, text: Option<&str>, closes: bool) -> Effect<'a> {
+        if let Some(text) = text {
+            let mut bytes = Vec::with_capacity(text.len() + 10);
+            encode::err(&mut bytes, text);
+            self.queue_bytes(&bytes);
+        }
+        if closes {
+            self.close(CloseReason::ProtocolError);
+            Effect::Close
+        } else {
+            Effect::None
+        }
+    }
+
+    /// Queues `-ERR '<text>'` and closes: for errors found outside `handle_op`
+    /// (parser errors, timeouts, limits).
+    pub fn fail_and_close(&self, text: Option<&str>, reason: CloseReason) {
+        if let Some(text) = text {
+            let mut bytes = Vec::with_capacity(text.len() + 10);
+            encode::err(&mut bytes, text);
+            self.queue_bytes(&bytes);
+        }
+        self.close(reason);
+    }
+
+    /// Queues a server PING unless `max` are already unanswered, in which case the
+    /// client is stale. Returns false when it was closed.
+    pub fn ping(&self, outstanding_max: u32) -> bool {
+        let outstanding = self.pings_outstanding.get();
+        if outstanding >= outstanding_max {
+            self.fail_and_close(Some("Stale Connection"), CloseReason::StaleConnection);
+            return false;
+        }
+        self.pings_outstanding.set(outstanding + 1);
+        self.queue_bytes(encode::PING);
+        true
+    }
+
+    /// Queues raw protocol bytes for the client.
+    pub fn queue_bytes(&self, bytes: &[u8]) {
+        if self.is_closing() && self.close_reason.get() == Some(CloseReason::SlowConsumer) {
+            return;
+        }
+        self.out.borrow_mut().extend_from_slice(bytes);
+        self.after_queue();
+    }
+
+    fn queue_message(&self, sid: &[u8], msg: &Message<'_>) {
+        {
+            let mut out = self.out.borrow_mut();
+            match msg.headers {
+                Some(headers) if self.flags.get().headers => {
+                    encode::hmsg(&mut out, msg.subject, sid, msg.reply, headers, msg.payload)
+                }
+                _ => encode::msg(&mut out, msg.subject, sid, msg.reply, msg.payload),
+            }
+        }
+        self.msgs_out.set(self.msgs_out.get() + 1);
+        self.after_queue();
+    }
+
+    fn after_queue(&self) {
+        let pending = self.out.borrow().len() + self.in_flight_bytes.get();
+        if pending > self.limits.pending_bytes_max {
+            self.out.borrow_mut().clear();
+            self.close(CloseReason::SlowConsumer);
+            return;
+        }
+        self.writer.notify_one();
+    }
+
+    /// Starts closing. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        if self.is_closing() {
+            return;
+        }
+        self.close_reason.set(Some(reason));
+        self.state.set(State::Closing {
+            flush: reason.flushes(),
+        });
+        if !reason.flushes() {
+            self.out.borrow_mut().clear();
+        }
+        self.writer.notify_one();
+    }
+
+    /// Waits until there is output to write or the session is closing.
+    pub async fn output_ready(&self) {
+        loop {
+            if !self.out.borrow().is_empty() || self.is_closing() {
+                return;
+            }
+            self.writer.notified().await;
+        }
+    }
+
+    /// Swaps the queued output for `spare` (an empty buffer) and records it as in
+    /// flight until [`Session::written`].
+    pub fn take_output(&self, spare: Vec<u8>) -> Vec<u8> {
+        debug_assert!(spare.is_empty());
+        let buf = std::mem::replace(&mut *self.out.borrow_mut(), spare);
+        self.in_flight_bytes.set(buf.len());
+        buf
+    }
+
+    /// The writer finished writing what `take_output` gave it.
+    pub fn written(&self) {
+        self.in_flight_bytes.set(0);
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.borrow().is_empty()
+    }
+
+    /// Queued plus in-flight output bytes.
+    pub fn pending_bytes(&self) -> usize {
+        self.out.borrow().len() + self.in_flight_bytes.get()
+    }
+}

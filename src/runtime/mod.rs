@@ -1,0 +1,107 @@
+//! The shell around the sans-IO core: threads, pinning, runtimes, sockets,
+//! mailboxes and timers. Only this module knows about tokio, io_uring or epoll.
+
+pub mod affinity;
+mod connection;
+pub mod io;
+mod mailbox;
+mod shard;
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use io::Selected;
+use mailbox::Control;
+use shard::{Shard, Shared};
+
+/// Runs the broker until SIGINT or SIGTERM (then drains clients and returns Ok),
+/// or until a shard fails (returns the error).
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let (backend, why) = io::select(config.io).map_err(anyhow::Error::msg)?;
+    let shard_count = config.shard_count();
+    let cpus = affinity::allowed_cpus();
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        io = ?backend,
+        shards = shard_count,
+        "perch {} listening on {local} ({why})",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    // Signals first, so one arriving during startup is not fatal by default.
+    let signals = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut terminate, mut interrupt) = signals.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
+
+    let (peers, inboxes) = mailbox::mailboxes(shard_count);
+    let shared = Arc::new(Shared::new(config, shard_count, peers));
+    let (exited_tx, mut exited_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
+    let mut listener = Some(listener);
+    let mut threads = Vec::new();
+    for (id, inbox) in inboxes.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        let listener = if id == 0 { listener.take() } else { None };
+        let cpu = cpus.get(id % cpus.len().max(1)).copied();
+        let exited = exited_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("perch-shard-{id}"))
+            .spawn(move || {
+                // Pin first, then build the runtime inside the pinned thread.
+                if let Some(cpu) = cpu {
+                    if let Err(e) = affinity::pin_current_thread(cpu) {
+                        tracing::warn!(shard = id, cpu, "cannot pin shard: {e}");
+                    }
+                }
+                let result = run_shard_thread(backend, id, shared, inbox, listener);
+                let _ = exited.send((id, result.map_err(|e| format!("{e:#}"))));
+            })?;
+        threads.push(thread);
+    }
+    drop(exited_tx);
+
+    let outcome = signals.block_on(async {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: draining clients"); Ok(()) }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: draining clients"); Ok(()) }
+            exited = exited_rx.recv() => match exited {
+                Some((id, Err(e))) => Err(anyhow::anyhow!("shard {id} failed: {e}")),
+                Some((id, Ok(()))) => Err(anyhow::anyhow!("shard {id} stopped unexpectedly")),
+                None => Err(anyhow::anyhow!("all shards stopped")),
+            },
+        }
+    });
+    for control in &shared.peers.control {
+        let _ = control.send(Control::Shutdown);
+    }
+    for thread in threads {
+        if thread.join().is_err() {
+            return Err(anyhow::anyhow!("a shard thread panicked"));
+        }
+    }
+    tracing::info!("stopped");
+    outcome
+}
+
+fn run_shard_thread(
+    backend: Selected,
+    id: usize,
+    shared: Arc<Shared>,
+    inbox: mailbox::Inbox,
+    listener: Option<std::net::TcpListener>,
+) -> std::io::Result<()> {
+    let shard = Rc::new(Shard::new(id, shared));
+    match backend {
+        #[cfg(feature = "uring")]
+        Selected::Uring => io::uring::run(shard::run_shard::<io::uring::Uring>(shard, inbox, listener)),
+        #[cfg(not(feature = "uring"))]
+        Selected::Uring => Err(std::io::Error::other("built without io_uring support")),
+        Selected::Epoll => io::epoll::run(shard::run_shard::<io::epoll::Epoll>(shard, inbox, listener)),
+    }
+}

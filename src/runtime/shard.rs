@@ -1,0 +1,403 @@
+//! A shard: one pinned thread running a single-threaded runtime that owns its
+//! connections, its slice of the subscription index and its mailboxes.
+//!
+//! Inside a shard everything is `Rc`/`RefCell`; no borrow is held across an
+//! `.await`. Shards share nothing but the bounded mailboxes in [`Peers`] and a
+//! few atomic counters in [`Shared`] (connection counts for placement and
+//! max_connections).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use super::io::{self, Backend};
+use super::mailbox::{Batch, Control, Inbox, Peers};
+use crate::config::{Config, Placement};
+use crate::nats::encode::ServerInfo;
+use crate::nats::parser::ParseLimits;
+use crate::nats::session::{CloseReason, Session, SessionLimits, State};
+use crate::router::Router;
+
+/// How often a shard checks connect deadlines, pings and stuck closes.
+const HOUSEKEEPING_TICK_MS: u64 = 100;
+/// How long a closing client's queued output may take to flush before the
+/// socket is shut down regardless.
+const CLOSE_FLUSH_MS_MAX: u64 = 1_000;
+/// How long shutdown waits for clients to drain before the shard stops anyway.
+const SHUTDOWN_DRAIN_MS_MAX: u64 = 5_000;
+/// Pause after an accept error such as EMFILE, so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
+
+/// State shared by all shards (atomics only; nothing on the message path).
+pub(crate) struct Shared {
+    pub config: Config,
+    pub shard_count: usize,
+    pub server_id: String,
+    pub peers: Peers,
+    pub connections_per_shard: Vec<AtomicUsize>,
+    pub connections_total: AtomicUsize,
+    next_client_id: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, shard_count: usize, peers: Peers) -> Shared {
+        Shared {
+            config,
+            shard_count,
+            server_id: server_id(),
+            peers,
+            connections_per_shard: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
+            connections_total: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// A random-looking 56-character id in nats-server's alphabet (uppercase A–Z, 2–7).
+fn server_id() -> String {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        ^ (u64::from(std::process::id()) << 32)
+        | 1;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut id = String::from("N");
+    for _ in 0..55 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        id.push(ALPHABET[(seed % 32) as usize] as char);
+    }
+    id
+}
+
+/// What a shard knows about one of its connections besides the session.
+pub(crate) struct ConnEntry {
+    pub session: Rc<Session>,
+    fd: RawFd,
+    opened_at: Instant,
+    next_ping_at: Cell<Instant>,
+    closing_since: Cell<Option<Instant>>,
+    shut_down: Cell<bool>,
+}
+
+pub(crate) struct Shard {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub router: RefCell<Router>,
+    pub parse_limits: ParseLimits,
+    pub session_limits: SessionLimits,
+    connections: RefCell<HashMap<u64, ConnEntry>>,
+    shutting_down: Cell<bool>,
+    stop_accepting: Notify,
+}
+
+impl Shard {
+    pub(crate) fn new(id: usize, shared: Arc<Shared>) -> Shard {
+        let config = &shared.config;
+        Shard {
+            id,
+            router: RefCell::new(Router::new(id, shared.shard_count)),
+            parse_limits: ParseLimits {
+                control_line_bytes_max: config.max_control_line,
+                payload_bytes_max: config.max_payload,
+            },
+            session_limits: SessionLimits {
+                pending_bytes_max: config.max_pending,
+                subscriptions_max: config.max_subscriptions,
+            },
+            connections: RefCell::new(HashMap::new()),
+            shutting_down: Cell::new(false),
+            stop_accepting: Notify::new(),
+            shared,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The INFO line for one client.
+    pub(crate) fn info_line(&self, client_id: u64, peer: Option<SocketAddr>) -> Vec<u8> {
+        let config = self.config();
+        let info = ServerInfo {
+            server_id: self.shared.server_id.clone(),
+            server_name: config
+                .server_name
+                .clone()
+                .unwrap_or_else(|| self.shared.server_id.clone()),
+            version: crate::nats::encode::PROTOCOL_VERSION.to_string(),
+            go: crate::nats::encode::GO_FIELD.to_string(),
+            host: config.listen.ip().to_string(),
+            port: config.listen.port(),
+            headers: true,
+            max_payload: config.max_payload,
+            proto: 1,
+            client_id,
+            client_ip: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+            ..ServerInfo::default()
+        };
+        let mut line = Vec::with_capacity(320);
+        crate::nats::encode::info(&mut line, &info);
+        line
+    }
+
+    pub(crate) fn register(&self, session: &Rc<Session>, fd: RawFd) {
+        let now = Instant::now();
+        self.connections.borrow_mut().insert(
+            session.id,
+            ConnEntry {
+                session: Rc::clone(session),
+                fd,
+                opened_at: now,
+                next_ping_at: Cell::new(now + Duration::from_millis(self.config().ping_interval_ms)),
+                closing_since: Cell::new(None),
+                shut_down: Cell::new(false),
+            },
+        );
+        if self.shutting_down.get() {
+            session.close(CloseReason::ServerShutdown);
+        }
+    }
+
+    pub(crate) fn unregister(&self, session_id: u64) {
+        self.connections.borrow_mut().remove(&session_id);
+        self.shared.connections_per_shard[self.id].fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections_total.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.connections.borrow().len()
+    }
+
+    /// Broadcasts the router's pending interest changes to every other shard.
+    /// Returns how many acknowledgements to wait for and where they arrive.
+    pub(crate) fn broadcast_interest(&self) -> Option<(usize, mpsc::UnboundedReceiver<()>)> {
+        let mut router = self.router.borrow_mut();
+        let mut pending = None;
+        while let Some(change) = router.poll_interest_change() {
+            let (tx, count) = pending.get_or_insert_with(|| (mpsc::unbounded_channel(), 0usize));
+            let change = Arc::new(change);
+            for (shard, control) in self.shared.peers.control.iter().enumerate() {
+                if shard == self.id {
+                    continue;
+                }
+                let sent = control.send(Control::Interest {
+                    change: Arc::clone(&change),
+                    applied: tx.0.clone(),
+                });
+                if sent.is_ok() {
+                    *count += 1;
+                }
+            }
+        }
+        pending.map(|((_, rx), count)| (count, rx))
+    }
+
+    /// Broadcasts and waits until every other shard has applied the changes: the
+    /// SUB barrier, so a client that subscribed and got its PONG/+OK is never
+    /// missed by a publisher on another shard.
+    pub(crate) async fn broadcast_interest_and_wait(&self) {
+        if let Some((count, mut rx)) = self.broadcast_interest() {
+            for _ in 0..count {
+                // None: a shard stopped (shutdown); nothing left to wait for.
+                if rx.recv().await.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn begin_shutdown(&self) {
+        self.shutting_down.set(true);
+        self.stop_accepting.notify_one();
+        for entry in self.connections.borrow().values() {
+            entry.session.close(CloseReason::ServerShutdown);
+        }
+    }
+}
+
+/// Runs one shard to completion on the current thread's runtime.
+pub(crate) async fn run_shard<B: Backend>(
+    shard: Rc<Shard>,
+    inbox: Inbox,
+    listener: Option<std::net::TcpListener>,
+) {
+    tokio::task::spawn_local(data_loop(Rc::clone(&shard), inbox.data));
+    tokio::task::spawn_local(housekeeping(Rc::clone(&shard)));
+    if let Some(listener) = listener {
+        tokio::task::spawn_local(accept_loop::<B>(Rc::clone(&shard), listener));
+    }
+    let stopped = Rc::new(Notify::new());
+    tokio::task::spawn_local(control_loop::<B>(Rc::clone(&shard), inbox.control, Rc::clone(&stopped)));
+    stopped.notified().await;
+
+    // Drain: every session is closing with flush; wait for them to finish.
+    let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS_MAX);
+    while shard.connection_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::debug!(shard = shard.id, left = shard.connection_count(), "shard stopped");
+}
+
+async fn control_loop<B: Backend>(
+    shard: Rc<Shard>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    stopped: Rc<Notify>,
+) {
+    while let Some(message) = control.recv().await {
+        match message {
+            Control::Adopt {
+                stream,
+                client_id,
+                reject,
+            } => adopt::<B>(&shard, stream, client_id, reject),
+            Control::Interest { change, applied } => {
+                shard.router.borrow_mut().apply(&change);
+                let _ = applied.send(());
+            }
+            Control::Shutdown => {
+                shard.begin_shutdown();
+                stopped.notify_one();
+            }
+        }
+    }
+}
+
+fn adopt<B: Backend>(shard: &Rc<Shard>, stream: std::net::TcpStream, client_id: u64, reject: bool) {
+    let peer = stream.peer_addr().ok();
+    match B::adopt(stream) {
+        Ok(socket) => {
+            tokio::task::spawn_local(super::connection::serve(
+                Rc::clone(shard),
+                socket,
+                client_id,
+                peer,
+                reject,
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(shard = shard.id, "cannot adopt connection: {e}");
+            shard.shared.connections_per_shard[shard.id].fetch_sub(1, Ordering::Relaxed);
+            shard.shared.connections_total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
+    while let Some(batch) = data.recv().await {
+        {
+            let mut router = shard.router.borrow_mut();
+            for envelope in &batch {
+                router.deliver_remote(&envelope.message(), envelope.plain, &envelope.queues);
+            }
+        }
+        // Auto-unsubscribes may have changed interest; no one waits on these.
+        shard.broadcast_interest();
+    }
+}
+
+async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListener) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen: {e}");
+            return;
+        }
+    };
+    let shared = Arc::clone(&shard.shared);
+    let mut next_round_robin = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shard.stop_accepting.notified() => break,
+        };
+        let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
+                continue;
+            }
+        };
+        let target = match shared.config.placement {
+            Placement::RoundRobin => {
+                next_round_robin = (next_round_robin + 1) % shared.shard_count;
+                (next_round_robin + shared.shard_count - 1) % shared.shard_count
+            }
+            Placement::LeastLoaded => (0..shared.shard_count)
+                .min_by_key(|&s| shared.connections_per_shard[s].load(Ordering::Relaxed))
+                .unwrap_or(0),
+        };
+        let total = shared.connections_total.fetch_add(1, Ordering::Relaxed);
+        shared.connections_per_shard[target].fetch_add(1, Ordering::Relaxed);
+        let reject = total >= shared.config.max_connections;
+        let client_id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+        if target == shard.id {
+            adopt::<B>(&shard, stream, client_id, reject);
+        } else if shared.peers.control[target]
+            .send(Control::Adopt {
+                stream,
+                client_id,
+                reject,
+            })
+            .is_err()
+        {
+            shared.connections_per_shard[target].fetch_sub(1, Ordering::Relaxed);
+            shared.connections_total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    tracing::debug!("stopped accepting");
+}
+
+/// Connect deadlines, server PINGs, and sockets whose close is taking too long.
+/// Timers live here, never around a read (see io/mod.rs).
+async fn housekeeping(shard: Rc<Shard>) {
+    let config = shard.config().clone();
+    let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+    let ping_interval = Duration::from_millis(config.ping_interval_ms);
+    let flush_max = Duration::from_millis(CLOSE_FLUSH_MS_MAX);
+    let mut tick = tokio::time::interval(Duration::from_millis(HOUSEKEEPING_TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for entry in shard.connections.borrow().values() {
+            let session = &entry.session;
+            match session.state() {
+                State::AwaitingConnect => {
+                    if now.duration_since(entry.opened_at) >= connect_timeout {
+                        session.fail_and_close(Some("Authentication Timeout"), CloseReason::ConnectTimeout);
+                    }
+                }
+                State::Established => {
+                    if now >= entry.next_ping_at.get() {
+                        entry.next_ping_at.set(now + ping_interval);
+                        session.ping(config.ping_max_outstanding);
+                    }
+                }
+                State::Closing { .. } => {}
+            }
+            if let State::Closing { flush } = session.state() {
+                let since = *entry.closing_since.get().get_or_insert(now);
+                entry.closing_since.set(Some(since));
+                let stuck = !flush || now.duration_since(since) >= flush_max;
+                if stuck && !entry.shut_down.get() {
+                    entry.shut_down.set(true);
+                    io::shutdown(entry.fd);
+                }
+            }
+        }
+    }
+}
