@@ -105,7 +105,7 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
         buf = filled;
         match result {
             Ok(0) | Err(_) => return,
-            Ok(_) => {}
+            Ok(n) => tracing::trace!(client_id = session.id, bytes = n, "read"),
         }
         if session.is_closing() {
             return;

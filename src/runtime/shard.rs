@@ -302,6 +302,10 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
         }
         // Auto-unsubscribes may have changed interest; no one waits on these.
         shard.broadcast_interest();
+        // Let writers drain what this batch queued before taking the next one, so a
+        // backlog of batches does not pile up in subscribers' buffers (and trip
+        // max_pending) merely because this shard was descheduled for a while.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -25,6 +25,20 @@ async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
         .expect("subscription ended")
 }
 
+/// A round trip through the server on `client`'s connection: async-nats's
+/// `flush` only empties the client's buffer, so after it the server may not have
+/// seen a SUB yet. A message to its own inbox comes back only after every
+/// earlier op on the connection was processed (and, by the SUB barrier, applied
+/// on every shard).
+async fn sync(client: &async_nats::Client) {
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish(inbox, "".into()).await.unwrap();
+    client.flush().await.unwrap();
+    next(&mut probe).await;
+    probe.unsubscribe().await.unwrap();
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -42,7 +56,7 @@ fn pub_sub_across_shards_with_wildcards() {
         let mut exact = subscriber.subscribe("sensors.1.t").await.unwrap();
         let mut star = subscriber.subscribe("sensors.*.t").await.unwrap();
         let mut tail = subscriber.subscribe("sensors.>").await.unwrap();
-        subscriber.flush().await.unwrap();
+        sync(&subscriber).await;
 
         publisher.publish("sensors.1.t", "21.5".into()).await.unwrap();
         publisher.publish("sensors.2.h", "40".into()).await.unwrap();
@@ -67,7 +81,7 @@ fn per_publisher_order_is_kept_across_shards() {
         let subscriber = connect(&server).await;
         let publisher = connect(&server).await;
         let mut sub = subscriber.subscribe("seq").await.unwrap();
-        subscriber.flush().await.unwrap();
+        sync(&subscriber).await;
         let send = tokio::spawn(async move {
             for i in 0..COUNT {
                 publisher.publish("seq", i.to_string().into()).await.unwrap();
@@ -93,12 +107,12 @@ fn queue_group_delivers_each_message_to_exactly_one_member() {
         for _ in 0..4 {
             let client = connect(&server).await;
             members.push(client.queue_subscribe("work", "workers".into()).await.unwrap());
-            client.flush().await.unwrap();
+            sync(&client).await;
             clients.push(client);
         }
         let watcher = connect(&server).await;
         let mut all = watcher.subscribe("work").await.unwrap();
-        watcher.flush().await.unwrap();
+        sync(&watcher).await;
         let publisher = connect(&server).await;
         for i in 0..COUNT {
             publisher.publish("work", i.to_string().into()).await.unwrap();
@@ -130,7 +144,7 @@ fn request_reply_and_no_responders() {
         let responder = connect(&server).await;
         let requester = connect(&server).await;
         let mut service = responder.subscribe("svc.echo").await.unwrap();
-        responder.flush().await.unwrap();
+        sync(&responder).await;
         let serve = tokio::spawn(async move {
             for _ in 0..3 {
                 let msg = next(&mut service).await;
@@ -163,7 +177,7 @@ fn headers_round_trip() {
         let subscriber = connect(&server).await;
         let publisher = connect(&server).await;
         let mut sub = subscriber.subscribe("h").await.unwrap();
-        subscriber.flush().await.unwrap();
+        sync(&subscriber).await;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Device", "gw-7");
         headers.append("Tag", "a");
@@ -190,7 +204,7 @@ fn unsubscribe_after_max_messages() {
         let publisher = connect(&server).await;
         let mut sub = subscriber.subscribe("limited").await.unwrap();
         sub.unsubscribe_after(3).await.unwrap();
-        subscriber.flush().await.unwrap();
+        sync(&subscriber).await;
         for i in 0..10 {
             publisher.publish("limited", i.to_string().into()).await.unwrap();
         }
@@ -205,28 +219,34 @@ fn unsubscribe_after_max_messages() {
 
 #[test]
 fn slow_consumer_is_closed_without_stalling_others() {
-    // 64 KiB of pending output allowed per client.
-    let server = Server::perch(&["--max-pending", "65536", "--max-payload", "8192"]);
+    // 1 MiB of pending output allowed per client.
+    let server = Server::perch(&["--max-pending", "1048576", "--max-payload", "8192"]);
     runtime().block_on(async {
         // The slow consumer speaks raw protocol and never reads.
         let mut slow = crate::support::Raw::connect(&server);
         slow.send(b"CONNECT {\"verbose\":false}\r\nSUB firehose 1\r\nPING\r\n");
+        assert_eq!(slow.read_line(), "PONG");
         let healthy = connect(&server).await;
         let mut sub = healthy.subscribe("firehose").await.unwrap();
-        healthy.flush().await.unwrap();
+        sync(&healthy).await;
         let publisher = connect(&server).await;
-        let payload = bytes::Bytes::from(vec![b'x'; 4096]);
-        const COUNT: usize = 2000; // 8 MiB: far beyond what the slow socket buffers hold
+        let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+        // 32 MiB: far beyond max_pending plus what loopback socket buffers hold.
+        const COUNT: usize = 32 * 1024;
         let publish = tokio::spawn(async move {
             for _ in 0..COUNT {
                 publisher.publish("firehose", payload.clone()).await.unwrap();
             }
             publisher.flush().await.unwrap();
         });
-        for _ in 0..COUNT {
+        let t = std::time::Instant::now();
+        for i in 0..COUNT {
+            if i % 4096 == 0 { eprintln!("got {i} at {:?}", t.elapsed()); }
             next(&mut sub).await;
         }
+        eprintln!("all at {:?}", t.elapsed());
         publish.await.unwrap();
+        eprintln!("published at {:?}", t.elapsed());
         // The slow consumer was closed: the server ends its stream.
         let (_, closed) = slow.read_until_closed(WAIT);
         assert!(closed, "slow consumer must be disconnected");

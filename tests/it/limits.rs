@@ -12,7 +12,8 @@ use crate::support::{Raw, Server};
 fn declared_huge_payloads_do_not_grow_memory() {
     let server = Server::perch(&[]);
     let baseline = server.rss_kib();
-    // Declared 1 GiB: rejected from the control line alone.
+    // Declared 1 GiB: a 10-digit size, which nats-server refuses by closing
+    // silently, from the control line alone.
     let mut huge = Vec::new();
     for _ in 0..50 {
         let mut raw = Raw::connect(&server);
@@ -21,9 +22,15 @@ fn declared_huge_payloads_do_not_grow_memory() {
     }
     for raw in &mut huge {
         let (bytes, closed) = raw.read_until_closed(Duration::from_secs(5));
-        assert_eq!(String::from_utf8_lossy(&bytes), "-ERR 'Maximum Payload Violation'\r\n");
+        assert_eq!(String::from_utf8_lossy(&bytes), "");
         assert!(closed);
     }
+    // Declared just over max_payload: the reference's -ERR, then close.
+    let mut over = Raw::connect(&server);
+    over.send(b"CONNECT {\"verbose\":false}\r\nPUB big 1048577\r\n");
+    let (bytes, closed) = over.read_until_closed(Duration::from_secs(5));
+    assert_eq!(String::from_utf8_lossy(&bytes), "-ERR 'Maximum Payload Violation'\r\n");
+    assert!(closed);
     // Declared exactly max_payload (1 MiB), then only 10 bytes of it: memory must
     // follow what arrived, not what was declared.
     let mut stalled = Vec::new();
@@ -97,18 +104,24 @@ fn garbage_closes_only_the_offender() {
     let mut good = Raw::connect(&server);
     good.send(b"CONNECT {\"verbose\":false}\r\nSUB x 1\r\nPING\r\n");
     assert_eq!(good.read_line(), "PONG");
-    for garbage in [
-        b"\x00\x00\x00\x00\r\n".as_slice(),
-        b"HELLO WORLD\r\n",
-        b"PUB x notanumber\r\n",
-        &[b'A'; 10_000],
+    // (input, what nats-server answers before closing; "" = closes silently)
+    let unknown = "-ERR 'Unknown Protocol Operation'\r\n";
+    let long_line = [b"SUB ".as_slice(), &[b'a'; 10_000]].concat();
+    for (garbage, expected) in [
+        (b"\x00\x00\x00\x00\r\n".as_slice(), unknown),
+        (b"HELLO WORLD\r\n", unknown),
+        (b"PUB x notanumber\r\n", ""),
+        (b"PUB x 3\r\nabcXY", unknown),
+        (&[b'A'; 10_000], unknown),
+        (&long_line, "-ERR 'maximum control line exceeded'\r\n"),
     ] {
         let mut bad = Raw::connect(&server);
         bad.send(b"CONNECT {\"verbose\":false}\r\n");
         bad.send(garbage);
         let (bytes, closed) = bad.read_until_closed(Duration::from_secs(5));
-        assert!(closed, "{garbage:?} must close the connection, got {:?}", String::from_utf8_lossy(&bytes));
-        assert!(bytes.starts_with(b"-ERR '"), "{:?}", String::from_utf8_lossy(&bytes));
+        let shown = String::from_utf8_lossy(&garbage[..garbage.len().min(20)]);
+        assert!(closed, "{shown:?} must close the connection");
+        assert_eq!(String::from_utf8_lossy(&bytes), expected, "answer to {shown:?}");
     }
     let mut publisher = Raw::connect(&server);
     publisher.send(b"CONNECT {\"verbose\":false}\r\nPUB x 2\r\nok\r\n");

@@ -384,6 +384,18 @@ mod tests {
     }
 
     #[test]
+    fn grows_for_a_frame_larger_than_the_buffer() {
+        let payload = vec![b'p'; 1000];
+        let mut input = b"MSG big 1 1000\r\n".to_vec();
+        input.extend_from_slice(&payload);
+        input.extend_from_slice(b"\r\nPONG\r\n");
+        let frames = frames_of(&input, 100);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].2, payload);
+        assert_eq!(frames[1].0, FrameKind::Pong);
+    }
+
+    #[test]
     fn finds_reply_subjects() {
         assert_eq!(
             reply_subject(b"MSG svc.echo 1 _INBOX.7 16"),
