@@ -63,7 +63,12 @@ fn route(c: &mut Criterion) {
     };
     let mut router = Router::new(0, 2);
     let session = Session::new(1, limits);
-    router.subscribe(Rc::new(Subscription::new(Rc::clone(&session), b"1", b"sensors.>", None)));
+    router.subscribe(Rc::new(Subscription::new(
+        Rc::clone(&session),
+        b"1",
+        b"sensors.>",
+        None,
+    )));
     let msg = Message {
         subject: b"sensors.42.t",
         reply: None,

@@ -11,7 +11,11 @@ use perch::config::{Config, Placement};
 use perch::runtime::io::IoMode;
 
 #[derive(Parser)]
-#[command(name = "perch", version, about = "A thread-per-core message broker for edge gateways (NATS protocol)")]
+#[command(
+    name = "perch",
+    version,
+    about = "A thread-per-core message broker for edge gateways (NATS protocol)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -286,7 +286,11 @@ impl Session {
                 Effect::None
             }
             ClientOp::Err => self.fail(None, true),
-            ClientOp::Pub { subject, reply, payload } => self.handle_pub(subject, reply, None, payload),
+            ClientOp::Pub {
+                subject,
+                reply,
+                payload,
+            } => self.handle_pub(subject, reply, None, payload),
             ClientOp::Hpub {
                 subject,
                 reply,
@@ -299,7 +303,11 @@ impl Session {
                 }
                 self.handle_pub(subject, reply, Some(headers), payload)
             }
-            ClientOp::Sub { subject, queue, sid } => self.handle_sub(subject, queue, sid),
+            ClientOp::Sub {
+                subject,
+                queue,
+                sid,
+            } => self.handle_sub(subject, queue, sid),
             ClientOp::Unsub { sid, max_msgs } => self.handle_unsub(sid, max_msgs),
         }
     }
@@ -341,7 +349,12 @@ impl Session {
         })
     }
 
-    fn handle_sub<'a>(self: &Rc<Self>, subject: &[u8], queue: Option<&[u8]>, sid: &[u8]) -> Effect<'a> {
+    fn handle_sub<'a>(
+        self: &Rc<Self>,
+        subject: &[u8],
+        queue: Option<&[u8]>,
+        sid: &[u8],
+    ) -> Effect<'a> {
         if !is_valid_subject(subject) || !queue.map_or(true, is_valid_queue) {
             return self.fail(Some("Invalid Subject"), false);
         }
@@ -463,32 +476,44 @@ impl Session {
         if self.is_closing() && self.close_reason.get() == Some(CloseReason::SlowConsumer) {
             return;
         }
-        self.out.borrow_mut().extend_from_slice(bytes);
-        self.after_queue();
+        let was_empty = {
+            let mut out = self.out.borrow_mut();
+            let was_empty = out.is_empty();
+            out.extend_from_slice(bytes);
+            was_empty
+        };
+        self.after_queue(was_empty);
     }
 
     fn queue_message(&self, sid: &[u8], msg: &Message<'_>) {
-        {
+        let was_empty = {
             let mut out = self.out.borrow_mut();
+            let was_empty = out.is_empty();
             match msg.headers {
                 Some(headers) if self.flags.get().headers => {
                     encode::hmsg(&mut out, msg.subject, sid, msg.reply, headers, msg.payload)
                 }
                 _ => encode::msg(&mut out, msg.subject, sid, msg.reply, msg.payload),
             }
-        }
+            was_empty
+        };
         self.msgs_out.set(self.msgs_out.get() + 1);
-        self.after_queue();
+        self.after_queue(was_empty);
     }
 
-    fn after_queue(&self) {
+    /// Enforces max_pending and wakes the writer. The writer only sleeps when the
+    /// queue is empty, so only the empty → non-empty transition needs a wake-up
+    /// (one atomic operation saved per message on the hot path).
+    fn after_queue(&self, was_empty: bool) {
         let pending = self.out.borrow().len() + self.in_flight_bytes.get();
         if pending > self.limits.pending_bytes_max {
             self.out.borrow_mut().clear();
             self.close(CloseReason::SlowConsumer);
             return;
         }
-        self.writer.notify_one();
+        if was_empty {
+            self.writer.notify_one();
+        }
     }
 
     /// Starts closing. The first reason wins.

@@ -117,7 +117,10 @@ pub struct Router {
 
 impl Router {
     pub fn new(shard: usize, shard_count: usize) -> Router {
-        assert!(shard < shard_count && shard_count <= 64, "shard {shard} of {shard_count}");
+        assert!(
+            shard < shard_count && shard_count <= 64,
+            "shard {shard} of {shard_count}"
+        );
         Router {
             shard,
             shard_count,
@@ -143,6 +146,11 @@ impl Router {
         x ^= x << 17;
         self.rng = x;
         x
+    }
+
+    /// Whether interest changes are waiting to be broadcast.
+    pub fn has_interest_changes(&self) -> bool {
+        !self.outbox.is_empty()
     }
 
     /// The next interest change to broadcast, if any.
@@ -238,7 +246,10 @@ impl Router {
 
     /// Applies an interest change (from any shard, this one included).
     pub fn apply(&mut self, change: &InterestChange) {
-        assert!(change.shard < self.shard_count, "interest from unknown shard");
+        assert!(
+            change.shard < self.shard_count,
+            "interest from unknown shard"
+        );
         let shard_count = self.shard_count;
         let entry = self.interest.entry(&change.pattern);
         if entry.pattern.is_empty() {
@@ -448,7 +459,12 @@ mod tests {
         subscriptions_max: 0,
     };
 
-    fn sub(session: &Rc<Session>, sid: &str, subject: &str, queue: Option<&str>) -> Rc<Subscription> {
+    fn sub(
+        session: &Rc<Session>,
+        sid: &str,
+        subject: &str,
+        queue: Option<&str>,
+    ) -> Rc<Subscription> {
         Rc::new(Subscription::new(
             Rc::clone(session),
             sid.as_bytes(),
@@ -521,7 +537,10 @@ mod tests {
         let (mut local, mut far) = (0, 0);
         for _ in 0..4000 {
             let outcome = router.route(&msg("q"), None, &mut remote);
-            assert_eq!(outcome.delivered_local + remote.iter().map(|t| t.queues.len()).sum::<usize>(), 1);
+            assert_eq!(
+                outcome.delivered_local + remote.iter().map(|t| t.queues.len()).sum::<usize>(),
+                1
+            );
             local += outcome.delivered_local;
             far += remote.len();
         }

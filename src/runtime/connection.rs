@@ -38,7 +38,10 @@ pub(crate) async fn serve<S: Socket>(
     shard.register(&session, socket.raw_fd());
     if reject {
         tracing::warn!(client_id, "maximum connections exceeded");
-        session.fail_and_close(Some("maximum connections exceeded"), CloseReason::MaxConnections);
+        session.fail_and_close(
+            Some("maximum connections exceeded"),
+            CloseReason::MaxConnections,
+        );
     }
     let writer = tokio::task::spawn_local(write_loop(Rc::clone(&socket), Rc::clone(&session)));
     if !reject {
@@ -58,9 +61,17 @@ pub(crate) async fn serve<S: Socket>(
     shard.broadcast_interest();
     match session.close_reason() {
         Some(CloseReason::SlowConsumer) => {
-            tracing::warn!(client_id, ?peer, "slow consumer: closed after exceeding max_pending")
+            tracing::warn!(
+                client_id,
+                ?peer,
+                "slow consumer: closed after exceeding max_pending"
+            )
         }
-        Some(reason @ (CloseReason::ProtocolError | CloseReason::StaleConnection | CloseReason::ConnectTimeout)) => {
+        Some(
+            reason @ (CloseReason::ProtocolError
+            | CloseReason::StaleConnection
+            | CloseReason::ConnectTimeout),
+        ) => {
             tracing::info!(client_id, ?peer, ?reason, "client closed")
         }
         reason => tracing::debug!(client_id, ?peer, ?reason, "client closed"),
@@ -101,49 +112,50 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
     let mut frame_bytes_needed = 0usize;
     let mut outgoing = Outgoing::new();
     loop {
+        if buf.len() == buf.capacity() {
+            grow(&mut buf, frame_bytes_needed);
+        }
         let (result, filled) = socket.read(buf).await;
         buf = filled;
-        match result {
+        let read_bytes = match result {
             Ok(0) | Err(_) => return,
-            Ok(n) => tracing::trace!(client_id = session.id, bytes = n, "read"),
-        }
+            Ok(n) => n,
+        };
         if session.is_closing() {
             return;
         }
         if buf.len() < frame_bytes_needed {
-            grow_for(&mut buf, frame_bytes_needed);
             continue;
         }
-        let (consumed, keep_reading) = process(shard, session, &buf, &mut frame_bytes_needed, &mut outgoing).await;
+        let (consumed, keep_reading) =
+            process(shard, session, &buf, &mut frame_bytes_needed, &mut outgoing).await;
         outgoing.flush(&shard.shared.peers).await;
         if !keep_reading {
             return;
         }
         buf.drain(..consumed);
-        if buf.is_empty() {
+        // Light traffic shrinks the buffer back (halving while reads use little of
+        // it), so a device that once sent a burst does not keep a burst-sized buffer.
+        if buf.is_empty()
+            && buf.capacity() > READ_BUFFER_BYTES_MIN
+            && read_bytes < buf.capacity() / 4
+        {
+            buf = Vec::with_capacity((buf.capacity() / 2).max(READ_BUFFER_BYTES_MIN));
             outgoing.shrink();
-            if buf.capacity() > READ_BUFFER_BYTES_BURST || (buf.capacity() > READ_BUFFER_BYTES_MIN && consumed < buf.capacity() / 4) {
-                buf = Vec::with_capacity(READ_BUFFER_BYTES_MIN);
-            }
         }
-        grow_for(&mut buf, frame_bytes_needed);
     }
 }
 
-/// Makes room for the next read: double when full (bursts), or grow toward a
-/// frame that is arriving — only as its bytes arrive, never to a size a client
-/// merely declared.
-fn grow_for(buf: &mut Vec<u8>, frame_bytes_needed: usize) {
-    if buf.len() < buf.capacity() {
-        return;
-    }
-    let doubled = (buf.capacity() * 2).max(READ_BUFFER_BYTES_MIN);
-    let target = if frame_bytes_needed > buf.len() {
-        doubled.min(frame_bytes_needed.max(READ_BUFFER_BYTES_MIN))
-    } else {
-        doubled.min(READ_BUFFER_BYTES_BURST.max(buf.capacity() + READ_BUFFER_BYTES_MIN))
-    };
-    buf.reserve_exact(target.saturating_sub(buf.len()).max(READ_BUFFER_BYTES_MIN));
+/// Makes room in a full buffer: doubling (bursts), up to READ_BUFFER_BYTES_BURST
+/// or, for a large frame that is arriving, up to its size. The buffer only ever
+/// grows when received bytes fill it, so memory follows what arrived, never a
+/// size a client merely declared.
+fn grow(buf: &mut Vec<u8>, frame_bytes_needed: usize) {
+    let limit = READ_BUFFER_BYTES_BURST.max(frame_bytes_needed);
+    let target = (buf.capacity() * 2).max(READ_BUFFER_BYTES_MIN).min(limit);
+    // A full buffer at the limit can only be the head frame still arriving.
+    let target = target.max(buf.len() + READ_BUFFER_BYTES_MIN);
+    buf.reserve_exact(target - buf.len());
 }
 
 /// Parses and carries out every complete op in `buf`. Returns the bytes consumed
@@ -178,7 +190,12 @@ async fn process(
     }
 }
 
-async fn execute(shard: &Rc<Shard>, session: &Rc<Session>, effect: Effect<'_>, outgoing: &mut Outgoing) -> bool {
+async fn execute(
+    shard: &Rc<Shard>,
+    session: &Rc<Session>,
+    effect: Effect<'_>,
+    outgoing: &mut Outgoing,
+) -> bool {
     match effect {
         Effect::None => true,
         Effect::Close => false,
@@ -202,7 +219,12 @@ async fn execute(shard: &Rc<Shard>, session: &Rc<Session>, effect: Effect<'_>, o
     }
 }
 
-async fn publish(shard: &Rc<Shard>, session: &Rc<Session>, msg: &Message<'_>, outgoing: &mut Outgoing) {
+async fn publish(
+    shard: &Rc<Shard>,
+    session: &Rc<Session>,
+    msg: &Message<'_>,
+    outgoing: &mut Outgoing,
+) {
     let outcome = shard
         .router
         .borrow_mut()

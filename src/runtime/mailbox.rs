@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::nats::session::Message;
@@ -18,17 +17,31 @@ use crate::router::{InterestChange, QueueRef, RemoteTarget};
 /// Batches a shard's data mailbox holds before publishers wait.
 pub(crate) const MAILBOX_BATCHES_MAX: usize = 256;
 /// Envelopes a reader gathers for one shard before it sends the batch mid-pass.
-pub(crate) const BATCH_ENVELOPES_MAX: usize = 512;
+pub(crate) const BATCH_ENVELOPES_MAX: usize = 1024;
+/// Message bytes a reader gathers for one shard before it sends the batch mid-pass
+/// (a single larger message still travels whole, in a batch of its own).
+pub(crate) const BATCH_BYTES_MAX: usize = 256 * 1024;
 
-/// One message for one destination shard. `buf` holds subject, reply, headers and
-/// payload back to back; it is shared (refcounted) by the envelopes of every
-/// destination shard, so a message is copied once however far it fans out.
+/// Messages for one destination shard. Every message's subject, reply, headers
+/// and payload are copied back to back into `data`, so a batch costs two
+/// allocations however many messages it carries: per-message allocations (and
+/// freeing them on another thread) measured as the largest cost of cross-shard
+/// delivery.
+#[derive(Default)]
+pub(crate) struct Batch {
+    data: Vec<u8>,
+    pub envelopes: Vec<Envelope>,
+}
+
+/// One message's place in its batch's `data`, and where it goes on the shard.
 pub(crate) struct Envelope {
-    buf: Bytes,
+    start: u32,
     subject_len: u32,
+    /// ABSENT: no reply subject.
     reply_len: u32,
     /// ABSENT: no headers (PUB); otherwise the header block's length (HPUB).
     headers_len: u32,
+    payload_len: u32,
     pub plain: bool,
     pub queues: Vec<QueueRef>,
 }
@@ -36,64 +49,74 @@ pub(crate) struct Envelope {
 /// Marks an absent reply subject or header block.
 const ABSENT: u32 = u32::MAX;
 
-/// Packs a message once for all the shards it goes to.
-pub(crate) fn pack(msg: &Message<'_>) -> (Bytes, [u32; 3]) {
-    let reply = msg.reply.unwrap_or_default();
-    let headers = msg.headers.unwrap_or_default();
-    let mut buf =
-        BytesMut::with_capacity(msg.subject.len() + reply.len() + headers.len() + msg.payload.len());
-    buf.put_slice(msg.subject);
-    buf.put_slice(reply);
-    buf.put_slice(headers);
-    buf.put_slice(msg.payload);
-    // Lengths fit in u32: subjects are bounded by the control line and payloads
-    // by max_payload, both far below 4 GiB (checked in config validation).
-    let lens = [
-        msg.subject.len() as u32,
-        msg.reply.map_or(ABSENT, |r| r.len() as u32),
-        msg.headers.map_or(ABSENT, |h| h.len() as u32),
-    ];
-    (buf.freeze(), lens)
+impl Batch {
+    /// An empty batch sized like `self`, so a steady stream of batches does not
+    /// regrow its buffers from zero each time.
+    fn empty_like(&self) -> Batch {
+        Batch {
+            data: Vec::with_capacity(self.data.len()),
+            envelopes: Vec::with_capacity(self.envelopes.len()),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.envelopes.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.envelopes.len() >= BATCH_ENVELOPES_MAX || self.data.len() >= BATCH_BYTES_MAX
+    }
+
+    /// Appends a message for `target`.
+    pub(crate) fn push(&mut self, msg: &Message<'_>, target: &mut RemoteTarget) {
+        let start = self.data.len();
+        let reply = msg.reply.unwrap_or_default();
+        let headers = msg.headers.unwrap_or_default();
+        self.data.extend_from_slice(msg.subject);
+        self.data.extend_from_slice(reply);
+        self.data.extend_from_slice(headers);
+        self.data.extend_from_slice(msg.payload);
+        // Lengths fit in u32: subjects are bounded by the control line and payloads
+        // by max_payload, and a batch stops growing at BATCH_BYTES_MAX plus one
+        // message, all far below 4 GiB.
+        assert!(self.data.len() < ABSENT as usize, "batch data within u32");
+        self.envelopes.push(Envelope {
+            start: start as u32,
+            subject_len: msg.subject.len() as u32,
+            reply_len: msg.reply.map_or(ABSENT, |r| r.len() as u32),
+            headers_len: msg.headers.map_or(ABSENT, |h| h.len() as u32),
+            payload_len: msg.payload.len() as u32,
+            plain: target.plain,
+            queues: std::mem::take(&mut target.queues),
+        });
+    }
+
+    /// The messages with their routing, borrowed from the batch.
+    pub(crate) fn messages(&self) -> impl Iterator<Item = (Message<'_>, &Envelope)> {
+        self.envelopes.iter().map(|e| (e.message(&self.data), e))
+    }
 }
 
 impl Envelope {
-    pub(crate) fn new(packed: &(Bytes, [u32; 3]), target: &mut RemoteTarget) -> Envelope {
-        let (buf, [subject_len, reply_len, headers_len]) = packed;
-        Envelope {
-            buf: buf.clone(),
-            subject_len: *subject_len,
-            reply_len: *reply_len,
-            headers_len: *headers_len,
-            plain: target.plain,
-            queues: std::mem::take(&mut target.queues),
-        }
-    }
-
-    /// The message, borrowed from the shared buffer.
-    pub(crate) fn message(&self) -> Message<'_> {
-        let subject_end = self.subject_len as usize;
-        let (reply, reply_end) = if self.reply_len == ABSENT {
-            (None, subject_end)
-        } else {
-            let end = subject_end + self.reply_len as usize;
-            (Some(&self.buf[subject_end..end]), end)
+    fn message<'a>(&self, data: &'a [u8]) -> Message<'a> {
+        let mut at = self.start as usize;
+        let mut take = |len: u32| {
+            let slice = &data[at..at + len as usize];
+            at += len as usize;
+            slice
         };
-        let (headers, headers_end) = if self.headers_len == ABSENT {
-            (None, reply_end)
-        } else {
-            let end = reply_end + self.headers_len as usize;
-            (Some(&self.buf[reply_end..end]), end)
-        };
+        let subject = take(self.subject_len);
+        let reply = (self.reply_len != ABSENT).then(|| take(self.reply_len));
+        let headers = (self.headers_len != ABSENT).then(|| take(self.headers_len));
+        let payload = take(self.payload_len);
         Message {
-            subject: &self.buf[..subject_end],
+            subject,
             reply,
             headers,
-            payload: &self.buf[headers_end..],
+            payload,
         }
     }
 }
-
-pub(crate) type Batch = Vec<Envelope>;
 
 /// Control traffic between shards.
 pub(crate) enum Control {
@@ -161,18 +184,17 @@ impl Outgoing {
         }
     }
 
-    /// Queues envelopes for `self.targets`; returns true when some batch is full
-    /// and should be flushed before reading on.
+    /// Queues the message for every shard in `self.targets`; returns true when
+    /// some batch is full and should be flushed before reading on.
     pub(crate) fn push_targets(&mut self, msg: &Message<'_>, shard_count: usize) -> bool {
         if self.batches.len() < shard_count {
-            self.batches.resize_with(shard_count, Vec::new);
+            self.batches.resize_with(shard_count, Batch::default);
         }
-        let packed = pack(msg);
         let mut full = false;
         for target in &mut self.targets {
             let batch = &mut self.batches[target.shard];
-            batch.push(Envelope::new(&packed, target));
-            full |= batch.len() >= BATCH_ENVELOPES_MAX;
+            batch.push(msg, target);
+            full |= batch.is_full();
         }
         full
     }
@@ -184,7 +206,8 @@ impl Outgoing {
             if batch.is_empty() {
                 continue;
             }
-            let batch = std::mem::take(batch);
+            let next = batch.empty_like();
+            let batch = std::mem::replace(batch, next);
             match peers.data[shard].try_send(batch) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(batch)) => {
@@ -195,11 +218,9 @@ impl Outgoing {
         }
     }
 
-    /// Releases batch capacity after a burst, so idle connections stay small.
+    /// Releases batch buffers, so idle connections stay small.
     pub(crate) fn shrink(&mut self) {
-        if self.batches.iter().any(|b| b.capacity() > 64) {
-            self.batches = Vec::new();
-        }
+        self.batches = Vec::new();
     }
 }
 
@@ -208,14 +229,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn envelope_round_trips_every_message_shape() {
+    fn batch_round_trips_every_message_shape() {
         let cases = [
             (b"a".as_slice(), None, None, b"".as_slice()),
             (b"foo.bar", Some(b"_INBOX.1".as_slice()), None, b"hello"),
-            (b"foo", None, Some(b"NATS/1.0\r\nA: b\r\n\r\n".as_slice()), b"x"),
-            (b"foo", Some(b"r".as_slice()), Some(b"NATS/1.0\r\n\r\n".as_slice()), b""),
+            (
+                b"foo",
+                None,
+                Some(b"NATS/1.0\r\nA: b\r\n\r\n".as_slice()),
+                b"x",
+            ),
+            (
+                b"foo",
+                Some(b"r".as_slice()),
+                Some(b"NATS/1.0\r\n\r\n".as_slice()),
+                b"",
+            ),
             (b"foo", Some(b"".as_slice()), None, b"p"),
         ];
+        let mut batch = Batch::default();
         for (subject, reply, headers, payload) in cases {
             let msg = Message {
                 subject,
@@ -223,10 +255,10 @@ mod tests {
                 headers,
                 payload,
             };
-            let packed = pack(&msg);
-            let mut target = RemoteTarget::default();
-            let env = Envelope::new(&packed, &mut target);
-            let back = env.message();
+            batch.push(&msg, &mut RemoteTarget::default());
+        }
+        assert_eq!(batch.envelopes.len(), cases.len());
+        for ((back, _), (subject, reply, headers, payload)) in batch.messages().zip(cases) {
             assert_eq!(back.subject, subject);
             assert_eq!(back.reply, reply);
             assert_eq!(back.headers, headers);

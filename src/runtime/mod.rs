@@ -34,15 +34,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
 
     // Signals first, so one arriving during startup is not fatal by default.
-    let signals = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (mut terminate, mut interrupt) = signals.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
-        anyhow::Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+        anyhow::Ok((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
     })?;
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let shared = Arc::new(Shared::new(config, shard_count, peers));
-    let (exited_tx, mut exited_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
+    let (exited_tx, mut exited_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
     let mut listener = Some(listener);
     let mut threads = Vec::new();
     for (id, inbox) in inboxes.into_iter().enumerate() {
@@ -99,9 +105,13 @@ fn run_shard_thread(
     let shard = Rc::new(Shard::new(id, shared));
     match backend {
         #[cfg(feature = "uring")]
-        Selected::Uring => io::uring::run(shard::run_shard::<io::uring::Uring>(shard, inbox, listener)),
+        Selected::Uring => {
+            io::uring::run(shard::run_shard::<io::uring::Uring>(shard, inbox, listener))
+        }
         #[cfg(not(feature = "uring"))]
         Selected::Uring => Err(std::io::Error::other("built without io_uring support")),
-        Selected::Epoll => io::epoll::run(shard::run_shard::<io::epoll::Epoll>(shard, inbox, listener)),
+        Selected::Epoll => {
+            io::epoll::run(shard::run_shard::<io::epoll::Epoll>(shard, inbox, listener))
+        }
     }
 }

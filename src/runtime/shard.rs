@@ -158,7 +158,9 @@ impl Shard {
                 session: Rc::clone(session),
                 fd,
                 opened_at: now,
-                next_ping_at: Cell::new(now + Duration::from_millis(self.config().ping_interval_ms)),
+                next_ping_at: Cell::new(
+                    now + Duration::from_millis(self.config().ping_interval_ms),
+                ),
                 closing_since: Cell::new(None),
                 shut_down: Cell::new(false),
             },
@@ -171,7 +173,9 @@ impl Shard {
     pub(crate) fn unregister(&self, session_id: u64) {
         self.connections.borrow_mut().remove(&session_id);
         self.shared.connections_per_shard[self.id].fetch_sub(1, Ordering::Relaxed);
-        self.shared.connections_total.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .connections_total
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     pub(crate) fn connection_count(&self) -> usize {
@@ -182,6 +186,9 @@ impl Shard {
     /// Returns how many acknowledgements to wait for and where they arrive.
     pub(crate) fn broadcast_interest(&self) -> Option<(usize, mpsc::UnboundedReceiver<()>)> {
         let mut router = self.router.borrow_mut();
+        if !router.has_interest_changes() {
+            return None;
+        }
         let mut pending = None;
         while let Some(change) = router.poll_interest_change() {
             let (tx, count) = pending.get_or_insert_with(|| (mpsc::unbounded_channel(), 0usize));
@@ -237,7 +244,11 @@ pub(crate) async fn run_shard<B: Backend>(
         tokio::task::spawn_local(accept_loop::<B>(Rc::clone(&shard), listener));
     }
     let stopped = Rc::new(Notify::new());
-    tokio::task::spawn_local(control_loop::<B>(Rc::clone(&shard), inbox.control, Rc::clone(&stopped)));
+    tokio::task::spawn_local(control_loop::<B>(
+        Rc::clone(&shard),
+        inbox.control,
+        Rc::clone(&stopped),
+    ));
     stopped.notified().await;
 
     // Drain: every session is closing with flush; wait for them to finish.
@@ -245,7 +256,11 @@ pub(crate) async fn run_shard<B: Backend>(
     while shard.connection_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tracing::debug!(shard = shard.id, left = shard.connection_count(), "shard stopped");
+    tracing::debug!(
+        shard = shard.id,
+        left = shard.connection_count(),
+        "shard stopped"
+    );
 }
 
 async fn control_loop<B: Backend>(
@@ -287,7 +302,10 @@ fn adopt<B: Backend>(shard: &Rc<Shard>, stream: std::net::TcpStream, client_id: 
         Err(e) => {
             tracing::warn!(shard = shard.id, "cannot adopt connection: {e}");
             shard.shared.connections_per_shard[shard.id].fetch_sub(1, Ordering::Relaxed);
-            shard.shared.connections_total.fetch_sub(1, Ordering::Relaxed);
+            shard
+                .shared
+                .connections_total
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -296,8 +314,8 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
     while let Some(batch) = data.recv().await {
         {
             let mut router = shard.router.borrow_mut();
-            for envelope in &batch {
-                router.deliver_remote(&envelope.message(), envelope.plain, &envelope.queues);
+            for (msg, envelope) in batch.messages() {
+                router.deliver_remote(&msg, envelope.plain, &envelope.queues);
             }
         }
         // Auto-unsubscribes may have changed interest; no one waits on these.
@@ -382,7 +400,10 @@ async fn housekeeping(shard: Rc<Shard>) {
             match session.state() {
                 State::AwaitingConnect => {
                     if now.duration_since(entry.opened_at) >= connect_timeout {
-                        session.fail_and_close(Some("Authentication Timeout"), CloseReason::ConnectTimeout);
+                        session.fail_and_close(
+                            Some("Authentication Timeout"),
+                            CloseReason::ConnectTimeout,
+                        );
                     }
                 }
                 State::Established => {

@@ -58,9 +58,15 @@ fn pub_sub_across_shards_with_wildcards() {
         let mut tail = subscriber.subscribe("sensors.>").await.unwrap();
         sync(&subscriber).await;
 
-        publisher.publish("sensors.1.t", "21.5".into()).await.unwrap();
+        publisher
+            .publish("sensors.1.t", "21.5".into())
+            .await
+            .unwrap();
         publisher.publish("sensors.2.h", "40".into()).await.unwrap();
-        publisher.publish("sensors", "not matched by sensors.>".into()).await.unwrap();
+        publisher
+            .publish("sensors", "not matched by sensors.>".into())
+            .await
+            .unwrap();
         publisher.flush().await.unwrap();
 
         assert_eq!(next(&mut exact).await.payload, "21.5");
@@ -68,7 +74,10 @@ fn pub_sub_across_shards_with_wildcards() {
         assert_eq!(next(&mut tail).await.subject.as_str(), "sensors.1.t");
         assert_eq!(next(&mut tail).await.subject.as_str(), "sensors.2.h");
         // Nothing else arrives: a probe published last is the next message.
-        publisher.publish("sensors.9.t", "probe".into()).await.unwrap();
+        publisher
+            .publish("sensors.9.t", "probe".into())
+            .await
+            .unwrap();
         assert_eq!(next(&mut star).await.payload, "probe");
     });
 }
@@ -84,7 +93,10 @@ fn per_publisher_order_is_kept_across_shards() {
         sync(&subscriber).await;
         let send = tokio::spawn(async move {
             for i in 0..COUNT {
-                publisher.publish("seq", i.to_string().into()).await.unwrap();
+                publisher
+                    .publish("seq", i.to_string().into())
+                    .await
+                    .unwrap();
             }
             publisher.flush().await.unwrap();
         });
@@ -106,7 +118,12 @@ fn queue_group_delivers_each_message_to_exactly_one_member() {
         let mut clients = Vec::new();
         for _ in 0..4 {
             let client = connect(&server).await;
-            members.push(client.queue_subscribe("work", "workers".into()).await.unwrap());
+            members.push(
+                client
+                    .queue_subscribe("work", "workers".into())
+                    .await
+                    .unwrap(),
+            );
             sync(&client).await;
             clients.push(client);
         }
@@ -115,7 +132,10 @@ fn queue_group_delivers_each_message_to_exactly_one_member() {
         sync(&watcher).await;
         let publisher = connect(&server).await;
         for i in 0..COUNT {
-            publisher.publish("work", i.to_string().into()).await.unwrap();
+            publisher
+                .publish("work", i.to_string().into())
+                .await
+                .unwrap();
         }
         publisher.flush().await.unwrap();
         for _ in 0..COUNT {
@@ -125,15 +145,23 @@ fn queue_group_delivers_each_message_to_exactly_one_member() {
         let mut per_member = Vec::new();
         for member in &mut members {
             let mut got = 0;
-            while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), member.next()).await {
+            while let Ok(Some(msg)) =
+                tokio::time::timeout(Duration::from_millis(300), member.next()).await
+            {
                 let i: usize = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
                 seen[i] += 1;
                 got += 1;
             }
             per_member.push(got);
         }
-        assert!(seen.iter().all(|&n| n == 1), "every message exactly once: {per_member:?}");
-        assert!(per_member.iter().all(|&n| n > 0), "every member got some: {per_member:?}");
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "every message exactly once: {per_member:?}"
+        );
+        assert!(
+            per_member.iter().all(|&n| n > 0),
+            "every member got some: {per_member:?}"
+        );
     });
 }
 
@@ -154,10 +182,13 @@ fn request_reply_and_no_responders() {
             responder.flush().await.unwrap();
         });
         for i in 0..3 {
-            let answer = tokio::time::timeout(WAIT, requester.request("svc.echo", format!("ping {i}").into()))
-                .await
-                .expect("request timed out")
-                .expect("request");
+            let answer = tokio::time::timeout(
+                WAIT,
+                requester.request("svc.echo", format!("ping {i}").into()),
+            )
+            .await
+            .expect("request timed out")
+            .expect("request");
             assert_eq!(answer.payload, format!("ping {i}"));
         }
         serve.await.unwrap();
@@ -206,7 +237,10 @@ fn unsubscribe_after_max_messages() {
         sub.unsubscribe_after(3).await.unwrap();
         sync(&subscriber).await;
         for i in 0..10 {
-            publisher.publish("limited", i.to_string().into()).await.unwrap();
+            publisher
+                .publish("limited", i.to_string().into())
+                .await
+                .unwrap();
         }
         publisher.flush().await.unwrap();
         let mut got = Vec::new();
@@ -235,13 +269,18 @@ fn slow_consumer_is_closed_without_stalling_others() {
         const COUNT: usize = 32 * 1024;
         let publish = tokio::spawn(async move {
             for _ in 0..COUNT {
-                publisher.publish("firehose", payload.clone()).await.unwrap();
+                publisher
+                    .publish("firehose", payload.clone())
+                    .await
+                    .unwrap();
             }
             publisher.flush().await.unwrap();
         });
         let t = std::time::Instant::now();
         for i in 0..COUNT {
-            if i % 4096 == 0 { eprintln!("got {i} at {:?}", t.elapsed()); }
+            if i % 4096 == 0 {
+                eprintln!("got {i} at {:?}", t.elapsed());
+            }
             next(&mut sub).await;
         }
         eprintln!("all at {:?}", t.elapsed());

@@ -29,7 +29,10 @@ fn declared_huge_payloads_do_not_grow_memory() {
     let mut over = Raw::connect(&server);
     over.send(b"CONNECT {\"verbose\":false}\r\nPUB big 1048577\r\n");
     let (bytes, closed) = over.read_until_closed(Duration::from_secs(5));
-    assert_eq!(String::from_utf8_lossy(&bytes), "-ERR 'Maximum Payload Violation'\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        "-ERR 'Maximum Payload Violation'\r\n"
+    );
     assert!(closed);
     // Declared exactly max_payload (1 MiB), then only 10 bytes of it: memory must
     // follow what arrived, not what was declared.
@@ -45,7 +48,10 @@ fn declared_huge_payloads_do_not_grow_memory() {
     assert_eq!(probe.read_line(), "PONG");
     let grown_kib = server.rss_kib().saturating_sub(baseline);
     // 200 × 1 MiB declared would be 200 MiB; allow a few KiB per connection.
-    assert!(grown_kib < 16 * 1024, "RSS grew by {grown_kib} KiB for 200 stalled 1 MiB declarations");
+    assert!(
+        grown_kib < 16 * 1024,
+        "RSS grew by {grown_kib} KiB for 200 stalled 1 MiB declarations"
+    );
 }
 
 #[test]
@@ -53,7 +59,10 @@ fn connect_deadline_closes_silent_sockets() {
     let server = Server::perch(&["--connect-timeout-ms", "300"]);
     let mut raw = Raw::connect(&server);
     let (bytes, closed) = raw.read_until_closed(Duration::from_secs(5));
-    assert_eq!(String::from_utf8_lossy(&bytes), "-ERR 'Authentication Timeout'\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        "-ERR 'Authentication Timeout'\r\n"
+    );
     assert!(closed);
 }
 
@@ -88,7 +97,10 @@ fn max_connections_rejects_the_extra_client() {
     }
     let mut extra = Raw::connect(&server);
     let (bytes, closed) = extra.read_until_closed(Duration::from_secs(5));
-    assert_eq!(String::from_utf8_lossy(&bytes), "-ERR 'maximum connections exceeded'\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        "-ERR 'maximum connections exceeded'\r\n"
+    );
     assert!(closed);
     // Once one leaves, a new client is admitted.
     drop(held.pop());
@@ -121,7 +133,11 @@ fn garbage_closes_only_the_offender() {
         let (bytes, closed) = bad.read_until_closed(Duration::from_secs(5));
         let shown = String::from_utf8_lossy(&garbage[..garbage.len().min(20)]);
         assert!(closed, "{shown:?} must close the connection");
-        assert_eq!(String::from_utf8_lossy(&bytes), expected, "answer to {shown:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            expected,
+            "answer to {shown:?}"
+        );
     }
     let mut publisher = Raw::connect(&server);
     publisher.send(b"CONNECT {\"verbose\":false}\r\nPUB x 2\r\nok\r\n");

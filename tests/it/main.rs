@@ -1,6 +1,6 @@
 //! The one integration-test binary (one link instead of many): boots real brokers
 //! and drives them with real clients.
 
-mod support;
 mod client;
 mod limits;
+mod support;
