@@ -203,6 +203,11 @@ pub struct Session {
     writer: Notify,
     subs: RefCell<HashMap<Box<[u8]>, Rc<Subscription>>>,
     pings_outstanding: Cell<u32>,
+    /// The client answered a server PING at least once (nats-server's "RTT known").
+    round_trip_measured: Cell<bool>,
+    /// A message was published since the last ping check (nats-server counts
+    /// published messages as activity, not PONGs or other ops).
+    active_since_ping: Cell<bool>,
     msgs_in: Cell<u64>,
     msgs_out: Cell<u64>,
 }
@@ -230,6 +235,8 @@ impl Session {
             writer: Notify::new(),
             subs: RefCell::new(HashMap::new()),
             pings_outstanding: Cell::new(0),
+            round_trip_measured: Cell::new(false),
+            active_since_ping: Cell::new(false),
             msgs_in: Cell::new(0),
             msgs_out: Cell::new(0),
         })
@@ -276,15 +283,14 @@ impl Session {
                 Effect::None
             }
             ClientOp::Pong => {
+                if self.pings_outstanding.get() > 0 {
+                    self.round_trip_measured.set(true);
+                }
                 self.pings_outstanding.set(0);
-                self.ok();
                 Effect::None
             }
-            // nats-server acknowledges a client's INFO and +OK in verbose mode.
-            ClientOp::Info | ClientOp::Ok => {
-                self.ok();
-                Effect::None
-            }
+            // Not acknowledged even in verbose mode (checked against nats-server).
+            ClientOp::Info | ClientOp::Ok => Effect::None,
             ClientOp::Err => self.fail(None, true),
             ClientOp::Pub {
                 subject,
@@ -301,7 +307,9 @@ impl Session {
                     // nats-server closes silently: HPUB is unknown without headers.
                     return self.fail(None, true);
                 }
-                self.handle_pub(subject, reply, Some(headers), payload)
+                // An empty header block is delivered as a plain MSG, as nats-server does.
+                let headers = (!headers.is_empty()).then_some(headers);
+                self.handle_pub(subject, reply, headers, payload)
             }
             ClientOp::Sub {
                 subject,
@@ -340,6 +348,7 @@ impl Session {
             self.fail(Some("Invalid Publish Subject"), false);
         }
         self.msgs_in.set(self.msgs_in.get() + 1);
+        self.active_since_ping.set(true);
         self.ok();
         Effect::Publish(Message {
             subject,
@@ -458,9 +467,14 @@ impl Session {
         self.close(reason);
     }
 
-    /// Queues a server PING unless `max` are already unanswered, in which case the
-    /// client is stale. Returns false when it was closed.
+    /// The ping timer fired: queues a server PING unless `max` are already
+    /// unanswered, in which case the client is stale. Like nats-server, a client
+    /// that published since the last check (once it has answered one PING) is
+    /// evidently alive and is not pinged. Returns false when it was closed.
     pub fn ping(&self, outstanding_max: u32) -> bool {
+        if self.active_since_ping.replace(false) && self.round_trip_measured.get() {
+            return true;
+        }
         let outstanding = self.pings_outstanding.get();
         if outstanding >= outstanding_max {
             self.fail_and_close(Some("Stale Connection"), CloseReason::StaleConnection);

@@ -362,7 +362,7 @@ impl Router {
 
         for (shard, pattern, queue) in picks {
             if shard == me {
-                if self.deliver_to_queue(msg, &pattern, &queue) {
+                if self.deliver_to_queue(msg, &pattern, &queue, skip_session) {
                     outcome.delivered_local += 1;
                 }
             } else {
@@ -397,13 +397,20 @@ impl Router {
             });
         }
         for group in queues {
-            self.deliver_to_queue(msg, &group.pattern, &group.queue);
+            self.deliver_to_queue(msg, &group.pattern, &group.queue, None);
         }
         self.remove_expired();
     }
 
-    /// Gives `msg` to one live member of a local queue group; false if none is left.
-    fn deliver_to_queue(&mut self, msg: &Message<'_>, pattern: &[u8], queue: &[u8]) -> bool {
+    /// Gives `msg` to one live member of a local queue group (never one of
+    /// `skip_session`'s, the publisher without echo); false if none is left.
+    fn deliver_to_queue(
+        &mut self,
+        msg: &Message<'_>,
+        pattern: &[u8],
+        queue: &[u8],
+        skip_session: Option<u64>,
+    ) -> bool {
         let start = self.random() as usize;
         let Some(entry) = self.local.get(pattern) else {
             return false;
@@ -414,6 +421,9 @@ impl Router {
         let n = group.members.len();
         for k in 0..n {
             let sub = &group.members[(start + k) % n];
+            if skip_session == Some(sub.session.id) {
+                continue;
+            }
             match sub.deliver(msg) {
                 Delivery::Delivered => return true,
                 Delivery::DeliveredLast => {

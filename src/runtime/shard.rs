@@ -79,6 +79,14 @@ fn server_id() -> String {
     id
 }
 
+/// nats-server sends its first PING to a client after at most 2 s (to learn the
+/// round-trip time), then every ping interval.
+const FIRST_PING_MS_MAX: u64 = 2_000;
+
+fn first_ping_delay(ping_interval_ms: u64) -> Duration {
+    Duration::from_millis(ping_interval_ms.min(FIRST_PING_MS_MAX))
+}
+
 /// What a shard knows about one of its connections besides the session.
 pub(crate) struct ConnEntry {
     pub session: Rc<Session>,
@@ -158,9 +166,7 @@ impl Shard {
                 session: Rc::clone(session),
                 fd,
                 opened_at: now,
-                next_ping_at: Cell::new(
-                    now + Duration::from_millis(self.config().ping_interval_ms),
-                ),
+                next_ping_at: Cell::new(now + first_ping_delay(self.config().ping_interval_ms)),
                 closing_since: Cell::new(None),
                 shut_down: Cell::new(false),
             },
@@ -291,13 +297,9 @@ fn adopt<B: Backend>(shard: &Rc<Shard>, stream: std::net::TcpStream, client_id: 
     let peer = stream.peer_addr().ok();
     match B::adopt(stream) {
         Ok(socket) => {
-            tokio::task::spawn_local(super::connection::serve(
-                Rc::clone(shard),
-                socket,
-                client_id,
-                peer,
-                reject,
-            ));
+            let task = super::connection::serve(Rc::clone(shard), socket, client_id, peer, reject);
+            tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task size");
+            tokio::task::spawn_local(task);
         }
         Err(e) => {
             tracing::warn!(shard = shard.id, "cannot adopt connection: {e}");

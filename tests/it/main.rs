@@ -2,5 +2,6 @@
 //! and drives them with real clients.
 
 mod client;
+mod differential;
 mod limits;
 mod support;

@@ -112,10 +112,6 @@ impl Server {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Sends SIGTERM and waits for the exit status (graceful shutdown tests).
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
