@@ -5,7 +5,3 @@ pub mod config;
 pub mod nats;
 pub mod router;
 pub mod runtime;
-
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -183,6 +183,71 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
+/// A session's subscriptions by sid. Devices hold a handful, so a short vector
+/// (one small allocation, scanned linearly) serves them; past
+/// `SUBSCRIPTIONS_INLINE_MAX` it becomes a map so that thousands of UNSUBs stay
+/// linear in total.
+enum SubTable {
+    Few(Vec<Rc<Subscription>>),
+    Many(HashMap<Box<[u8]>, Rc<Subscription>>),
+}
+
+const SUBSCRIPTIONS_INLINE_MAX: usize = 16;
+
+impl SubTable {
+    fn len(&self) -> usize {
+        match self {
+            SubTable::Few(v) => v.len(),
+            SubTable::Many(m) => m.len(),
+        }
+    }
+
+    fn get(&self, sid: &[u8]) -> Option<&Rc<Subscription>> {
+        match self {
+            SubTable::Few(v) => v.iter().find(|s| &*s.sid == sid),
+            SubTable::Many(m) => m.get(sid),
+        }
+    }
+
+    fn insert(&mut self, sub: Rc<Subscription>) {
+        match self {
+            SubTable::Few(v) if v.len() < SUBSCRIPTIONS_INLINE_MAX => v.push(sub),
+            SubTable::Few(v) => {
+                let mut map: HashMap<_, _> = v.drain(..).map(|s| (s.sid.clone(), s)).collect();
+                map.insert(sub.sid.clone(), sub);
+                *self = SubTable::Many(map);
+            }
+            SubTable::Many(m) => {
+                m.insert(sub.sid.clone(), sub);
+            }
+        }
+    }
+
+    fn remove(&mut self, sid: &[u8]) -> Option<Rc<Subscription>> {
+        match self {
+            SubTable::Few(v) => {
+                let i = v.iter().position(|s| &*s.sid == sid)?;
+                Some(v.swap_remove(i))
+            }
+            SubTable::Many(m) => m.remove(sid),
+        }
+    }
+
+    fn find(&self, pred: impl Fn(&Rc<Subscription>) -> bool) -> Option<Rc<Subscription>> {
+        match self {
+            SubTable::Few(v) => v.iter().find(|s| pred(s)).cloned(),
+            SubTable::Many(m) => m.values().find(|s| pred(s)).cloned(),
+        }
+    }
+
+    fn into_vec(self) -> Vec<Rc<Subscription>> {
+        match self {
+            SubTable::Few(v) => v,
+            SubTable::Many(m) => m.into_values().collect(),
+        }
+    }
+}
+
 /// Limits a session enforces itself.
 #[derive(Clone, Copy, Debug)]
 pub struct SessionLimits {
@@ -201,7 +266,7 @@ pub struct Session {
     /// Bytes handed to the socket and not yet confirmed written.
     in_flight_bytes: Cell<usize>,
     writer: Notify,
-    subs: RefCell<HashMap<Box<[u8]>, Rc<Subscription>>>,
+    subs: RefCell<SubTable>,
     pings_outstanding: Cell<u32>,
     /// The client answered a server PING at least once (nats-server's "RTT known").
     round_trip_measured: Cell<bool>,
@@ -233,7 +298,7 @@ impl Session {
             out: RefCell::new(Vec::new()),
             in_flight_bytes: Cell::new(0),
             writer: Notify::new(),
-            subs: RefCell::new(HashMap::new()),
+            subs: RefCell::new(SubTable::Few(Vec::new())),
             pings_outstanding: Cell::new(0),
             round_trip_measured: Cell::new(false),
             active_since_ping: Cell::new(false),
@@ -368,7 +433,7 @@ impl Session {
             return self.fail(Some("Invalid Subject"), false);
         }
         let mut subs = self.subs.borrow_mut();
-        if subs.contains_key(sid) {
+        if subs.get(sid).is_some() {
             // nats-server ignores a SUB that reuses a live sid.
             drop(subs);
             self.ok();
@@ -380,7 +445,7 @@ impl Session {
             return self.fail(Some("maximum subscriptions exceeded"), false);
         }
         let sub = Rc::new(Subscription::new(Rc::clone(self), sid, subject, queue));
-        subs.insert(sid.into(), Rc::clone(&sub));
+        subs.insert(Rc::clone(&sub));
         Effect::Subscribe(sub)
     }
 
@@ -416,7 +481,8 @@ impl Session {
 
     /// Empties the subscription table (session ending), breaking the Rc cycle.
     pub fn take_subscriptions(&self) -> Vec<Rc<Subscription>> {
-        let subs: Vec<_> = self.subs.borrow_mut().drain().map(|(_, s)| s).collect();
+        let subs =
+            std::mem::replace(&mut *self.subs.borrow_mut(), SubTable::Few(Vec::new())).into_vec();
         for sub in &subs {
             sub.kill();
         }
@@ -428,9 +494,7 @@ impl Session {
     pub fn subscription_matching(&self, subject: &[u8]) -> Option<Rc<Subscription>> {
         self.subs
             .borrow()
-            .values()
             .find(|s| s.queue.is_none() && super::subject::subject_matches(&s.subject, subject))
-            .cloned()
     }
 
     /// Queues +OK if the client asked for verbose mode.

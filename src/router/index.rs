@@ -74,6 +74,7 @@ impl LocalEntry {
 }
 
 struct RemoteQueue {
+    pattern: Bytes,
     name: Bytes,
     members_per_shard: Box<[u32]>,
     members_total: u32,
@@ -81,7 +82,6 @@ struct RemoteQueue {
 
 #[derive(Default)]
 struct InterestEntry {
-    pattern: Bytes,
     /// Bit k set: shard k has plain subscribers for this pattern.
     plain_shards: u64,
     queues: Vec<RemoteQueue>,
@@ -252,9 +252,6 @@ impl Router {
         );
         let shard_count = self.shard_count;
         let entry = self.interest.entry(&change.pattern);
-        if entry.pattern.is_empty() {
-            entry.pattern = change.pattern.clone();
-        }
         match &change.kind {
             InterestKind::Plain(present) => {
                 let bit = 1u64 << change.shard;
@@ -269,6 +266,7 @@ impl Router {
                     Some(i) => i,
                     None => {
                         entry.queues.push(RemoteQueue {
+                            pattern: change.pattern.clone(),
                             name: queue.clone(),
                             members_per_shard: vec![0; shard_count].into(),
                             members_total: 0,
@@ -355,7 +353,7 @@ impl Router {
                         }
                     })
                     .expect("members_total is the sum of members_per_shard");
-                picks.push((shard, entry.pattern.clone(), group.name.clone()));
+                picks.push((shard, group.pattern.clone(), group.name.clone()));
             }
         });
         self.rng = rng;

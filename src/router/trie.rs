@@ -47,8 +47,14 @@ const TOKEN_WILDCARD_TAIL: &[u8] = b">";
 /// token (including an invalid empty one, or a `>` not in last position) is a literal.
 /// That keeps every method total on any bytes; invalid input is only ever a caller bug
 /// and is caught by a `debug_assert!` in `entry`.
+///
+/// Literal patterns (no `*`, no tail `>`) live in a hash map beside the trie: a
+/// literal matches only the identical subject, so one hash lookup finds it, and
+/// the typical device subscription (`dev.<id>.cmd`, `_INBOX.<id>`) costs one map
+/// entry instead of a chain of nodes. The trie holds only wildcard patterns.
 pub struct SubjectTrie<V> {
     root: Node<V>,
+    literal_patterns: HashMap<Box<[u8]>, V, TokenHashBuilder>,
     /// Number of stored patterns: `Some` values in the whole trie.
     pattern_count: usize,
     /// Bumped on every insert of a new pattern and every removal.
@@ -60,11 +66,13 @@ pub struct SubjectTrie<V> {
 
 impl<V> SubjectTrie<V> {
     pub fn new() -> Self {
+        let hash_seed = RandomState::new().hash_one(0x7065_7263_685f_7472_u64);
         Self {
             root: Node::new(),
+            literal_patterns: HashMap::with_hasher(TokenHashBuilder { seed: hash_seed }),
             pattern_count: 0,
             generation: 0,
-            hash_seed: RandomState::new().hash_one(0x7065_7263_685f_7472_u64),
+            hash_seed,
         }
     }
 
@@ -92,6 +100,13 @@ impl<V> SubjectTrie<V> {
             "caller passed an invalid pattern {:?}",
             String::from_utf8_lossy(pattern)
         );
+        if is_literal(pattern) {
+            if !self.literal_patterns.contains_key(pattern) {
+                self.pattern_count += 1;
+                self.generation = self.generation.wrapping_add(1);
+            }
+            return self.literal_patterns.entry(pattern.into()).or_default();
+        }
         let hash_seed = self.hash_seed;
         let mut node = &mut self.root;
         let mut pattern_rest = pattern;
@@ -119,6 +134,9 @@ impl<V> SubjectTrie<V> {
     }
 
     pub fn get(&self, pattern: &[u8]) -> Option<&V> {
+        if is_literal(pattern) {
+            return self.literal_patterns.get(pattern);
+        }
         let mut node = &self.root;
         let mut pattern_rest = pattern;
         // Bounded: one iteration per pattern token.
@@ -136,6 +154,9 @@ impl<V> SubjectTrie<V> {
     }
 
     pub fn get_mut(&mut self, pattern: &[u8]) -> Option<&mut V> {
+        if is_literal(pattern) {
+            return self.literal_patterns.get_mut(pattern);
+        }
         let mut node = &mut self.root;
         let mut pattern_rest = pattern;
         // Bounded: one iteration per pattern token.
@@ -154,7 +175,17 @@ impl<V> SubjectTrie<V> {
 
     /// Removes the value at `pattern` and prunes nodes left empty. Returns it.
     pub fn remove(&mut self, pattern: &[u8]) -> Option<V> {
-        let removed = self.root.remove(pattern)?;
+        let removed = if is_literal(pattern) {
+            let removed = self.literal_patterns.remove(pattern)?;
+            if self.literal_patterns.capacity() > 64
+                && self.literal_patterns.len() * 4 < self.literal_patterns.capacity()
+            {
+                self.literal_patterns.shrink_to_fit();
+            }
+            removed
+        } else {
+            self.root.remove(pattern)?
+        };
         assert!(self.pattern_count > 0, "a stored value was not counted");
         self.pattern_count -= 1;
         self.generation = self.generation.wrapping_add(1);
@@ -168,12 +199,22 @@ impl<V> SubjectTrie<V> {
     /// `subject`, each exactly once. Allocates nothing; recursion depth is the
     /// subject's token count.
     pub fn for_each_match(&self, subject: &[u8], mut f: impl FnMut(&V)) {
-        self.root.for_each_match(subject, &mut f);
+        if let Some(value) = self.literal_patterns.get(subject) {
+            f(value);
+        }
+        if !self.root.is_empty() {
+            self.root.for_each_match(subject, &mut f);
+        }
     }
 
     /// Same as `for_each_match`, with mutable access (used to bump delivery counters).
     pub fn for_each_match_mut(&mut self, subject: &[u8], mut f: impl FnMut(&mut V)) {
-        self.root.for_each_match_mut(subject, &mut f);
+        if let Some(value) = self.literal_patterns.get_mut(subject) {
+            f(value);
+        }
+        if !self.root.is_empty() {
+            self.root.for_each_match_mut(subject, &mut f);
+        }
     }
 
     /// Every (pattern, value) pair, for snapshots sent to a newly started shard.
@@ -213,6 +254,7 @@ impl<V> SubjectTrie<V> {
                 }
             }
         })
+        .chain(self.literal_patterns.iter().map(|(p, v)| (p.to_vec(), v)))
     }
 
     /// Nodes below the root; zero when the trie is empty.
@@ -487,6 +529,19 @@ impl<V> Literals<V> {
 /// Splits off the first token: `(token, Some(rest after the separator))`, or
 /// `(whole input, None)` when it is the last token.
 #[inline]
+/// A pattern without wildcard tokens (`*` anywhere, `>` last): it matches only
+/// the identical subject.
+fn is_literal(pattern: &[u8]) -> bool {
+    let mut tokens = pattern.split(|&b| b == TOKEN_SEPARATOR).peekable();
+    while let Some(token) = tokens.next() {
+        if token == TOKEN_WILDCARD_ONE || (token == TOKEN_WILDCARD_TAIL && tokens.peek().is_none())
+        {
+            return false;
+        }
+    }
+    true
+}
+
 fn split_first_token(subject: &[u8]) -> (&[u8], Option<&[u8]>) {
     match subject.iter().position(|&byte| byte == TOKEN_SEPARATOR) {
         Some(index) => (&subject[..index], Some(&subject[index + 1..])),
@@ -684,7 +739,9 @@ mod tests {
 
     #[test]
     fn many_literal_children_switch_to_a_map_and_back() {
-        let patterns: Vec<String> = (0..100).map(|i| format!("s.{i}.t")).collect();
+        // Wildcard patterns: literal ones live in the side map, not in nodes.
+        let patterns: Vec<String> = (0..100).map(|i| format!("s.{i}.>")).collect();
+        let subject = |pattern: &str| pattern.replace('>', "t");
         let mut trie = SubjectTrie::new();
         for pattern in &patterns {
             *trie.entry(pattern.as_bytes()) = pattern.clone();
@@ -694,7 +751,7 @@ mod tests {
             Some(Literals::Many(_))
         ));
         for (index, pattern) in patterns.iter().enumerate() {
-            assert_eq!(matches_of(&trie, pattern), vec![pattern.clone()]);
+            assert_eq!(matches_of(&trie, &subject(pattern)), vec![pattern.clone()]);
             if index % 3 != 0 {
                 assert_eq!(trie.remove(pattern.as_bytes()), Some(pattern.clone()));
             }
@@ -706,7 +763,7 @@ mod tests {
             } else {
                 vec![]
             };
-            assert_eq!(matches_of(&trie, pattern), expected);
+            assert_eq!(matches_of(&trie, &subject(pattern)), expected);
             if index % 3 == 0 {
                 trie.remove(pattern.as_bytes());
             }

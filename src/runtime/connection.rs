@@ -1,6 +1,6 @@
-//! One client connection on a shard: a reader task that parses and acts, and a
-//! writer task that drains the session's queued output, one write in flight at a
-//! time, coalescing everything queued meanwhile into the next write.
+//! One client connection on a shard: one task joining a reader that parses and
+//! acts and a writer that drains the session's queued output, one write in
+//! flight at a time, coalescing everything queued meanwhile into the next write.
 //!
 //! The reader keeps exactly one read pending and never races it against a timer
 //! (an io_uring read that loses a race still eats bytes). Timeouts and slow
@@ -17,8 +17,10 @@ use crate::nats::encode;
 use crate::nats::parser::{parse_op, Parsed};
 use crate::nats::session::{CloseReason, Effect, Message, Session, State};
 
-/// Read buffer of an idle connection: small, because idle devices are the norm.
-const READ_BUFFER_BYTES_MIN: usize = 512;
+/// Read buffer of an idle connection: small, because idle devices are the norm
+/// (an io_uring read owns its buffer while it waits, so every idle connection
+/// holds one). Typical device messages fit; anything larger grows it.
+const READ_BUFFER_BYTES_MIN: usize = 256;
 /// A read buffer grows by doubling while reads fill it, up to this (or to the
 /// size of a declared frame that is actually arriving).
 const READ_BUFFER_BYTES_BURST: usize = 64 * 1024;
@@ -43,12 +45,16 @@ pub(crate) async fn serve<S: Socket>(
             CloseReason::MaxConnections,
         );
     }
-    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&socket), Rc::clone(&session)));
-    if !reject {
-        read_loop(&shard, &*socket, &session).await;
-    }
-    session.close(CloseReason::ClientClosed);
-    let _ = writer.await;
+    // Reader and writer run concurrently inside this one task (one allocation per
+    // connection instead of two). `join` polls both and never drops either, so no
+    // in-flight io_uring operation is abandoned.
+    let reader = async {
+        if !reject {
+            read_loop(&shard, &*socket, &session).await;
+        }
+        session.close(CloseReason::ClientClosed);
+    };
+    tokio::join!(reader, write_loop(&*socket, &session));
 
     // Remove the client's interest everywhere. No barrier: nothing waits on it.
     {
@@ -81,7 +87,7 @@ pub(crate) async fn serve<S: Socket>(
     drop(socket);
 }
 
-async fn write_loop<S: Socket>(socket: Rc<S>, session: Rc<Session>) {
+async fn write_loop<S: Socket>(socket: &S, session: &Session) {
     let mut spare = Vec::new();
     loop {
         session.output_ready().await;
@@ -98,7 +104,8 @@ async fn write_loop<S: Socket>(socket: Rc<S>, session: Rc<Session>) {
             break;
         }
         buf.clear();
-        if buf.capacity() > WRITE_BUFFER_BYTES_KEEP {
+        // Keep the buffer while output keeps coming; an idle client keeps none.
+        if buf.capacity() > WRITE_BUFFER_BYTES_KEEP || !session.has_output() {
             buf = Vec::new();
         }
         spare = buf;
@@ -111,10 +118,12 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
     // Bytes the frame at the head of `buf` needs before parsing is worth retrying.
     let mut frame_bytes_needed = 0usize;
     let mut outgoing = Outgoing::new();
+    let peers = &shard.shared.peers;
     loop {
         if buf.len() == buf.capacity() {
             grow(&mut buf, frame_bytes_needed);
         }
+        let spare_bytes = buf.capacity() - buf.len();
         let (result, filled) = socket.read(buf).await;
         buf = filled;
         let read_bytes = match result {
@@ -127,21 +136,56 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
         if buf.len() < frame_bytes_needed {
             continue;
         }
-        let (consumed, keep_reading) =
-            process(shard, session, &buf, &mut frame_bytes_needed, &mut outgoing).await;
-        outgoing.flush(&shard.shared.peers).await;
-        if !keep_reading {
+        // Parsing and routing are synchronous; the reader only awaits for the rare
+        // waits `process` reports, each boxed so that its state is not part of
+        // every connection's task (idle connections must stay small).
+        let mut consumed = 0;
+        let step = loop {
+            let step = process(
+                shard,
+                session,
+                &buf,
+                &mut consumed,
+                &mut frame_bytes_needed,
+                &mut outgoing,
+            );
+            match step {
+                Step::FlushFull => {
+                    if outgoing.try_flush(peers) {
+                        Box::pin(outgoing.flush_blocked(peers)).await;
+                    }
+                }
+                Step::SubscribeBarrier => {
+                    // Anything this client published before the SUB goes out first.
+                    if outgoing.try_flush(peers) {
+                        Box::pin(outgoing.flush_blocked(peers)).await;
+                    }
+                    Box::pin(shard.broadcast_interest_and_wait()).await;
+                    session.ok();
+                }
+                Step::NeedInput | Step::Stop => break step,
+            }
+        };
+        if outgoing.try_flush(peers) {
+            Box::pin(outgoing.flush_blocked(peers)).await;
+        }
+        if step == Step::Stop {
             return;
         }
         buf.drain(..consumed);
-        // Light traffic shrinks the buffer back (halving while reads use little of
-        // it), so a device that once sent a burst does not keep a burst-sized buffer.
-        if buf.is_empty()
+        if read_bytes == spare_bytes && buf.capacity() < READ_BUFFER_BYTES_BURST {
+            // The read filled all the room there was: more is waiting. Double, so a
+            // busy publisher is read in large passes (large cross-shard batches).
+            let room = buf.capacity() * 2 - buf.len();
+            buf.reserve_exact(room);
+        } else if buf.is_empty()
             && buf.capacity() > READ_BUFFER_BYTES_MIN
             && read_bytes < buf.capacity() / 4
         {
+            // Light traffic shrinks the buffer back (halving while reads use little
+            // of it), so a device that once sent a burst keeps no burst-sized buffer.
             buf = Vec::with_capacity((buf.capacity() / 2).max(READ_BUFFER_BYTES_MIN));
-            outgoing.shrink();
+            outgoing.shrink(&shard.batch_pool);
         }
     }
 }
@@ -158,85 +202,83 @@ fn grow(buf: &mut Vec<u8>, frame_bytes_needed: usize) {
     buf.reserve_exact(target - buf.len());
 }
 
-/// Parses and carries out every complete op in `buf`. Returns the bytes consumed
-/// and whether to keep reading.
-async fn process(
-    shard: &Rc<Shard>,
+/// Where `process` stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Everything complete in the buffer is done; read more.
+    NeedInput,
+    /// The connection is closing; stop reading.
+    Stop,
+    /// A batch to another shard is full: send it before parsing on.
+    FlushFull,
+    /// A SUB changed interest: wait until every shard has applied it, then ack.
+    SubscribeBarrier,
+}
+
+/// Parses and carries out complete ops in `buf` from `*pos` on, advancing `*pos`,
+/// until the input runs out, the connection closes, or an op needs the reader
+/// to wait (the caller waits, then calls again).
+fn process(
+    shard: &Shard,
     session: &Rc<Session>,
     buf: &[u8],
+    pos: &mut usize,
     frame_bytes_needed: &mut usize,
     outgoing: &mut Outgoing,
-) -> (usize, bool) {
-    let mut pos = 0;
+) -> Step {
     loop {
-        match parse_op(&buf[pos..], &shard.parse_limits) {
+        match parse_op(&buf[*pos..], &shard.parse_limits) {
             Ok(Parsed::Op(op, used)) => {
-                let effect = session.handle_op(op);
-                let keep_reading = execute(shard, session, effect, outgoing).await;
-                pos += used;
-                if !keep_reading {
-                    return (pos, false);
+                *pos += used;
+                let step = match session.handle_op(op) {
+                    Effect::None => None,
+                    Effect::Close => Some(Step::Stop),
+                    Effect::Publish(msg) => publish(shard, session, &msg, outgoing),
+                    Effect::Subscribe(sub) => {
+                        shard.router.borrow_mut().subscribe(sub);
+                        Some(Step::SubscribeBarrier)
+                    }
+                    Effect::Unsubscribe(sub) => {
+                        shard.router.borrow_mut().unsubscribe(&sub);
+                        shard.broadcast_interest();
+                        None
+                    }
+                };
+                if let Some(step) = step {
+                    return step;
                 }
             }
             Ok(Parsed::Incomplete { frame_bytes }) => {
                 *frame_bytes_needed = frame_bytes.unwrap_or(0);
-                return (pos, true);
+                return Step::NeedInput;
             }
             Err(e) => {
                 session.fail_and_close(e.err_text(), CloseReason::ProtocolError);
-                return (pos, false);
+                return Step::Stop;
             }
         }
     }
 }
 
-async fn execute(
-    shard: &Rc<Shard>,
-    session: &Rc<Session>,
-    effect: Effect<'_>,
-    outgoing: &mut Outgoing,
-) -> bool {
-    match effect {
-        Effect::None => true,
-        Effect::Close => false,
-        Effect::Publish(msg) => {
-            publish(shard, session, &msg, outgoing).await;
-            true
-        }
-        Effect::Subscribe(sub) => {
-            shard.router.borrow_mut().subscribe(sub);
-            // Anything this client published before the SUB goes out first.
-            outgoing.flush(&shard.shared.peers).await;
-            shard.broadcast_interest_and_wait().await;
-            session.ok();
-            true
-        }
-        Effect::Unsubscribe(sub) => {
-            shard.router.borrow_mut().unsubscribe(&sub);
-            shard.broadcast_interest();
-            true
-        }
-    }
-}
-
-async fn publish(
-    shard: &Rc<Shard>,
+/// Routes one published message; asks for a flush when a batch filled up.
+fn publish(
+    shard: &Shard,
     session: &Rc<Session>,
     msg: &Message<'_>,
     outgoing: &mut Outgoing,
-) {
+) -> Option<Step> {
     let outcome = shard
         .router
         .borrow_mut()
         .route(msg, Some(session), &mut outgoing.targets);
-    if outcome.remote_shards > 0 && outgoing.push_targets(msg, shard.shared.shard_count) {
-        outgoing.flush(&shard.shared.peers).await;
-    }
+    let full = outcome.remote_shards > 0
+        && outgoing.push_targets(msg, shard.shared.shard_count, &shard.batch_pool, shard.id);
     if outcome.delivered_local == 0 && outcome.remote_shards == 0 {
         no_responders(session, msg);
     }
     // Auto-unsubscribes during delivery may have changed interest.
     shard.broadcast_interest();
+    full.then_some(Step::FlushFull)
 }
 
 /// A request nobody received gets the 503 status on the requester's inbox, when

@@ -23,14 +23,46 @@ pub(crate) const BATCH_ENVELOPES_MAX: usize = 1024;
 pub(crate) const BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// Messages for one destination shard. Every message's subject, reply, headers
-/// and payload are copied back to back into `data`, so a batch costs two
-/// allocations however many messages it carries: per-message allocations (and
-/// freeing them on another thread) measured as the largest cost of cross-shard
-/// delivery.
+/// and payload are copied back to back into `data`, so a batch costs no
+/// allocation per message. Batches are recycled: the destination hands each one
+/// back to its origin shard ([`Control::Recycle`]), which reuses it. Per-message
+/// allocations, and above all freeing on one shard what another allocated
+/// (glibc serialises that on its arena locks), measured as the largest costs of
+/// cross-shard delivery.
 #[derive(Default)]
 pub(crate) struct Batch {
+    /// The shard that filled it and gets it back.
+    pub origin: usize,
     data: Vec<u8>,
     pub envelopes: Vec<Envelope>,
+}
+
+/// Batches a shard keeps for reuse, and the largest data buffer worth keeping.
+const POOL_BATCHES_MAX: usize = 64;
+const POOL_BATCH_BYTES_MAX: usize = 4 * BATCH_BYTES_MAX;
+
+/// A shard's recycled batches.
+#[derive(Default)]
+pub(crate) struct BatchPool {
+    free: std::cell::RefCell<Vec<Batch>>,
+}
+
+impl BatchPool {
+    fn take(&self, origin: usize) -> Batch {
+        let mut batch = self.free.borrow_mut().pop().unwrap_or_default();
+        batch.origin = origin;
+        batch
+    }
+
+    /// Keeps an emptied batch for reuse (or frees it, on this its origin shard).
+    pub(crate) fn give(&self, mut batch: Batch) {
+        batch.data.clear();
+        batch.envelopes.clear();
+        let mut free = self.free.borrow_mut();
+        if free.len() < POOL_BATCHES_MAX && batch.data.capacity() <= POOL_BATCH_BYTES_MAX {
+            free.push(batch);
+        }
+    }
 }
 
 /// One message's place in its batch's `data`, and where it goes on the shard.
@@ -50,15 +82,6 @@ pub(crate) struct Envelope {
 const ABSENT: u32 = u32::MAX;
 
 impl Batch {
-    /// An empty batch sized like `self`, so a steady stream of batches does not
-    /// regrow its buffers from zero each time.
-    fn empty_like(&self) -> Batch {
-        Batch {
-            data: Vec::with_capacity(self.data.len()),
-            envelopes: Vec::with_capacity(self.envelopes.len()),
-        }
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.envelopes.is_empty()
     }
@@ -127,6 +150,8 @@ pub(crate) enum Control {
         /// Over max_connections: send INFO and the error, then close.
         reject: bool,
     },
+    /// A batch this shard sent, processed and emptied, back for reuse.
+    Recycle(Batch),
     /// Apply another shard's interest change, then signal `applied`.
     Interest {
         change: Arc<InterestChange>,
@@ -186,40 +211,67 @@ impl Outgoing {
 
     /// Queues the message for every shard in `self.targets`; returns true when
     /// some batch is full and should be flushed before reading on.
-    pub(crate) fn push_targets(&mut self, msg: &Message<'_>, shard_count: usize) -> bool {
+    pub(crate) fn push_targets(
+        &mut self,
+        msg: &Message<'_>,
+        shard_count: usize,
+        pool: &BatchPool,
+        origin: usize,
+    ) -> bool {
         if self.batches.len() < shard_count {
             self.batches.resize_with(shard_count, Batch::default);
         }
         let mut full = false;
         for target in &mut self.targets {
             let batch = &mut self.batches[target.shard];
+            if batch.envelopes.capacity() == 0 {
+                *batch = pool.take(origin);
+            }
             batch.push(msg, target);
             full |= batch.is_full();
         }
         full
     }
 
-    /// Sends every non-empty batch. Waits (stopping this reader only) while a
-    /// destination mailbox is full. A closed mailbox (shard stopping) drops the batch.
-    pub(crate) async fn flush(&mut self, peers: &Peers) {
+    /// Sends every non-empty batch whose mailbox has room. Returns true when some
+    /// mailbox was full: those batches stay here for [`Outgoing::flush_blocked`].
+    /// A closed mailbox (shard stopping) drops its batch.
+    pub(crate) fn try_flush(&mut self, peers: &Peers) -> bool {
+        let mut blocked = false;
         for (shard, batch) in self.batches.iter_mut().enumerate() {
             if batch.is_empty() {
                 continue;
             }
-            let next = batch.empty_like();
-            let batch = std::mem::replace(batch, next);
-            match peers.data[shard].try_send(batch) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(batch)) => {
-                    let _ = peers.data[shard].send(batch).await;
+            let full = std::mem::take(batch);
+            match peers.data[shard].try_send(full) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(full)) => {
+                    *batch = full;
+                    blocked = true;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
+        }
+        blocked
+    }
+
+    /// Waits (stopping this reader only: TCP backpressure on its client) until
+    /// every pending batch is in its mailbox.
+    pub(crate) async fn flush_blocked(&mut self, peers: &Peers) {
+        for (shard, batch) in self.batches.iter_mut().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let _ = peers.data[shard].send(std::mem::take(batch)).await;
         }
     }
 
-    /// Releases batch buffers, so idle connections stay small.
-    pub(crate) fn shrink(&mut self) {
+    /// Hands unused batch buffers back to the pool, so idle connections hold none.
+    pub(crate) fn shrink(&mut self, pool: &BatchPool) {
+        for batch in self.batches.drain(..) {
+            if batch.is_empty() && batch.envelopes.capacity() > 0 {
+                pool.give(batch);
+            }
+        }
         self.batches = Vec::new();
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use super::io::{self, Backend};
-use super::mailbox::{Batch, Control, Inbox, Peers};
+use super::mailbox::{Batch, BatchPool, Control, Inbox, Peers};
 use crate::config::{Config, Placement};
 use crate::nats::encode::ServerInfo;
 use crate::nats::parser::ParseLimits;
@@ -103,6 +103,7 @@ pub(crate) struct Shard {
     pub router: RefCell<Router>,
     pub parse_limits: ParseLimits,
     pub session_limits: SessionLimits,
+    pub batch_pool: BatchPool,
     connections: RefCell<HashMap<u64, ConnEntry>>,
     shutting_down: Cell<bool>,
     stop_accepting: Notify,
@@ -122,6 +123,7 @@ impl Shard {
                 pending_bytes_max: config.max_pending,
                 subscriptions_max: config.max_subscriptions,
             },
+            batch_pool: BatchPool::default(),
             connections: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
             stop_accepting: Notify::new(),
@@ -281,6 +283,7 @@ async fn control_loop<B: Backend>(
                 client_id,
                 reject,
             } => adopt::<B>(&shard, stream, client_id, reject),
+            Control::Recycle(batch) => shard.batch_pool.give(batch),
             Control::Interest { change, applied } => {
                 shard.router.borrow_mut().apply(&change);
                 let _ = applied.send(());
@@ -320,6 +323,8 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
                 router.deliver_remote(&msg, envelope.plain, &envelope.queues);
             }
         }
+        // Back to the shard that allocated it: reused there, never freed here.
+        let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
         // Auto-unsubscribes may have changed interest; no one waits on these.
         shard.broadcast_interest();
         // Let writers drain what this batch queued before taking the next one, so a
