@@ -82,7 +82,7 @@ fn stale_connection_is_pinged_then_closed() {
     let mut alive = Raw::connect(&server);
     alive.send(b"CONNECT {\"verbose\":false}\r\n");
     for _ in 0..4 {
-        assert_eq!(alive.read_line(), "PING");
+        assert_eq!(alive.read_line_exact(), "PING");
         alive.send(b"PONG\r\n");
     }
 }

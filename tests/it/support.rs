@@ -22,8 +22,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts perch with 2 shards and round-robin placement (so consecutive
-    /// connections land on different shards) plus `extra` arguments.
+    /// Starts perch with round-robin placement (so consecutive connections land on
+    /// different shards), 2 shards unless `extra` says `--shards`, plus `extra`.
     pub fn perch(extra: &[&str]) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -34,11 +34,12 @@ impl Server {
             listen,
             "--io".into(),
             io,
-            "--shards".into(),
-            "2".into(),
             "--placement".into(),
             "round-robin".into(),
         ];
+        if !extra.contains(&"--shards") {
+            args.extend(["--shards".into(), "2".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_perch"))
             .args(&args)
@@ -176,7 +177,20 @@ impl Raw {
     }
 
     /// Reads one CRLF-terminated line (without the CRLF), failing after 5 s.
+    /// Server PINGs (the first comes 2 s after connect) are answered and skipped,
+    /// so long tests see only what they wait for.
     pub fn read_line(&mut self) -> String {
+        loop {
+            let line = self.read_line_exact();
+            if line != "PING" {
+                return line;
+            }
+            self.send(b"PONG\r\n");
+        }
+    }
+
+    /// Reads one line as it comes, server PINGs included.
+    pub fn read_line_exact(&mut self) -> String {
         self.stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .ok();
