@@ -89,9 +89,12 @@ impl Flags {
 /// [`Session::take_subscriptions`]).
 pub struct Subscription {
     pub session: Rc<Session>,
-    pub sid: Box<[u8]>,
-    pub subject: Box<[u8]>,
-    pub queue: Option<Box<[u8]>>,
+    /// sid, subject and queue group back to back: one allocation, not three
+    /// (there is one subscription per device, idle ones included).
+    names: Box<[u8]>,
+    sid_len: u32,
+    subject_len: u32,
+    has_queue: bool,
     /// Auto-unsubscribe after this many deliveries in total; 0 = never.
     max_msgs: Cell<u64>,
     delivered: Cell<u64>,
@@ -111,15 +114,33 @@ pub enum Delivery {
 
 impl Subscription {
     pub fn new(session: Rc<Session>, sid: &[u8], subject: &[u8], queue: Option<&[u8]>) -> Self {
+        let names: Box<[u8]> = [sid, subject, queue.unwrap_or_default()].concat().into();
+        // Lengths fit: sid and subject come from one control line, bounded by
+        // max_control_line, itself far below 4 GiB.
         Subscription {
             session,
-            sid: sid.into(),
-            subject: subject.into(),
-            queue: queue.map(Into::into),
+            names,
+            sid_len: sid.len() as u32,
+            subject_len: subject.len() as u32,
+            has_queue: queue.is_some(),
             max_msgs: Cell::new(0),
             delivered: Cell::new(0),
             live: Cell::new(true),
         }
+    }
+
+    pub fn sid(&self) -> &[u8] {
+        &self.names[..self.sid_len as usize]
+    }
+
+    pub fn subject(&self) -> &[u8] {
+        let start = self.sid_len as usize;
+        &self.names[start..start + self.subject_len as usize]
+    }
+
+    pub fn queue(&self) -> Option<&[u8]> {
+        let start = (self.sid_len + self.subject_len) as usize;
+        self.has_queue.then(|| &self.names[start..])
     }
 
     pub fn is_live(&self) -> bool {
@@ -148,7 +169,7 @@ impl Subscription {
         }
         let delivered = self.delivered.get() + 1;
         self.delivered.set(delivered);
-        self.session.queue_message(&self.sid, msg);
+        self.session.queue_message(self.sid(), msg);
         let max = self.max_msgs.get();
         if max != 0 && delivered >= max {
             self.live.set(false);
@@ -177,8 +198,8 @@ pub enum Effect<'a> {
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
-            .field("sid", &String::from_utf8_lossy(&self.sid))
-            .field("subject", &String::from_utf8_lossy(&self.subject))
+            .field("sid", &String::from_utf8_lossy(self.sid()))
+            .field("subject", &String::from_utf8_lossy(self.subject()))
             .finish()
     }
 }
@@ -189,7 +210,9 @@ impl std::fmt::Debug for Subscription {
 /// linear in total.
 enum SubTable {
     Few(Vec<Rc<Subscription>>),
-    Many(HashMap<Box<[u8]>, Rc<Subscription>>),
+    /// Boxed so the common `Few` case keeps `Session` small (a HashMap is 48 B).
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<Box<[u8]>, Rc<Subscription>>>),
 }
 
 const SUBSCRIPTIONS_INLINE_MAX: usize = 16;
@@ -204,7 +227,7 @@ impl SubTable {
 
     fn get(&self, sid: &[u8]) -> Option<&Rc<Subscription>> {
         match self {
-            SubTable::Few(v) => v.iter().find(|s| &*s.sid == sid),
+            SubTable::Few(v) => v.iter().find(|s| s.sid() == sid),
             SubTable::Many(m) => m.get(sid),
         }
     }
@@ -213,12 +236,12 @@ impl SubTable {
         match self {
             SubTable::Few(v) if v.len() < SUBSCRIPTIONS_INLINE_MAX => v.push(sub),
             SubTable::Few(v) => {
-                let mut map: HashMap<_, _> = v.drain(..).map(|s| (s.sid.clone(), s)).collect();
-                map.insert(sub.sid.clone(), sub);
-                *self = SubTable::Many(map);
+                let mut map: HashMap<_, _> = v.drain(..).map(|s| (Box::from(s.sid()), s)).collect();
+                map.insert(sub.sid().into(), sub);
+                *self = SubTable::Many(Box::new(map));
             }
             SubTable::Many(m) => {
-                m.insert(sub.sid.clone(), sub);
+                m.insert(sub.sid().into(), sub);
             }
         }
     }
@@ -226,7 +249,7 @@ impl SubTable {
     fn remove(&mut self, sid: &[u8]) -> Option<Rc<Subscription>> {
         match self {
             SubTable::Few(v) => {
-                let i = v.iter().position(|s| &*s.sid == sid)?;
+                let i = v.iter().position(|s| s.sid() == sid)?;
                 Some(v.swap_remove(i))
             }
             SubTable::Many(m) => m.remove(sid),
@@ -474,8 +497,8 @@ impl Session {
     /// Removes a subscription that delivered its last allowed message.
     pub fn forget_subscription(&self, sub: &Subscription) {
         let mut subs = self.subs.borrow_mut();
-        if subs.get(&sub.sid).is_some_and(|s| std::ptr::eq(&**s, sub)) {
-            subs.remove(&sub.sid);
+        if subs.get(sub.sid()).is_some_and(|s| std::ptr::eq(&**s, sub)) {
+            subs.remove(sub.sid());
         }
     }
 
@@ -494,7 +517,7 @@ impl Session {
     pub fn subscription_matching(&self, subject: &[u8]) -> Option<Rc<Subscription>> {
         self.subs
             .borrow()
-            .find(|s| s.queue.is_none() && super::subject::subject_matches(&s.subject, subject))
+            .find(|s| s.queue().is_none() && super::subject::subject_matches(s.subject(), subject))
     }
 
     /// Queues +OK if the client asked for verbose mode.

@@ -61,15 +61,35 @@ struct LocalQueue {
     members: Vec<Rc<Subscription>>,
 }
 
+/// Queue groups are rare beside plain subscriptions, so their list is boxed and
+/// absent when empty: every pattern's entry (one per subscribed subject, on
+/// every shard) stays small.
+type Groups<T> = Option<Box<Vec<T>>>;
+
+fn groups<T>(groups: &Groups<T>) -> &[T] {
+    groups.as_deref().map_or(&[], Vec::as_slice)
+}
+
+fn groups_mut<T>(groups: &mut Groups<T>) -> &mut Vec<T> {
+    groups.get_or_insert_with(Default::default)
+}
+
+/// Drops the list once it is empty.
+fn groups_tidy<T>(groups: &mut Groups<T>) {
+    if groups.as_ref().is_some_and(|g| g.is_empty()) {
+        *groups = None;
+    }
+}
+
 #[derive(Default)]
 struct LocalEntry {
     plain: Vec<Rc<Subscription>>,
-    queues: Vec<LocalQueue>,
+    queues: Groups<LocalQueue>,
 }
 
 impl LocalEntry {
     fn is_empty(&self) -> bool {
-        self.plain.is_empty() && self.queues.is_empty()
+        self.plain.is_empty() && self.queues.is_none()
     }
 }
 
@@ -84,13 +104,21 @@ struct RemoteQueue {
 struct InterestEntry {
     /// Bit k set: shard k has plain subscribers for this pattern.
     plain_shards: u64,
-    queues: Vec<RemoteQueue>,
+    queues: Groups<RemoteQueue>,
 }
 
 impl InterestEntry {
     fn is_empty(&self) -> bool {
-        self.plain_shards == 0 && self.queues.is_empty()
+        self.plain_shards == 0 && self.queues.is_none()
     }
+}
+
+/// A queue group that matched a message being routed.
+struct QueueCandidate {
+    name: Bytes,
+    pattern: Bytes,
+    members_total: u32,
+    handled: bool,
 }
 
 /// What routing one message did locally.
@@ -112,6 +140,10 @@ pub struct Router {
     expired: Vec<Rc<Subscription>>,
     /// Scratch: which remote shards a route must reach, indexed by shard.
     targets: Vec<RemoteTarget>,
+    /// Scratch: the queue groups a route matched, and their members per shard
+    /// (`shard_count` weights per candidate, flat).
+    queue_candidates: Vec<QueueCandidate>,
+    queue_weights: Vec<u32>,
     rng: u64,
 }
 
@@ -135,6 +167,8 @@ impl Router {
                 })
                 .collect(),
             // Any odd seed works for xorshift; the shard index spreads them.
+            queue_candidates: Vec::new(),
+            queue_weights: Vec::new(),
             rng: 0x9E37_79B9_7F4A_7C15 ^ ((shard as u64 + 1) << 17),
         }
     }
@@ -164,21 +198,22 @@ impl Router {
 
     /// Adds a local subscription. Interest changes go to the outbox.
     pub fn subscribe(&mut self, sub: Rc<Subscription>) {
-        let entry = self.local.entry(&sub.subject);
-        let change = match &sub.queue {
+        let entry = self.local.entry(sub.subject());
+        let change = match sub.queue() {
             None => {
                 entry.plain.push(Rc::clone(&sub));
                 (entry.plain.len() == 1).then_some(InterestKind::Plain(true))
             }
             Some(queue) => {
-                let group = match entry.queues.iter().position(|q| q.name == *queue) {
-                    Some(i) => &mut entry.queues[i],
+                let queues = groups_mut(&mut entry.queues);
+                let group = match queues.iter().position(|q| *q.name == *queue) {
+                    Some(i) => &mut queues[i],
                     None => {
-                        entry.queues.push(LocalQueue {
-                            name: queue.clone(),
+                        queues.push(LocalQueue {
+                            name: queue.into(),
                             members: Vec::new(),
                         });
-                        entry.queues.last_mut().expect("just pushed")
+                        queues.last_mut().expect("just pushed")
                     }
                 };
                 group.members.push(Rc::clone(&sub));
@@ -189,17 +224,17 @@ impl Router {
             }
         };
         if let Some(kind) = change {
-            self.publish_change(&sub.subject, kind);
+            self.publish_change(sub.subject(), kind);
         }
     }
 
     /// Removes a local subscription (no-op if it is not there).
     pub fn unsubscribe(&mut self, sub: &Rc<Subscription>) {
-        let Some(entry) = self.local.get_mut(&sub.subject) else {
+        let Some(entry) = self.local.get_mut(sub.subject()) else {
             return;
         };
         let mut change = None;
-        match &sub.queue {
+        match sub.queue() {
             None => {
                 if let Some(i) = entry.plain.iter().position(|s| Rc::ptr_eq(s, sub)) {
                     entry.plain.swap_remove(i);
@@ -209,8 +244,9 @@ impl Router {
                 }
             }
             Some(queue) => {
-                if let Some(g) = entry.queues.iter().position(|q| q.name == *queue) {
-                    let group = &mut entry.queues[g];
+                let queues = groups_mut(&mut entry.queues);
+                if let Some(g) = queues.iter().position(|q| *q.name == *queue) {
+                    let group = &mut queues[g];
                     if let Some(i) = group.members.iter().position(|s| Rc::ptr_eq(s, sub)) {
                         group.members.swap_remove(i);
                         change = Some(InterestKind::Queue {
@@ -218,17 +254,61 @@ impl Router {
                             members: group.members.len() as u32,
                         });
                         if group.members.is_empty() {
-                            entry.queues.swap_remove(g);
+                            queues.swap_remove(g);
                         }
                     }
                 }
+                groups_tidy(&mut entry.queues);
             }
         }
         if entry.is_empty() {
-            self.local.remove(&sub.subject);
+            self.local.remove(sub.subject());
         }
         if let Some(kind) = change {
-            self.publish_change(&sub.subject, kind);
+            self.publish_change(sub.subject(), kind);
+        }
+    }
+
+    /// Removes a closed session's subscriptions (already killed) in one pass
+    /// per subject: removing them one by one would scan each subject's list once
+    /// per subscription, quadratic for a client with many on one subject.
+    pub fn unsubscribe_dead(&mut self, subs: &[Rc<Subscription>]) {
+        let mut done: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        let mut changes = Vec::new();
+        for sub in subs {
+            assert!(!sub.is_live(), "only killed subscriptions are swept");
+            let subject = sub.subject();
+            if !done.insert(subject) {
+                continue;
+            }
+            let Some(entry) = self.local.get_mut(subject) else {
+                continue;
+            };
+            let had_plain = !entry.plain.is_empty();
+            entry.plain.retain(|s| s.is_live());
+            if had_plain && entry.plain.is_empty() {
+                changes.push(InterestKind::Plain(false));
+            }
+            if let Some(queues) = entry.queues.as_mut() {
+                for group in queues.iter_mut() {
+                    let before = group.members.len();
+                    group.members.retain(|s| s.is_live());
+                    if group.members.len() != before {
+                        changes.push(InterestKind::Queue {
+                            queue: Bytes::copy_from_slice(&group.name),
+                            members: group.members.len() as u32,
+                        });
+                    }
+                }
+                queues.retain(|g| !g.members.is_empty());
+            }
+            groups_tidy(&mut entry.queues);
+            if entry.is_empty() {
+                self.local.remove(subject);
+            }
+            for kind in changes.drain(..) {
+                self.publish_change(subject, kind);
+            }
         }
     }
 
@@ -262,24 +342,26 @@ impl Router {
                 }
             }
             InterestKind::Queue { queue, members } => {
-                let i = match entry.queues.iter().position(|q| q.name == *queue) {
+                let queues = groups_mut(&mut entry.queues);
+                let i = match queues.iter().position(|q| *q.name == *queue) {
                     Some(i) => i,
                     None => {
-                        entry.queues.push(RemoteQueue {
+                        queues.push(RemoteQueue {
                             pattern: change.pattern.clone(),
                             name: queue.clone(),
                             members_per_shard: vec![0; shard_count].into(),
                             members_total: 0,
                         });
-                        entry.queues.len() - 1
+                        queues.len() - 1
                     }
                 };
-                let group = &mut entry.queues[i];
+                let group = &mut queues[i];
                 let old = std::mem::replace(&mut group.members_per_shard[change.shard], *members);
                 group.members_total = group.members_total - old + members;
                 if group.members_total == 0 {
-                    entry.queues.swap_remove(i);
+                    queues.swap_remove(i);
                 }
+                groups_tidy(&mut entry.queues);
             }
         }
         if entry.is_empty() {
@@ -323,11 +405,13 @@ impl Router {
             }
         });
 
-        // Remote plain interest and queue groups everywhere.
+        // Remote plain interest, and every queue group that matches, anywhere.
         let me = self.shard;
-        let mut picks: Vec<(usize, Bytes, Bytes)> = Vec::new();
-        let mut rng = self.rng;
         let targets = &mut self.targets;
+        let candidates = &mut self.queue_candidates;
+        let weights = &mut self.queue_weights;
+        candidates.clear();
+        weights.clear();
         self.interest.for_each_match(msg.subject, |entry| {
             let others = entry.plain_shards & !(1u64 << me);
             if others != 0 {
@@ -338,34 +422,18 @@ impl Router {
                     targets[shard].plain = true;
                 }
             }
-            for group in &entry.queues {
-                rng = xorshift(rng);
-                let mut pick = (rng % u64::from(group.members_total)) as u32;
-                let shard = group
-                    .members_per_shard
-                    .iter()
-                    .position(|&n| {
-                        if pick < n {
-                            true
-                        } else {
-                            pick -= n;
-                            false
-                        }
-                    })
-                    .expect("members_total is the sum of members_per_shard");
-                picks.push((shard, group.pattern.clone(), group.name.clone()));
+            for group in groups(&entry.queues) {
+                candidates.push(QueueCandidate {
+                    name: group.name.clone(),
+                    pattern: group.pattern.clone(),
+                    members_total: group.members_total,
+                    handled: false,
+                });
+                weights.extend_from_slice(&group.members_per_shard);
             }
         });
-        self.rng = rng;
-
-        for (shard, pattern, queue) in picks {
-            if shard == me {
-                if self.deliver_to_queue(msg, &pattern, &queue, skip_session) {
-                    outcome.delivered_local += 1;
-                }
-            } else {
-                self.targets[shard].queues.push(QueueRef { pattern, queue });
-            }
+        if !self.queue_candidates.is_empty() {
+            outcome.delivered_local += self.pick_queue_members(msg, skip_session);
         }
         for target in &mut self.targets {
             if target.plain || !target.queues.is_empty() {
@@ -380,6 +448,66 @@ impl Router {
         }
         self.remove_expired();
         outcome
+    }
+
+    /// Each queue *name* gets the message once, however many of the matched
+    /// patterns carry a group of that name (nats-server merges them by name):
+    /// one draw over the members of all of them, on every shard, weighted by
+    /// member counts. A local pick that finds no live member (closing, or only
+    /// the publisher's own without echo) falls back to another shard that has
+    /// members. Returns the local deliveries.
+    fn pick_queue_members(&mut self, msg: &Message<'_>, skip_session: Option<u64>) -> usize {
+        let shards = self.shard_count;
+        let mut delivered = 0;
+        for first in 0..self.queue_candidates.len() {
+            if self.queue_candidates[first].handled {
+                continue;
+            }
+            let name = self.queue_candidates[first].name.clone();
+            let same = |c: &QueueCandidate| c.name == name;
+            let total: u64 = self
+                .queue_candidates
+                .iter()
+                .filter(|c| same(c))
+                .map(|c| u64::from(c.members_total))
+                .sum();
+            let mut draw = self.random() % total.max(1);
+            let mut chosen = None;
+            for (i, candidate) in self.queue_candidates.iter_mut().enumerate() {
+                if !same(candidate) {
+                    continue;
+                }
+                candidate.handled = true;
+                for shard in 0..shards {
+                    let n = u64::from(self.queue_weights[i * shards + shard]);
+                    if chosen.is_none() && draw < n {
+                        chosen = Some((i, shard));
+                    } else if chosen.is_none() {
+                        draw -= n;
+                    }
+                }
+            }
+            let (i, mut shard) = chosen.expect("a matched group has members");
+            let pattern = self.queue_candidates[i].pattern.clone();
+            if shard == self.shard {
+                if self.deliver_to_queue(msg, &pattern, &name, skip_session) {
+                    delivered += 1;
+                    continue;
+                }
+                // No live local member: another shard with members takes it.
+                match (0..shards)
+                    .find(|&s| s != self.shard && self.queue_weights[i * shards + s] > 0)
+                {
+                    Some(other) => shard = other,
+                    None => continue,
+                }
+            }
+            self.targets[shard].queues.push(QueueRef {
+                pattern,
+                queue: name,
+            });
+        }
+        delivered
     }
 
     /// Delivers a message that another shard routed here.
@@ -413,7 +541,7 @@ impl Router {
         let Some(entry) = self.local.get(pattern) else {
             return false;
         };
-        let Some(group) = entry.queues.iter().find(|q| &*q.name == queue) else {
+        let Some(group) = groups(&entry.queues).iter().find(|q| &*q.name == queue) else {
             return false;
         };
         let n = group.members.len();
@@ -448,13 +576,6 @@ fn has_empty_token(subject: &[u8]) -> bool {
         || subject[0] == b'.'
         || subject[subject.len() - 1] == b'.'
         || subject.windows(2).any(|w| w == b"..")
-}
-
-fn xorshift(mut x: u64) -> u64 {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }
 
 #[cfg(test)]
@@ -554,6 +675,47 @@ mod tests {
         }
         // Weighted 1:3 by member counts; allow generous noise.
         assert!((700..1300).contains(&local), "local {local} far {far}");
+    }
+
+    #[test]
+    fn queue_groups_of_one_name_get_each_message_once_across_patterns() {
+        let mut router = Router::new(0, 1);
+        let s = Session::new(1, LIMITS);
+        let star = sub(&s, "1", "foo.*", Some("workers"));
+        let tail = sub(&s, "2", "foo.>", Some("workers"));
+        let other = sub(&s, "3", "foo.>", Some("auditors"));
+        for q in [&star, &tail, &other] {
+            router.subscribe(Rc::clone(q));
+        }
+        let mut remote = Vec::new();
+        for _ in 0..200 {
+            let outcome = router.route(&msg("foo.bar"), None, &mut remote);
+            assert_eq!(outcome.delivered_local, 2, "one per queue name");
+        }
+        assert_eq!(star.delivered() + tail.delivered(), 200);
+        assert!(star.delivered() > 0 && tail.delivered() > 0);
+        assert_eq!(other.delivered(), 200);
+    }
+
+    #[test]
+    fn closing_many_subscriptions_on_one_subject_clears_interest_once() {
+        let mut router = Router::new(0, 2);
+        let s = Session::new(1, LIMITS);
+        let subs: Vec<_> = (0..10_000)
+            .map(|i| sub(&s, &i.to_string(), "same", None))
+            .collect();
+        for one in &subs {
+            router.subscribe(Rc::clone(one));
+        }
+        assert_eq!(drain(&mut router).len(), 1);
+        for one in &subs {
+            one.kill();
+        }
+        router.unsubscribe_dead(&subs);
+        let changes = drain(&mut router);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].kind, InterestKind::Plain(false));
+        assert_eq!(router.subscription_count(), 0);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::nats::session::{CloseReason, Effect, Message, Session, State};
 /// Read buffer of an idle connection: small, because idle devices are the norm
 /// (an io_uring read owns its buffer while it waits, so every idle connection
 /// holds one). Typical device messages fit; anything larger grows it.
-const READ_BUFFER_BYTES_MIN: usize = 256;
+const READ_BUFFER_BYTES_MIN: usize = 128;
 /// A read buffer grows by doubling while reads fill it, up to this (or to the
 /// size of a declared frame that is actually arriving).
 const READ_BUFFER_BYTES_BURST: usize = 64 * 1024;
@@ -34,10 +34,13 @@ pub(crate) async fn serve<S: Socket>(
     peer: Option<SocketAddr>,
     reject: bool,
 ) {
-    let socket = Rc::new(socket);
     let session = Session::new(client_id, shard.session_limits);
     session.queue_bytes(&shard.info_line(client_id, peer));
-    shard.register(&session, socket.raw_fd());
+    tracing::debug!(client_id, ?peer, "client connected");
+    // Only the IP is kept for the closing log line: a whole SocketAddr would sit
+    // in every connection's task for its lifetime.
+    let peer = peer.map(|p| p.ip());
+    let slot = shard.register(&session, socket.raw_fd());
     if reject {
         tracing::warn!(client_id, "maximum connections exceeded");
         session.fail_and_close(
@@ -50,19 +53,16 @@ pub(crate) async fn serve<S: Socket>(
     // in-flight io_uring operation is abandoned.
     let reader = async {
         if !reject {
-            read_loop(&shard, &*socket, &session).await;
+            read_loop(&shard, &socket, &session).await;
         }
         session.close(CloseReason::ClientClosed);
     };
-    tokio::join!(reader, write_loop(&*socket, &session));
+    tokio::join!(reader, write_loop(&socket, &session));
 
     // Remove the client's interest everywhere. No barrier: nothing waits on it.
     {
         let subs = session.take_subscriptions();
-        let mut router = shard.router.borrow_mut();
-        for sub in &subs {
-            router.unsubscribe(sub);
-        }
+        shard.router.borrow_mut().unsubscribe_dead(&subs);
     }
     shard.broadcast_interest();
     match session.close_reason() {
@@ -82,8 +82,9 @@ pub(crate) async fn serve<S: Socket>(
         }
         reason => tracing::debug!(client_id, ?peer, ?reason, "client closed"),
     }
-    // Unregister before the socket drops, so housekeeping never sees a reused fd.
-    shard.unregister(session.id);
+    // Unregister before the socket drops (closing the fd), so housekeeping never
+    // shuts down a descriptor number that was reused.
+    shard.unregister(slot);
     drop(socket);
 }
 
@@ -97,7 +98,10 @@ async fn write_loop<S: Socket>(socket: &S, session: &Session) {
             }
         }
         let buf = session.take_output(spare);
-        let (result, mut buf) = socket.write_all(buf).await;
+        // Boxed: the write future (~300 B on io_uring) would otherwise be part of
+        // every connection's task, idle ones included; one small allocation per
+        // write (not per message) is the cheaper side.
+        let (result, mut buf) = Box::pin(socket.write_all(buf)).await;
         session.written();
         if result.is_err() {
             session.close(CloseReason::ClientClosed);
@@ -291,7 +295,7 @@ fn no_responders(session: &Rc<Session>, msg: &Message<'_>) {
     }
     if let Some(sub) = session.subscription_matching(reply) {
         let mut bytes = Vec::with_capacity(64 + reply.len());
-        encode::no_responders(&mut bytes, reply, &sub.sid);
+        encode::no_responders(&mut bytes, reply, sub.sid());
         session.queue_bytes(&bytes);
     }
 }

@@ -14,8 +14,11 @@ use tokio::sync::mpsc;
 use crate::nats::session::Message;
 use crate::router::{InterestChange, QueueRef, RemoteTarget};
 
-/// Batches a shard's data mailbox holds before publishers wait.
-pub(crate) const MAILBOX_BATCHES_MAX: usize = 256;
+/// Batches a shard's data mailbox holds before publishers wait: with
+/// BATCH_BYTES_MAX that bounds what one shard can have queued for another to
+/// ~8 MiB of small messages (a batch exceeds BATCH_BYTES_MAX by at most one
+/// message, so max_payload-sized messages can take it to 32 × (256 KiB + 1 MiB)).
+pub(crate) const MAILBOX_BATCHES_MAX: usize = 32;
 /// Envelopes a reader gathers for one shard before it sends the batch mid-pass.
 pub(crate) const BATCH_ENVELOPES_MAX: usize = 1024;
 /// Message bytes a reader gathers for one shard before it sends the batch mid-pass
@@ -37,9 +40,10 @@ pub(crate) struct Batch {
     pub envelopes: Vec<Envelope>,
 }
 
-/// Batches a shard keeps for reuse, and the largest data buffer worth keeping.
-const POOL_BATCHES_MAX: usize = 64;
-const POOL_BATCH_BYTES_MAX: usize = 4 * BATCH_BYTES_MAX;
+/// Batches a shard keeps for reuse, and the largest data buffer worth keeping
+/// (an idle shard holds at most 8 × 512 KiB).
+const POOL_BATCHES_MAX: usize = 8;
+const POOL_BATCH_BYTES_MAX: usize = 2 * BATCH_BYTES_MAX;
 
 /// A shard's recycled batches.
 #[derive(Default)]
@@ -152,11 +156,11 @@ pub(crate) enum Control {
     },
     /// A batch this shard sent, processed and emptied, back for reuse.
     Recycle(Batch),
-    /// Apply another shard's interest change, then signal `applied`.
-    Interest {
-        change: Arc<InterestChange>,
-        applied: mpsc::UnboundedSender<()>,
-    },
+    /// Apply another shard's interest change.
+    Interest(Arc<InterestChange>),
+    /// Signal `applied`: every control message the sender sent before this one
+    /// has been handled (each control channel is FIFO per sender).
+    Fence { applied: mpsc::UnboundedSender<()> },
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,
 }

@@ -7,7 +7,6 @@
 //! max_connections).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -44,6 +43,9 @@ pub(crate) struct Shared {
     pub connections_per_shard: Vec<AtomicUsize>,
     pub connections_total: AtomicUsize,
     next_client_id: AtomicU64,
+    /// `[from * shard_count + to]`: interest changes from shard `from` that
+    /// shard `to` has applied (for the SUB barrier).
+    interest_applied: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -56,7 +58,14 @@ impl Shared {
             connections_per_shard: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
             connections_total: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
+            interest_applied: (0..shard_count * shard_count)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
+    }
+
+    fn interest_applied(&self, from: usize, to: usize) -> u64 {
+        self.interest_applied[from * self.shard_count + to].load(Ordering::Acquire)
     }
 }
 
@@ -83,18 +92,72 @@ fn server_id() -> String {
 /// round-trip time), then every ping interval.
 const FIRST_PING_MS_MAX: u64 = 2_000;
 
-fn first_ping_delay(ping_interval_ms: u64) -> Duration {
-    Duration::from_millis(ping_interval_ms.min(FIRST_PING_MS_MAX))
+fn first_ping_delay_ms(ping_interval_ms: u64) -> u64 {
+    ping_interval_ms.min(FIRST_PING_MS_MAX)
 }
 
-/// What a shard knows about one of its connections besides the session.
+/// What a shard knows about one of its connections besides the session. Kept
+/// small (times are milliseconds since the shard started): there is one per
+/// connection, idle ones included.
 pub(crate) struct ConnEntry {
     pub session: Rc<Session>,
     fd: RawFd,
-    opened_at: Instant,
-    next_ping_at: Cell<Instant>,
-    closing_since: Cell<Option<Instant>>,
     shut_down: Cell<bool>,
+    opened_ms: u64,
+    next_ping_ms: Cell<u64>,
+    /// `NOT_CLOSING` until housekeeping first sees the session closing.
+    closing_since_ms: Cell<u64>,
+}
+
+const NOT_CLOSING: u64 = u64::MAX;
+
+/// A shard's connections in slots: register hands out a slot, unregister frees
+/// it for reuse. Denser than a hash map keyed by id, and iterated in order.
+#[derive(Default)]
+struct Connections {
+    slots: Vec<Option<ConnEntry>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl Connections {
+    fn insert(&mut self, entry: ConnEntry) -> usize {
+        self.len += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                assert!(self.slots[slot].is_none(), "free slot {slot} in use");
+                self.slots[slot] = Some(entry);
+                slot
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        assert!(
+            self.slots[slot].take().is_some(),
+            "slot {slot} was not in use"
+        );
+        self.len -= 1;
+        self.free.push(slot);
+        // Give memory back after a crowd has left (hysteresis: a quarter full).
+        if self.len * 4 < self.slots.len() && self.slots.len() > 1024 {
+            while self.slots.last().is_some_and(Option::is_none) {
+                self.slots.pop();
+            }
+            let slots_len = self.slots.len();
+            self.free.retain(|&s| s < slots_len);
+            self.slots.shrink_to_fit();
+            self.free.shrink_to_fit();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ConnEntry> {
+        self.slots.iter().flatten()
+    }
 }
 
 pub(crate) struct Shard {
@@ -104,7 +167,11 @@ pub(crate) struct Shard {
     pub parse_limits: ParseLimits,
     pub session_limits: SessionLimits,
     pub batch_pool: BatchPool,
-    connections: RefCell<HashMap<u64, ConnEntry>>,
+    connections: RefCell<Connections>,
+    /// Interest changes this shard has broadcast (to every other shard).
+    interest_sent: Cell<u64>,
+    /// The shard's clock origin for the millisecond times in `ConnEntry`.
+    started: Instant,
     shutting_down: Cell<bool>,
     stop_accepting: Notify,
 }
@@ -124,7 +191,9 @@ impl Shard {
                 subscriptions_max: config.max_subscriptions,
             },
             batch_pool: BatchPool::default(),
-            connections: RefCell::new(HashMap::new()),
+            connections: RefCell::new(Connections::default()),
+            interest_sent: Cell::new(0),
+            started: Instant::now(),
             shutting_down: Cell::new(false),
             stop_accepting: Notify::new(),
             shared,
@@ -160,26 +229,29 @@ impl Shard {
         line
     }
 
-    pub(crate) fn register(&self, session: &Rc<Session>, fd: RawFd) {
-        let now = Instant::now();
-        self.connections.borrow_mut().insert(
-            session.id,
-            ConnEntry {
-                session: Rc::clone(session),
-                fd,
-                opened_at: now,
-                next_ping_at: Cell::new(now + first_ping_delay(self.config().ping_interval_ms)),
-                closing_since: Cell::new(None),
-                shut_down: Cell::new(false),
-            },
-        );
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Adds a connection; returns its slot for [`Shard::unregister`].
+    pub(crate) fn register(&self, session: &Rc<Session>, fd: RawFd) -> usize {
+        let now_ms = self.now_ms();
+        let slot = self.connections.borrow_mut().insert(ConnEntry {
+            session: Rc::clone(session),
+            fd,
+            shut_down: Cell::new(false),
+            opened_ms: now_ms,
+            next_ping_ms: Cell::new(now_ms + first_ping_delay_ms(self.config().ping_interval_ms)),
+            closing_since_ms: Cell::new(NOT_CLOSING),
+        });
         if self.shutting_down.get() {
             session.close(CloseReason::ServerShutdown);
         }
+        slot
     }
 
-    pub(crate) fn unregister(&self, session_id: u64) {
-        self.connections.borrow_mut().remove(&session_id);
+    pub(crate) fn unregister(&self, slot: usize) {
+        self.connections.borrow_mut().remove(slot);
         self.shared.connections_per_shard[self.id].fetch_sub(1, Ordering::Relaxed);
         self.shared
             .connections_total
@@ -187,46 +259,51 @@ impl Shard {
     }
 
     pub(crate) fn connection_count(&self) -> usize {
-        self.connections.borrow().len()
+        self.connections.borrow().len
     }
 
     /// Broadcasts the router's pending interest changes to every other shard.
-    /// Returns how many acknowledgements to wait for and where they arrive.
-    pub(crate) fn broadcast_interest(&self) -> Option<(usize, mpsc::UnboundedReceiver<()>)> {
+    pub(crate) fn broadcast_interest(&self) {
         let mut router = self.router.borrow_mut();
-        if !router.has_interest_changes() {
-            return None;
-        }
-        let mut pending = None;
         while let Some(change) = router.poll_interest_change() {
-            let (tx, count) = pending.get_or_insert_with(|| (mpsc::unbounded_channel(), 0usize));
             let change = Arc::new(change);
             for (shard, control) in self.shared.peers.control.iter().enumerate() {
-                if shard == self.id {
-                    continue;
-                }
-                let sent = control.send(Control::Interest {
-                    change: Arc::clone(&change),
-                    applied: tx.0.clone(),
-                });
-                if sent.is_ok() {
-                    *count += 1;
+                if shard != self.id {
+                    let _ = control.send(Control::Interest(Arc::clone(&change)));
                 }
             }
+            self.interest_sent.set(self.interest_sent.get() + 1);
         }
-        pending.map(|((_, rx), count)| (count, rx))
     }
 
-    /// Broadcasts and waits until every other shard has applied the changes: the
-    /// SUB barrier, so a client that subscribed and got its PONG/+OK is never
-    /// missed by a publisher on another shard.
+    /// Broadcasts, then waits until every other shard has applied every interest
+    /// change this shard ever sent: the SUB barrier, so a client whose SUB got
+    /// its PONG/+OK is never missed by a publisher on another shard. This covers
+    /// SUBs that changed nothing themselves (a second subscriber on a subject)
+    /// while an earlier change is still in flight. Shards already up to date are
+    /// not asked; the others get a fence, whose acknowledgement (FIFO behind the
+    /// changes) proves they applied them.
     pub(crate) async fn broadcast_interest_and_wait(&self) {
-        if let Some((count, mut rx)) = self.broadcast_interest() {
-            for _ in 0..count {
-                // None: a shard stopped (shutdown); nothing left to wait for.
-                if rx.recv().await.is_none() {
-                    break;
-                }
+        self.broadcast_interest();
+        let sent = self.interest_sent.get();
+        let (applied_tx, mut applied_rx) = mpsc::unbounded_channel();
+        let mut fences = 0;
+        for (shard, control) in self.shared.peers.control.iter().enumerate() {
+            if shard == self.id || self.shared.interest_applied(self.id, shard) >= sent {
+                continue;
+            }
+            let fence = Control::Fence {
+                applied: applied_tx.clone(),
+            };
+            if control.send(fence).is_ok() {
+                fences += 1;
+            }
+        }
+        drop(applied_tx);
+        for _ in 0..fences {
+            // None: a shard stopped (shutdown); nothing left to wait for.
+            if applied_rx.recv().await.is_none() {
+                break;
             }
         }
     }
@@ -234,7 +311,7 @@ impl Shard {
     fn begin_shutdown(&self) {
         self.shutting_down.set(true);
         self.stop_accepting.notify_one();
-        for entry in self.connections.borrow().values() {
+        for entry in self.connections.borrow().iter() {
             entry.session.close(CloseReason::ServerShutdown);
         }
     }
@@ -284,8 +361,12 @@ async fn control_loop<B: Backend>(
                 reject,
             } => adopt::<B>(&shard, stream, client_id, reject),
             Control::Recycle(batch) => shard.batch_pool.give(batch),
-            Control::Interest { change, applied } => {
+            Control::Interest(change) => {
                 shard.router.borrow_mut().apply(&change);
+                shard.shared.interest_applied[change.shard * shard.shared.shard_count + shard.id]
+                    .fetch_add(1, Ordering::Release);
+            }
+            Control::Fence { applied } => {
                 let _ = applied.send(());
             }
             Control::Shutdown => {
@@ -394,19 +475,16 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
 /// Timers live here, never around a read (see io/mod.rs).
 async fn housekeeping(shard: Rc<Shard>) {
     let config = shard.config().clone();
-    let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
-    let ping_interval = Duration::from_millis(config.ping_interval_ms);
-    let flush_max = Duration::from_millis(CLOSE_FLUSH_MS_MAX);
     let mut tick = tokio::time::interval(Duration::from_millis(HOUSEKEEPING_TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = Instant::now();
-        for entry in shard.connections.borrow().values() {
+        let now_ms = shard.now_ms();
+        for entry in shard.connections.borrow().iter() {
             let session = &entry.session;
             match session.state() {
                 State::AwaitingConnect => {
-                    if now.duration_since(entry.opened_at) >= connect_timeout {
+                    if now_ms.saturating_sub(entry.opened_ms) >= config.connect_timeout_ms {
                         session.fail_and_close(
                             Some("Authentication Timeout"),
                             CloseReason::ConnectTimeout,
@@ -414,17 +492,19 @@ async fn housekeeping(shard: Rc<Shard>) {
                     }
                 }
                 State::Established => {
-                    if now >= entry.next_ping_at.get() {
-                        entry.next_ping_at.set(now + ping_interval);
+                    if now_ms >= entry.next_ping_ms.get() {
+                        entry.next_ping_ms.set(now_ms + config.ping_interval_ms);
                         session.ping(config.ping_max_outstanding);
                     }
                 }
                 State::Closing { .. } => {}
             }
             if let State::Closing { flush } = session.state() {
-                let since = *entry.closing_since.get().get_or_insert(now);
-                entry.closing_since.set(Some(since));
-                let stuck = !flush || now.duration_since(since) >= flush_max;
+                if entry.closing_since_ms.get() == NOT_CLOSING {
+                    entry.closing_since_ms.set(now_ms);
+                }
+                let stuck = !flush
+                    || now_ms.saturating_sub(entry.closing_since_ms.get()) >= CLOSE_FLUSH_MS_MAX;
                 if stuck && !entry.shut_down.get() {
                     entry.shut_down.set(true);
                     io::shutdown(entry.fd);
