@@ -21,6 +21,9 @@ use crate::nats::session::{CloseReason, Effect, Message, Session, State};
 /// (an io_uring read owns its buffer while it waits, so every idle connection
 /// holds one). Typical device messages fit; anything larger grows it.
 const READ_BUFFER_BYTES_MIN: usize = 128;
+/// A read that fills the idle-sized buffer means a burst is arriving: the
+/// buffer jumps to this size, then doubles while reads keep filling it.
+const READ_BUFFER_BYTES_BURST_FIRST: usize = 2 * 1024;
 /// A read buffer grows by doubling while reads fill it, up to this (or to the
 /// size of a declared frame that is actually arriving).
 const READ_BUFFER_BYTES_BURST: usize = 64 * 1024;
@@ -178,17 +181,16 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
         }
         buf.drain(..consumed);
         if read_bytes == spare_bytes && buf.capacity() < READ_BUFFER_BYTES_BURST {
-            // The read filled all the room there was: more is waiting. Double, so a
-            // busy publisher is read in large passes (large cross-shard batches).
-            let room = buf.capacity() * 2 - buf.len();
-            buf.reserve_exact(room);
-        } else if buf.is_empty()
-            && buf.capacity() > READ_BUFFER_BYTES_MIN
-            && read_bytes < buf.capacity() / 4
-        {
-            // Light traffic shrinks the buffer back (halving while reads use little
-            // of it), so a device that once sent a burst keeps no burst-sized buffer.
-            buf = Vec::with_capacity((buf.capacity() / 2).max(READ_BUFFER_BYTES_MIN));
+            // The read filled all the room there was: more is waiting. Jump to a
+            // burst-sized buffer at once (then double), so a device's burst is read
+            // in one or two passes, each one cross-shard batch, not in five.
+            let target = (buf.capacity() * 2).max(READ_BUFFER_BYTES_BURST_FIRST);
+            buf.reserve_exact(target - buf.len());
+        } else if buf.is_empty() && buf.capacity() > READ_BUFFER_BYTES_MIN {
+            // The read did not fill the buffer (the socket is drained) and every
+            // byte was used: the burst is over. Back to the idle size at once, so
+            // thousands of devices that each sent one burst keep no burst buffers.
+            buf = Vec::with_capacity(READ_BUFFER_BYTES_MIN);
             outgoing.shrink(&shard.batch_pool);
         }
     }
