@@ -19,6 +19,8 @@ pub const PINGS_OUTSTANDING_MAX_DEFAULT: u32 = 2;
 /// A client must send CONNECT within this long after the INFO (nats-server's
 /// auth timeout), so half-open sockets cannot pile up.
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+/// Busy-polling longer than this after activity only burns CPU.
+pub const SPIN_US_MAX: u64 = 10_000;
 /// Shards are addressed by bit in 64-bit interest masks.
 pub const SHARDS_MAX: usize = 64;
 
@@ -53,6 +55,8 @@ pub struct Config {
     pub ping_interval_ms: u64,
     pub ping_max_outstanding: u32,
     pub log_level: Option<String>,
+    /// epoll backend: busy-poll this long after activity before sleeping (0 = never).
+    pub spin_us: u64,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
             ping_max_outstanding: PINGS_OUTSTANDING_MAX_DEFAULT,
             log_level: None,
+            spin_us: 0,
         }
     }
 }
@@ -136,6 +141,9 @@ impl Config {
         }
         if self.ping_interval_ms == 0 || self.ping_max_outstanding == 0 {
             return invalid("ping_interval_ms and ping_max_outstanding must be positive".into());
+        }
+        if self.spin_us > SPIN_US_MAX {
+            return invalid(format!("spin_us must be at most {SPIN_US_MAX}"));
         }
         if self.connect_timeout_ms == 0 {
             return invalid("connect_timeout_ms must be positive".into());

@@ -69,6 +69,10 @@ struct ServeArgs {
     /// Unanswered PINGs before a client is closed as stale [default: 2].
     #[arg(long)]
     ping_max_outstanding: Option<u32>,
+    /// epoll backend: busy-poll this long after activity before sleeping, in µs;
+    /// cuts request-reply latency at the cost of CPU while busy [default: 0].
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Name reported in INFO [default: perch].
     #[arg(long)]
     server_name: Option<String>,
@@ -97,7 +101,8 @@ impl ServeArgs {
             max_subscriptions,
             connect_timeout_ms,
             ping_interval_ms,
-            ping_max_outstanding
+            ping_max_outstanding,
+            spin_us
         );
         if self.shards.is_some() {
             config.shards = self.shards;

@@ -137,6 +137,7 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        shard.mark_active();
         if session.is_closing() {
             return;
         }

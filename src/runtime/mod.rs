@@ -33,6 +33,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
+    if config.spin_us > 0 && backend == Selected::Uring {
+        tracing::warn!(
+            "spin_us is ignored on io_uring (tokio-uring submits only when a shard sleeps)"
+        );
+    }
+
     // Signals first, so one arriving during startup is not fatal by default.
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()

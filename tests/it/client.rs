@@ -167,7 +167,17 @@ fn queue_group_delivers_each_message_to_exactly_one_member() {
 
 #[test]
 fn request_reply_and_no_responders() {
-    let server = Server::perch(&[]);
+    request_reply_against(Server::perch(&[]));
+}
+
+/// The same with busy-polling after activity (used by the epoll backend;
+/// ignored with a warning on io_uring).
+#[test]
+fn request_reply_with_spinning_shards() {
+    request_reply_against(Server::perch(&["--spin-us", "50"]));
+}
+
+fn request_reply_against(server: Server) {
     runtime().block_on(async {
         let responder = connect(&server).await;
         let requester = connect(&server).await;

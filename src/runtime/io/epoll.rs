@@ -11,6 +11,7 @@ pub(crate) struct Epoll;
 
 impl Backend for Epoll {
     type Socket = tokio::net::TcpStream;
+    const SPIN_HELPS: bool = true;
 
     fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Socket> {
         stream.set_nonblocking(true)?;

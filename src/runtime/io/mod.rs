@@ -52,6 +52,10 @@ pub(crate) trait Socket: 'static {
 /// A way of running a shard and adopting accepted sockets into it.
 pub(crate) trait Backend: 'static {
     type Socket: Socket;
+    /// Whether busy-polling after activity (`spin_us`) helps. Not on io_uring:
+    /// tokio-uring submits queued operations only when the thread parks, so a
+    /// spinning shard would hold back its own reads and writes.
+    const SPIN_HELPS: bool;
     /// Adopts a socket accepted (possibly on another shard) into this shard's backend.
     fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Socket>;
 }

@@ -18,6 +18,7 @@ pub(crate) struct Uring;
 
 impl Backend for Uring {
     type Socket = UringSocket;
+    const SPIN_HELPS: bool = false;
 
     fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Socket> {
         // io_uring arms its own poll for blocking sockets; a non-blocking socket
