@@ -191,6 +191,10 @@ pub enum Effect<'a> {
     Subscribe(Rc<Subscription>),
     /// Remove this subscription from the router (it is already out of the table).
     Unsubscribe(Rc<Subscription>),
+    /// Answer with [`Session::pong`] once everything this client published
+    /// before the PING has reached its subscribers (a client's flush means
+    /// "the server has processed all I sent", as with nats-server).
+    Ping,
     /// The session is closing; stop reading.
     Close,
 }
@@ -366,10 +370,7 @@ impl Session {
         }
         match op {
             ClientOp::Connect { json } => self.handle_connect(json),
-            ClientOp::Ping => {
-                self.queue_bytes(encode::PONG);
-                Effect::None
-            }
+            ClientOp::Ping => Effect::Ping,
             ClientOp::Pong => {
                 if self.pings_outstanding.get() > 0 {
                     self.round_trip_measured.set(true);
@@ -518,6 +519,11 @@ impl Session {
         self.subs
             .borrow()
             .find(|s| s.queue().is_none() && super::subject::subject_matches(s.subject(), subject))
+    }
+
+    /// Queues the answer to a client's PING.
+    pub fn pong(&self) {
+        self.queue_bytes(encode::PONG);
     }
 
     /// Queues +OK if the client asked for verbose mode.

@@ -163,6 +163,10 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
                         Box::pin(outgoing.flush_blocked(peers)).await;
                     }
                 }
+                Step::PingBarrier => {
+                    Box::pin(outgoing.fence(peers)).await;
+                    session.pong();
+                }
                 Step::SubscribeBarrier => {
                     // Anything this client published before the SUB goes out first.
                     if outgoing.try_flush(peers) {
@@ -218,6 +222,8 @@ enum Step {
     Stop,
     /// A batch to another shard is full: send it before parsing on.
     FlushFull,
+    /// A PING after publishing to other shards: answer once they delivered it all.
+    PingBarrier,
     /// A SUB changed interest: wait until every shard has applied it, then ack.
     SubscribeBarrier,
 }
@@ -239,6 +245,11 @@ fn process(
                 *pos += used;
                 let step = match session.handle_op(op) {
                     Effect::None => None,
+                    Effect::Ping if outgoing.needs_fence() => Some(Step::PingBarrier),
+                    Effect::Ping => {
+                        session.pong();
+                        None
+                    }
                     Effect::Close => Some(Step::Stop),
                     Effect::Publish(msg) => publish(shard, session, &msg, outgoing),
                     Effect::Subscribe(sub) => {

@@ -38,6 +38,9 @@ pub(crate) struct Batch {
     pub origin: usize,
     data: Vec<u8>,
     pub envelopes: Vec<Envelope>,
+    /// A fence: signalled once the destination has handled every batch the
+    /// origin sent before it (the data channel is FIFO per sender).
+    pub fence: Option<mpsc::UnboundedSender<()>>,
 }
 
 /// Batches a shard keeps for reuse, and the largest data buffer worth keeping
@@ -201,6 +204,8 @@ pub(crate) fn mailboxes(shards: usize) -> (Peers, Vec<Inbox>) {
 /// each read pass (or when one fills up).
 pub(crate) struct Outgoing {
     batches: Vec<Batch>,
+    /// Bit k: a batch went to shard k since the last fence.
+    sent_to: u64,
     /// Scratch for the router's per-message targets.
     pub targets: Vec<RemoteTarget>,
 }
@@ -209,6 +214,7 @@ impl Outgoing {
     pub(crate) fn new() -> Outgoing {
         Outgoing {
             batches: Vec::new(),
+            sent_to: 0,
             targets: Vec::new(),
         }
     }
@@ -247,6 +253,7 @@ impl Outgoing {
                 continue;
             }
             let full = std::mem::take(batch);
+            self.sent_to |= 1 << shard;
             match peers.data[shard].try_send(full) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(full)) => {
@@ -265,7 +272,43 @@ impl Outgoing {
             if batch.is_empty() {
                 continue;
             }
+            self.sent_to |= 1 << shard;
             let _ = peers.data[shard].send(std::mem::take(batch)).await;
+        }
+    }
+
+    /// Whether messages went to other shards since the last fence (or are still
+    /// waiting to go).
+    pub(crate) fn needs_fence(&self) -> bool {
+        self.sent_to != 0 || self.batches.iter().any(|b| !b.is_empty())
+    }
+
+    /// Sends everything pending, then waits until every shard that got batches
+    /// from this reader has delivered them to its subscribers.
+    pub(crate) async fn fence(&mut self, peers: &Peers) {
+        if self.try_flush(peers) {
+            self.flush_blocked(peers).await;
+        }
+        let (applied_tx, mut applied_rx) = mpsc::unbounded_channel();
+        let mut fences = 0;
+        let mut shards = std::mem::take(&mut self.sent_to);
+        while shards != 0 {
+            let shard = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
+            let fence = Batch {
+                fence: Some(applied_tx.clone()),
+                ..Batch::default()
+            };
+            if peers.data[shard].send(fence).await.is_ok() {
+                fences += 1;
+            }
+        }
+        drop(applied_tx);
+        for _ in 0..fences {
+            // None: a shard stopped (shutdown); nothing left to wait for.
+            if applied_rx.recv().await.is_none() {
+                break;
+            }
         }
     }
 

@@ -443,6 +443,10 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
                 router.deliver_remote(&msg, envelope.plain, &envelope.queues);
             }
         }
+        if let Some(applied) = &batch.fence {
+            let _ = applied.send(());
+            continue;
+        }
         // Back to the shard that allocated it: reused there, never freed here.
         let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
         // Auto-unsubscribes may have changed interest; no one waits on these.

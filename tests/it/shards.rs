@@ -160,3 +160,43 @@ fn second_subscriber_waits_for_the_first_ones_interest() {
     }
     assert_eq!(first.read_line(), "PONG");
 }
+
+/// A publisher's PONG means its earlier messages reached their subscribers on
+/// every shard (as with nats-server): a subscription made after that PONG never
+/// sees them, even though they crossed shards. The window this closes is narrow
+/// (the batch must still be in the other shard's mailbox when the new SUB is
+/// processed): on an idle machine this test passes without the PING fence too;
+/// under load it did not (nats.go's TestAutoUnsubscribe caught it in CI), so it
+/// runs many rounds to give the race chances.
+#[test]
+fn pong_after_publishing_means_delivered_everywhere() {
+    let server = Server::perch(&["--shards", "2"]);
+    let mut subscriber = connect(&server); // shard 1
+    let mut publisher = connect(&server); // shard 0
+    for round in 0..100 {
+        let subject = format!("p.{round}");
+        subscriber.send(format!("SUB {subject} 1\r\nUNSUB 1 5\r\nPING\r\n").as_bytes());
+        assert_eq!(subscriber.read_line(), "PONG");
+        let mut burst = String::new();
+        for i in 0..10 {
+            burst.push_str(&format!("PUB {subject} 1\r\n{i}\r\n"));
+        }
+        burst.push_str("PING\r\n");
+        publisher.send(burst.as_bytes());
+        assert_eq!(publisher.read_line(), "PONG");
+        subscriber.send(format!("SUB {subject} 2\r\nPING\r\n").as_bytes());
+        for i in 0..5 {
+            assert_eq!(subscriber.read_line(), format!("MSG {subject} 1 1"));
+            assert_eq!(subscriber.read_line(), i.to_string());
+        }
+        assert_eq!(
+            subscriber.read_line(),
+            "PONG",
+            "round {round}: an old message reached the new subscription"
+        );
+        publisher.send(format!("PUB {subject} 5\r\nafter\r\n").as_bytes());
+        assert_eq!(subscriber.read_line(), format!("MSG {subject} 2 5"));
+        assert_eq!(subscriber.read_line(), "after");
+        subscriber.send(b"UNSUB 2\r\n");
+    }
+}
