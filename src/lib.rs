@@ -5,3 +5,4 @@ pub mod config;
 pub mod nats;
 pub mod router;
 pub mod runtime;
+pub mod store;

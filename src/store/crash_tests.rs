@@ -1,0 +1,406 @@
+//! Whole-log tests on the simulated disk: the log's behaviour (rolling, reads,
+//! purges, failing closed) and the crash test, which cuts power at thousands of
+//! points and checks that every acknowledged record comes back, in order, with its
+//! exact bytes, and that nothing else comes back but intact records that were sent.
+//!
+//! A failing crash run prints its seed; `PERCH_STORE_SEED=<seed> cargo test crash`
+//! replays just that one. `PERCH_STORE_SEEDS=<n>` runs more seeds.
+
+use super::error::StoreError;
+use super::file::{Directory, SimDirectory, SimRng};
+use super::log::{Log, LogConfig, NewRecord};
+use super::record::Record;
+
+/// One record as the test sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    timestamp_ns: i64,
+    subject: Vec<u8>,
+    headers: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Sent {
+    fn as_new(&self) -> NewRecord<'_> {
+        NewRecord {
+            timestamp_ns: self.timestamp_ns,
+            subject: &self.subject,
+            headers: &self.headers,
+            payload: &self.payload,
+        }
+    }
+
+    fn matches(&self, record: &Record<'_>) -> bool {
+        record.timestamp_ns == self.timestamp_ns
+            && record.subject == self.subject
+            && record.headers == self.headers
+            && record.payload == self.payload
+    }
+}
+
+fn sent(rng: &mut SimRng, payload_bytes_max: u64) -> Sent {
+    let payload_len = rng.below(payload_bytes_max + 1) as usize;
+    let subject = format!("dev.{}.telemetry", rng.below(1000)).into_bytes();
+    let headers = if rng.chance(1, 4) {
+        format!("NATS/1.0\r\nNats-Msg-Id: {}\r\n\r\n", rng.next_u64()).into_bytes()
+    } else {
+        Vec::new()
+    };
+    Sent {
+        timestamp_ns: rng.next_u64() as i64,
+        subject,
+        headers,
+        payload: (0..payload_len).map(|_| rng.next_u64() as u8).collect(),
+    }
+}
+
+fn small_config(rng: &mut SimRng) -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 256 + rng.below(2048),
+        index_interval_records: 1 + rng.below(8) as u32,
+    }
+}
+
+/// Every record of the log, in order, with its sequence.
+fn read_all<D: Directory>(log: &Log<D>) -> Result<Vec<(u64, Sent)>, StoreError> {
+    let mut out = Vec::new();
+    let mut cursor = log.cursor(0);
+    let mut buf = Vec::new();
+    while let Some(record) = log.next(&mut cursor, &mut buf)? {
+        out.push((
+            record.seq,
+            Sent {
+                timestamp_ns: record.timestamp_ns,
+                subject: record.subject.to_vec(),
+                headers: record.headers.to_vec(),
+                payload: record.payload.to_vec(),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+#[test]
+fn append_read_roll_and_reopen() {
+    let mut rng = SimRng::new(1);
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 512,
+        index_interval_records: 4,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!((log.first_seq(), log.next_seq(), log.last_seq()), (1, 1, 0));
+    assert!(log.is_empty());
+    let records: Vec<Sent> = (0..100).map(|_| sent(&mut rng, 60)).collect();
+    for batch in records.chunks(7) {
+        let new: Vec<NewRecord<'_>> = batch.iter().map(Sent::as_new).collect();
+        let first = log.next_seq();
+        assert_eq!(log.append(&new).unwrap(), first..first + batch.len() as u64);
+    }
+    assert_eq!(log.append(&[]).unwrap(), 101..101);
+    assert!(log.segment_count() > 10, "{} segments", log.segment_count());
+    let check_all = |log: &Log<SimDirectory>| {
+        let mut buf = Vec::new();
+        for (i, want) in records.iter().enumerate() {
+            let record = log.read(i as u64 + 1, &mut buf).unwrap().unwrap();
+            assert!(want.matches(&record), "seq {}", i + 1);
+        }
+        assert_eq!(log.read(0, &mut buf).unwrap(), None);
+        assert_eq!(log.read(101, &mut buf).unwrap(), None);
+        let all = read_all(log).unwrap();
+        assert_eq!(all.len(), 100);
+        for (i, (seq, got)) in all.iter().enumerate() {
+            assert_eq!((*seq, got), (i as u64 + 1, &records[i]));
+        }
+    };
+    check_all(&log);
+    let segments = log.segment_count();
+    drop(log);
+    dir.crash(5); // everything was synced: a crash loses nothing
+    let log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!(log.segment_count(), segments);
+    check_all(&log);
+    // A cursor in the middle goes on from there.
+    let mut cursor = log.cursor(50);
+    let mut buf = Vec::new();
+    let record = log.next(&mut cursor, &mut buf).unwrap().unwrap();
+    assert_eq!(record.seq, 50);
+    assert_eq!(cursor.seq(), 51);
+}
+
+#[test]
+fn oversize_record_gets_its_own_segment_and_limits_are_checked() {
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 256,
+        index_interval_records: 1,
+    };
+    let mut log = Log::open(dir, config).unwrap();
+    let big = vec![7; 1000];
+    let small = NewRecord {
+        timestamp_ns: 0,
+        subject: b"a",
+        headers: b"",
+        payload: b"x",
+    };
+    let large = NewRecord {
+        payload: &big,
+        ..small
+    };
+    assert_eq!(log.append(&[small, large, small]).unwrap(), 1..4);
+    assert_eq!(log.segment_count(), 3);
+    let mut buf = Vec::new();
+    assert_eq!(log.read(2, &mut buf).unwrap().unwrap().payload, &big[..]);
+    let subject = vec![b's'; 70_000];
+    let too_long = NewRecord {
+        subject: &subject,
+        ..small
+    };
+    let error = log.append(&[small, too_long]).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "subject of 70000 bytes is longer than 65535 bytes"
+    );
+    assert_eq!(log.next_seq(), 4, "nothing of a refused batch is written");
+    assert!(!log.is_failed());
+}
+
+#[test]
+fn purge_removes_whole_segments() {
+    let mut rng = SimRng::new(2);
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 256,
+        index_interval_records: 2,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let records: Vec<Sent> = (0..40).map(|_| sent(&mut rng, 40)).collect();
+    for batch in records.chunks(3) {
+        let new: Vec<NewRecord<'_>> = batch.iter().map(Sent::as_new).collect();
+        log.append(&new).unwrap();
+    }
+    let segments = log.segment_count();
+    let removed = log.purge_below(20).unwrap();
+    assert!(removed > 0);
+    assert_eq!(log.segment_count(), segments - removed);
+    assert!(log.first_seq() <= 20 && log.first_seq() > 1);
+    let first = log.first_seq();
+    assert_eq!(read_all(&log).unwrap()[0].0, first);
+    // Purging everything leaves an empty log that still counts on.
+    log.purge_below(u64::MAX).unwrap();
+    assert!(log.is_empty());
+    assert_eq!((log.first_seq(), log.next_seq()), (41, 41));
+    drop(log);
+    dir.crash(9);
+    let mut log = Log::open(dir, config).unwrap();
+    assert_eq!((log.first_seq(), log.next_seq()), (41, 41));
+    assert_eq!(log.append(&[records[0].as_new()]).unwrap(), 41..42);
+}
+
+#[test]
+fn fsync_failure_fails_closed() {
+    let dir = SimDirectory::new();
+    let mut log = Log::open(dir.clone(), LogConfig::default()).unwrap();
+    let record = NewRecord {
+        timestamp_ns: 1,
+        subject: b"a",
+        headers: b"",
+        payload: b"acked",
+    };
+    log.append(&[record]).unwrap();
+    dir.fail_next_sync();
+    assert!(matches!(log.append(&[record]), Err(StoreError::Io { .. })));
+    assert!(log.is_failed());
+    // The next sync would work, but the log never retries: it stays failed.
+    assert!(matches!(log.append(&[record]), Err(StoreError::Failed)));
+    assert!(matches!(log.purge_below(2), Err(StoreError::Failed)));
+    drop(log);
+    dir.crash(3);
+    let log = Log::open(dir, LogConfig::default()).unwrap();
+    let all = read_all(&log).unwrap();
+    assert_eq!(all[0].1.payload, b"acked");
+    assert!(
+        all.len() <= 2,
+        "the failed batch may or may not have persisted"
+    );
+}
+
+#[test]
+fn damage_in_an_older_segment_is_reported() {
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 256,
+        index_interval_records: 1,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let record = NewRecord {
+        timestamp_ns: 1,
+        subject: b"a",
+        headers: b"",
+        payload: &[5; 90],
+    };
+    for _ in 0..6 {
+        log.append(&[record]).unwrap();
+    }
+    drop(log);
+    let names = dir.list().unwrap();
+    assert_eq!(names.len(), 3);
+    // The last record of the first segment, damaged: it has a successor, so it is
+    // no torn write.
+    let good = dir.live_bytes(&names[0]).unwrap();
+    let mut bytes = good.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    dir.replace_durably(&names[0], bytes);
+    let error = Log::open(dir.clone(), config).unwrap_err();
+    assert_eq!(error.to_string(), "corrupt 00000000000000000001.seg: bad record at offset 121 (bad record crc: stored 0x5bf9d03a, computed 0xa9925339) of a segment that has a successor");
+    // A missing middle segment is a gap.
+    dir.replace_durably(&names[0], good);
+    dir.remove(&names[1]).unwrap();
+    let error = Log::open(dir, config).unwrap_err();
+    assert!(
+        error.to_string().contains("starts at sequence 5"),
+        "{error}"
+    );
+}
+
+/// What one crash-test run did, for its assertions.
+struct CrashRun {
+    /// `sent[i]` is the record last sent with sequence `i + 1`.
+    sent: Vec<Sent>,
+    /// Every sequence below this was acknowledged.
+    acked_next_seq: u64,
+    /// The log's first sequence after the last acknowledged purge.
+    purged_below: u64,
+    crashes: u64,
+}
+
+/// Runs one seed: several rounds of random appends and purges, each ended by a
+/// power cut at a random operation and a crash; checks recovery after each.
+fn crash_run(seed: u64) -> u64 {
+    let mut rng = SimRng::new(seed);
+    let dir = SimDirectory::new();
+    let config = small_config(&mut rng);
+    let mut run = CrashRun {
+        sent: Vec::new(),
+        acked_next_seq: 1,
+        purged_below: 1,
+        crashes: 0,
+    };
+    let rounds = 1 + rng.below(3);
+    for _ in 0..rounds {
+        let mut log = match Log::open(dir.clone(), config) {
+            Ok(log) => log,
+            Err(error) => panic!("seed {seed}: reopen failed: {error}"),
+        };
+        check_recovered(seed, &log, &mut run);
+        dir.power_loss_after(rng.below(40));
+        for _ in 0..rng.below(30) {
+            if log.is_failed() {
+                // Appends are refused from now on; what the failed one wrote may or
+                // may not survive, so `sent` keeps its records.
+                assert!(matches!(log.append(&[]), Err(StoreError::Failed)));
+                break;
+            }
+            if rng.chance(1, 10) {
+                let below = log.first_seq() + rng.below(log.next_seq() - log.first_seq() + 1);
+                if log.purge_below(below).is_ok() {
+                    run.purged_below = log.first_seq();
+                }
+                continue;
+            }
+            let batch: Vec<Sent> = (0..1 + rng.below(6))
+                .map(|_| {
+                    let payload_bytes_max = if rng.chance(1, 10) { 600 } else { 40 };
+                    sent(&mut rng, payload_bytes_max)
+                })
+                .collect();
+            let first = log.next_seq();
+            // Remember what goes out with each sequence before knowing if it lands.
+            run.sent.truncate(first as usize - 1);
+            run.sent.extend(batch.iter().cloned());
+            let new: Vec<NewRecord<'_>> = batch.iter().map(Sent::as_new).collect();
+            match log.append(&new) {
+                Ok(seqs) => {
+                    assert_eq!(seqs, first..first + batch.len() as u64, "seed {seed}");
+                    run.acked_next_seq = seqs.end;
+                }
+                Err(StoreError::Io { .. } | StoreError::Failed) => {
+                    assert!(log.is_failed(), "seed {seed}");
+                }
+                Err(error) => panic!("seed {seed}: append: {error}"),
+            }
+        }
+        drop(log);
+        dir.crash(rng.next_u64());
+        run.crashes += 1;
+    }
+    let log = match Log::open(dir.clone(), config) {
+        Ok(log) => log,
+        Err(error) => panic!("seed {seed}: final reopen failed: {error}"),
+    };
+    check_recovered(seed, &log, &mut run);
+    run.crashes
+}
+
+/// Checks a freshly recovered log against what was sent and acknowledged, then
+/// forgets sequences that did not survive (they will be reused).
+fn check_recovered(seed: u64, log: &Log<SimDirectory>, run: &mut CrashRun) {
+    let all = match read_all(log) {
+        Ok(all) => all,
+        Err(error) => panic!("seed {seed}: reading back: {error}"),
+    };
+    let next = log.next_seq();
+    assert!(
+        next >= run.acked_next_seq,
+        "seed {seed}: acked up to {} but the log ends before {next}",
+        run.acked_next_seq
+    );
+    assert!(
+        log.first_seq() <= run.acked_next_seq.max(run.purged_below),
+        "seed {seed}: first {} lost acked records",
+        log.first_seq()
+    );
+    assert!(
+        log.first_seq() >= run.purged_below.min(next),
+        "seed {seed}: purge undone"
+    );
+    let want: Vec<u64> = (log.first_seq()..next).collect();
+    let got: Vec<u64> = all.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(got, want, "seed {seed}: sequences");
+    for (seq, record) in &all {
+        let sent = &run.sent[*seq as usize - 1];
+        assert_eq!(
+            record, sent,
+            "seed {seed}: record {seq} differs from what was sent"
+        );
+    }
+    run.sent.truncate(next as usize - 1);
+    run.acked_next_seq = next;
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|value| {
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number"))
+    })
+}
+
+#[test]
+fn crash_at_thousands_of_points() {
+    let seeds: Vec<u64> = match env_u64("PERCH_STORE_SEED") {
+        Some(seed) => vec![seed],
+        None => (0..env_u64("PERCH_STORE_SEEDS").unwrap_or(2000)).collect(),
+    };
+    let mut crashes = 0;
+    for seed in seeds {
+        crashes += crash_run(seed);
+    }
+    eprintln!("crash test: {crashes} crash points");
+    assert!(
+        crashes >= 2000
+            || env_u64("PERCH_STORE_SEED").is_some()
+            || env_u64("PERCH_STORE_SEEDS").is_some()
+    );
+}

@@ -1,0 +1,381 @@
+//! A stream's log: a directory of segments holding records with consecutive sequence
+//! numbers. Appends are group commits — a batch is encoded into one buffer, written
+//! with one write and made durable with one `fdatasync` before any of its sequence
+//! numbers are returned, so a returned sequence is on disk.
+//!
+//! Owns: opening and recovering every segment (and checking they are contiguous),
+//! assigning sequence numbers, rolling segments at a size limit, reads by sequence
+//! and in order, and purging whole segments from the front. Fails closed: after any
+//! write or sync error the log acknowledges nothing more, ever; recovery is a restart.
+//!
+//! Deliberately does not: know about streams' limits, subjects, consumers or time
+//! (timestamps are the caller's), batch requests from several callers (the owner of
+//! the log collects a batch), or touch threads or sockets.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use super::error::{Corruption, StoreError};
+use super::file::Directory;
+use super::record::{self, EncodeError, Record, RECORD_BYTES_MAX};
+use super::segment::{parse_segment_name, Segment, TornTail};
+
+/// Segments roll when the next record would take them over this size.
+pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+/// The smallest segment size a config may ask for (tests use tiny segments to roll
+/// often).
+pub const SEGMENT_BYTES_MIN: u64 = 256;
+/// Every this many records a segment's sparse index keeps an offset: a read by
+/// sequence hops over at most this many records minus one.
+pub const INDEX_INTERVAL_RECORDS_DEFAULT: u32 = 64;
+/// A batch is written in pieces of at most this size (all synced together), so the
+/// encoding buffer stays small whatever the batch.
+pub const WRITE_BYTES_MAX: usize = 1 << 20;
+
+const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_MAX_DEFAULT);
+const _: () = assert!(WRITE_BYTES_MAX <= RECORD_BYTES_MAX);
+
+/// How a log lays out its segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Roll size, also the preallocated size of a new segment.
+    pub segment_bytes_max: u64,
+    pub index_interval_records: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
+            index_interval_records: INDEX_INTERVAL_RECORDS_DEFAULT,
+        }
+    }
+}
+
+/// A message to append; the log assigns its sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewRecord<'a> {
+    pub timestamp_ns: i64,
+    pub subject: &'a [u8],
+    pub headers: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+/// A position for reading the log in order; see [`Log::next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    seq: u64,
+    /// The first sequence of the segment `offset` is in, and the offset of `seq`.
+    position: Option<(u64, u64)>,
+}
+
+impl Cursor {
+    /// The sequence the next read returns (or a later one, if it was purged).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// A stream's log over a [`Directory`].
+#[derive(Debug)]
+pub struct Log<D: Directory> {
+    dir: D,
+    config: LogConfig,
+    /// Oldest first; never empty. The last one takes appends.
+    segments: VecDeque<Segment<D::File>>,
+    /// The batch encoding buffer, reused.
+    scratch: Vec<u8>,
+    failed: bool,
+}
+
+impl<D: Directory> Log<D> {
+    /// Opens the log in `dir`, recovering every segment, or creates an empty one whose
+    /// first sequence is 1.
+    pub fn open(dir: D, config: LogConfig) -> Result<Self, StoreError> {
+        assert!(config.segment_bytes_max >= SEGMENT_BYTES_MIN);
+        assert!(config.index_interval_records > 0);
+        let names = dir.list().map_err(StoreError::io("list", "directory"))?;
+        let mut named: Vec<(u64, String)> = names
+            .into_iter()
+            .filter_map(|name| Some((parse_segment_name(&name)?, name)))
+            .collect();
+        named.sort();
+        let mut segments: VecDeque<Segment<D::File>> = VecDeque::new();
+        let mut last_tail: Option<TornTail> = None;
+        for (first_seq, name) in named {
+            if let Some(tail) = last_tail.take() {
+                // Every record of a segment is synced before the next one is created,
+                // so damage at the end of a segment that has a successor is no torn
+                // write.
+                let previous = segments.back().expect("a tail belongs to a segment");
+                return Err(StoreError::Corrupt {
+                    file: previous.name().to_string(),
+                    corruption: Corruption::DamagedSealedSegment {
+                        offset: tail.offset,
+                        bad: tail.bad,
+                    },
+                });
+            }
+            if let Some(previous) = segments.back() {
+                if previous.next_seq() != first_seq {
+                    return Err(StoreError::Corrupt {
+                        file: name,
+                        corruption: Corruption::SequenceGap {
+                            expected: previous.next_seq(),
+                            found: first_seq,
+                        },
+                    });
+                }
+            }
+            let (segment, tail) =
+                Segment::open(&dir, &name, first_seq, config.index_interval_records)?;
+            last_tail = tail;
+            segments.push_back(segment);
+        }
+        if let Some(tail) = last_tail {
+            segments
+                .back_mut()
+                .expect("a tail belongs to a segment")
+                .repair(&tail)?;
+        }
+        let mut log = Self {
+            dir,
+            config,
+            segments,
+            scratch: Vec::new(),
+            failed: false,
+        };
+        if log.segments.is_empty() {
+            log.start_segment(1)?;
+        }
+        Ok(log)
+    }
+
+    /// The oldest sequence still stored; equals [`Log::next_seq`] when empty.
+    pub fn first_seq(&self) -> u64 {
+        self.segments.front().expect("never empty").first_seq()
+    }
+
+    /// The sequence the next appended record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.active().next_seq()
+    }
+
+    /// The newest sequence ever stored (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first_seq() == self.next_seq()
+    }
+
+    /// Whether an earlier write or sync error stopped the log.
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// How many segment files the log has.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    fn active(&self) -> &Segment<D::File> {
+        self.segments.back().expect("never empty")
+    }
+
+    /// Appends `batch` durably and returns the sequences it got. On `Err` nothing of
+    /// the batch is acknowledged (some of it may still be on disk and come back after
+    /// a restart, intact); after an I/O error the log is failed for good.
+    pub fn append(&mut self, batch: &[NewRecord<'_>]) -> Result<Range<u64>, StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        // Check every limit first, so that a refused record leaves nothing half done.
+        for new in batch {
+            check_limits(new)?;
+        }
+        let first = self.next_seq();
+        let result = self.append_checked(batch);
+        if let Err(StoreError::Io { .. }) = &result {
+            self.failed = true;
+        }
+        result?;
+        Ok(first..self.next_seq())
+    }
+
+    fn append_checked(&mut self, batch: &[NewRecord<'_>]) -> Result<(), StoreError> {
+        self.scratch.clear();
+        for (seq, new) in (self.next_seq()..).zip(batch) {
+            let len = record::encoded_len(new.subject, new.headers, new.payload);
+            let active = self.active();
+            let pending = active.unsynced_bytes() + self.scratch.len() as u64;
+            let fits = active.end() + pending + len as u64 <= self.config.segment_bytes_max;
+            let empty = active.is_empty() && pending == 0;
+            if !fits && !empty {
+                self.write_scratch()?;
+                self.sync_active()?;
+                self.roll(seq)?;
+            } else if self.scratch.len() + len > WRITE_BYTES_MAX {
+                self.write_scratch()?;
+            }
+            let record = Record {
+                seq,
+                timestamp_ns: new.timestamp_ns,
+                subject: new.subject,
+                headers: new.headers,
+                payload: new.payload,
+            };
+            record::encode(&mut self.scratch, &record).expect("limits checked before");
+        }
+        self.write_scratch()?;
+        self.sync_active()
+    }
+
+    fn write_scratch(&mut self) -> Result<(), StoreError> {
+        if !self.scratch.is_empty() {
+            let active = self.segments.back_mut().expect("never empty");
+            active.write(&self.scratch)?;
+            self.scratch.clear();
+        }
+        Ok(())
+    }
+
+    fn sync_active(&mut self) -> Result<(), StoreError> {
+        let active = self.segments.back_mut().expect("never empty");
+        if active.unsynced_bytes() > 0 {
+            active.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one at `first_seq`.
+    fn roll(&mut self, first_seq: u64) -> Result<(), StoreError> {
+        let active = self.segments.back_mut().expect("never empty");
+        assert_eq!(active.next_seq(), first_seq);
+        active.seal()?;
+        self.start_segment(first_seq)
+    }
+
+    /// Creates a segment and makes its name durable before anything is written to it.
+    fn start_segment(&mut self, first_seq: u64) -> Result<(), StoreError> {
+        let segment = Segment::create(
+            &self.dir,
+            first_seq,
+            self.config.segment_bytes_max,
+            self.config.index_interval_records,
+        )?;
+        self.dir
+            .sync()
+            .map_err(StoreError::io("sync directory for", segment.name()))?;
+        self.segments.push_back(segment);
+        Ok(())
+    }
+
+    /// Deletes every segment all of whose records are below `seq` (`seq` past the end
+    /// counts as the end), rolling first if that includes the active one. Records of a
+    /// segment that straddles `seq` stay; [`Log::first_seq`] says where the log starts.
+    /// Returns how many segments were removed. An I/O error fails the log.
+    pub fn purge_below(&mut self, seq: u64) -> Result<usize, StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        let result = self.purge_below_unchecked(seq);
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn purge_below_unchecked(&mut self, seq: u64) -> Result<usize, StoreError> {
+        let seq = seq.min(self.next_seq());
+        if seq == self.next_seq() && !self.active().is_empty() {
+            self.roll(seq)?;
+        }
+        let mut removed = 0;
+        // Oldest first, so a crash part-way leaves a contiguous log.
+        while self.segments.len() > 1 && self.segments[0].next_seq() <= seq {
+            let segment = self.segments.pop_front().expect("checked length");
+            segment.remove(&self.dir)?;
+            removed += 1;
+        }
+        if removed > 0 {
+            self.dir
+                .sync()
+                .map_err(StoreError::io("sync directory after purge", "directory"))?;
+        }
+        Ok(removed)
+    }
+
+    /// The segment holding `seq`, if any.
+    fn segment_index(&self, seq: u64) -> Option<usize> {
+        if !(self.first_seq()..self.next_seq()).contains(&seq) {
+            return None;
+        }
+        let after = self.segments.partition_point(|s| s.first_seq() <= seq);
+        let index = after.checked_sub(1).expect("seq is at or after the first");
+        assert!(self.segments[index].range().contains(&seq));
+        Some(index)
+    }
+
+    /// Reads record `seq` into `buf`; `None` if it is not in the log.
+    pub fn read<'b>(
+        &self,
+        seq: u64,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<Option<Record<'b>>, StoreError> {
+        let Some(index) = self.segment_index(seq) else {
+            return Ok(None);
+        };
+        let segment = &self.segments[index];
+        let offset = segment.locate(seq)?;
+        Ok(Some(segment.read_at(offset, seq, buf)?.0))
+    }
+
+    /// A cursor at `seq`: [`Log::next`] reads from there on.
+    pub fn cursor(&self, seq: u64) -> Cursor {
+        Cursor {
+            seq,
+            position: None,
+        }
+    }
+
+    /// Reads the record at `cursor` into `buf` and moves the cursor past it; `None` at
+    /// the end of the log. A cursor below the first sequence skips what was purged.
+    pub fn next<'b>(
+        &self,
+        cursor: &mut Cursor,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<Option<Record<'b>>, StoreError> {
+        if cursor.seq < self.first_seq() {
+            *cursor = self.cursor(self.first_seq());
+        }
+        let Some(index) = self.segment_index(cursor.seq) else {
+            return Ok(None);
+        };
+        let segment = &self.segments[index];
+        let offset = match cursor.position {
+            Some((first_seq, offset)) if first_seq == segment.first_seq() => offset,
+            _ => segment.locate(cursor.seq)?,
+        };
+        let (record, len) = segment.read_at(offset, cursor.seq, buf)?;
+        let next_offset = offset + len as u64;
+        cursor.seq += 1;
+        cursor.position =
+            (next_offset < segment.end()).then_some((segment.first_seq(), next_offset));
+        Ok(Some(record))
+    }
+}
+
+fn check_limits(new: &NewRecord<'_>) -> Result<(), EncodeError> {
+    if new.subject.len() > u16::MAX as usize {
+        return Err(EncodeError::SubjectTooLong {
+            bytes: new.subject.len(),
+        });
+    }
+    let bytes = record::encoded_len(new.subject, new.headers, new.payload);
+    if bytes > RECORD_BYTES_MAX {
+        return Err(EncodeError::RecordTooLarge { bytes });
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! The durable store engine: stream logs of CRC-32C-framed records in preallocated
+//! segment files, group-committed (one write and one fdatasync per batch before any
+//! ack), recovered at open (a torn tail is truncated, a valid record after a bad one
+//! is corruption and reported). See docs/store-format.md for the bytes on disk.
+//!
+//! Layers, deeper = lower: `log` (a directory of segments) → `segment` (one file,
+//! recovery, sparse index) → `record` (the framing) → `file` (the storage trait, real
+//! and simulated). Nothing here touches a socket, a thread or the clock, and nothing
+//! knows about NATS or JetStream.
+
+pub mod error;
+pub mod file;
+pub mod log;
+pub mod record;
+pub mod segment;
+
+#[cfg(test)]
+mod crash_tests;
+
+pub use error::{BadRecord, Corruption, StoreError};
+pub use file::{Directory, OsDirectory, SimDirectory, StorageFile};
+pub use log::{Cursor, Log, LogConfig, NewRecord};
