@@ -60,6 +60,10 @@ pub trait Directory {
 #[derive(Debug, Clone)]
 pub struct OsDirectory {
     path: PathBuf,
+    /// Files are opened for reading only and every create, rename, remove and
+    /// directory sync is refused: the operator commands inspect a store this way, so
+    /// that looking can never change it.
+    read_only: bool,
 }
 
 impl OsDirectory {
@@ -68,7 +72,40 @@ impl OsDirectory {
         fs::create_dir_all(path.as_ref())?;
         Ok(Self {
             path: path.as_ref().to_path_buf(),
+            read_only: false,
         })
+    }
+
+    /// Uses the existing directory `path` read-only: files open without write access
+    /// (so a write or length change fails in the kernel), and creating, renaming,
+    /// removing and syncing are refused with `PermissionDenied`.
+    pub fn open_read_only(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        if !fs::metadata(path)?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", path.display()),
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            read_only: true,
+        })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is opened read-only", self.path.display()),
+            ));
+        }
+        Ok(())
     }
 
     fn join(&self, name: &str) -> PathBuf {
@@ -112,6 +149,7 @@ impl Directory for OsDirectory {
     type File = OsFile;
 
     fn create(&self, name: &str) -> io::Result<OsFile> {
+        self.check_writable()?;
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -123,7 +161,7 @@ impl Directory for OsDirectory {
     fn open(&self, name: &str) -> io::Result<OsFile> {
         let file = fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!self.read_only)
             .open(self.join(name))?;
         Ok(OsFile { file })
     }
@@ -141,14 +179,17 @@ impl Directory for OsDirectory {
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.check_writable()?;
         fs::rename(self.join(from), self.join(to))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
+        self.check_writable()?;
         fs::remove_file(self.join(name))
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.check_writable()?;
         fs::File::open(&self.path)?.sync_all()
     }
 }
@@ -602,6 +643,17 @@ mod tests {
         assert!(dir.create("a.seg").is_err());
         dir.rename("a.seg", "b.seg").unwrap();
         assert_eq!(dir.list().unwrap(), vec!["b.seg".to_string()]);
+        let read_only = OsDirectory::open_read_only(&path).unwrap();
+        let file = read_only.open("b.seg").unwrap();
+        file.read_exact_at(&mut buf, 3).unwrap();
+        assert!(file.write_all_at(b"x", 0).is_err());
+        assert!(file.set_len(0).is_err());
+        assert!(read_only.create("c.seg").is_err());
+        assert!(read_only.rename("b.seg", "c.seg").is_err());
+        assert!(read_only.remove("b.seg").is_err());
+        assert!(read_only.sync().is_err());
+        assert_eq!(dir.list().unwrap(), vec!["b.seg".to_string()]);
+        assert!(OsDirectory::open_read_only(path.join("missing")).is_err());
         dir.remove("b.seg").unwrap();
         assert!(dir.list().unwrap().is_empty());
         fs::remove_dir_all(&path).unwrap();

@@ -93,46 +93,11 @@ impl<D: Directory> Log<D> {
     /// first sequence is 1.
     pub fn open(dir: D, config: LogConfig) -> Result<Self, StoreError> {
         assert!(config.segment_bytes_max >= SEGMENT_BYTES_MIN);
-        assert!(config.index_interval_records > 0);
-        let names = dir.list().map_err(StoreError::io("list", "directory"))?;
-        let mut named: Vec<(u64, String)> = names
-            .into_iter()
-            .filter_map(|name| Some((parse_segment_name(&name)?, name)))
-            .collect();
-        named.sort();
-        let mut segments: VecDeque<Segment<D::File>> = VecDeque::new();
-        let mut last_tail: Option<TornTail> = None;
-        for (first_seq, name) in named {
-            if let Some(tail) = last_tail.take() {
-                // Every record of a segment is synced before the next one is created,
-                // so damage at the end of a segment that has a successor is no torn
-                // write.
-                let previous = segments.back().expect("a tail belongs to a segment");
-                return Err(StoreError::Corrupt {
-                    file: previous.name().to_string(),
-                    corruption: Corruption::DamagedSealedSegment {
-                        offset: tail.offset,
-                        bad: tail.bad,
-                    },
-                });
-            }
-            if let Some(previous) = segments.back() {
-                if previous.next_seq() != first_seq {
-                    return Err(StoreError::Corrupt {
-                        file: name,
-                        corruption: Corruption::SequenceGap {
-                            expected: previous.next_seq(),
-                            found: first_seq,
-                        },
-                    });
-                }
-            }
-            let (segment, tail) =
-                Segment::open(&dir, &name, first_seq, config.index_interval_records)?;
-            last_tail = tail;
-            segments.push_back(segment);
-        }
-        if let Some(tail) = last_tail {
+        let OpenedSegments {
+            mut segments,
+            torn_tail,
+        } = open_segments(&dir, config.index_interval_records)?;
+        if let Some(tail) = torn_tail {
             segments
                 .back_mut()
                 .expect("a tail belongs to a segment")
@@ -365,6 +330,68 @@ impl<D: Directory> Log<D> {
             (next_offset < segment.end()).then_some((segment.first_seq(), next_offset));
         Ok(Some(record))
     }
+}
+
+/// A log directory's segments as [`open_segments`] found them.
+#[derive(Debug)]
+pub struct OpenedSegments<F> {
+    /// Oldest first, contiguous.
+    pub segments: VecDeque<Segment<F>>,
+    /// The last segment's torn tail, not repaired.
+    pub torn_tail: Option<TornTail>,
+}
+
+/// Opens and scans every segment in `dir`, oldest first, checking each one's records
+/// and that the segments are contiguous. Returns them with the torn tail of the last
+/// one, if any, unrepaired: changes nothing on disk, so `perch store verify` judges
+/// a log exactly as [`Log::open`] would without touching it. A torn tail anywhere
+/// but in the last segment is corruption (its records were synced before the next
+/// segment was created).
+pub fn open_segments<D: Directory>(
+    dir: &D,
+    index_interval_records: u32,
+) -> Result<OpenedSegments<D::File>, StoreError> {
+    assert!(index_interval_records > 0);
+    let names = dir.list().map_err(StoreError::io("list", "directory"))?;
+    let mut named: Vec<(u64, String)> = names
+        .into_iter()
+        .filter_map(|name| Some((parse_segment_name(&name)?, name)))
+        .collect();
+    named.sort();
+    let mut segments: VecDeque<Segment<D::File>> = VecDeque::new();
+    let mut last_tail: Option<TornTail> = None;
+    for (first_seq, name) in named {
+        if let Some(tail) = last_tail.take() {
+            // Every record of a segment is synced before the next one is created, so
+            // damage at the end of a segment that has a successor is no torn write.
+            let previous = segments.back().expect("a tail belongs to a segment");
+            return Err(StoreError::Corrupt {
+                file: previous.name().to_string(),
+                corruption: Corruption::DamagedSealedSegment {
+                    offset: tail.offset,
+                    bad: tail.bad,
+                },
+            });
+        }
+        if let Some(previous) = segments.back() {
+            if previous.next_seq() != first_seq {
+                return Err(StoreError::Corrupt {
+                    file: name,
+                    corruption: Corruption::SequenceGap {
+                        expected: previous.next_seq(),
+                        found: first_seq,
+                    },
+                });
+            }
+        }
+        let (segment, tail) = Segment::open(dir, &name, first_seq, index_interval_records)?;
+        last_tail = tail;
+        segments.push_back(segment);
+    }
+    Ok(OpenedSegments {
+        segments,
+        torn_tail: last_tail,
+    })
 }
 
 fn check_limits(new: &NewRecord<'_>) -> Result<(), EncodeError> {

@@ -7,12 +7,19 @@
 //! recovery, sparse index) → `record` (the framing) → `file` (the storage trait, real
 //! and simulated). Nothing here touches a socket, a thread or the clock, and nothing
 //! knows about NATS or JetStream.
+//!
+//! Beside them: `streams` (where each stream's log lives in a store directory and
+//! which names are allowed), and the read-only operator commands over a store,
+//! `verify` (`perch store verify`) and `dump` (`perch store dump`).
 
+pub mod dump;
 pub mod error;
 pub mod file;
 pub mod log;
 pub mod record;
 pub mod segment;
+pub mod streams;
+pub mod verify;
 
 #[cfg(test)]
 mod crash_tests;

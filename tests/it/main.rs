@@ -5,4 +5,5 @@ mod client;
 mod differential;
 mod limits;
 mod shards;
+mod store_cli;
 mod support;
