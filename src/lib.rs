@@ -2,6 +2,7 @@
 //! client protocol. See ARCHITECTURE.md for the map; `main.rs` is the CLI.
 
 pub mod config;
+pub mod jetstream;
 pub mod nats;
 pub mod router;
 pub mod runtime;
