@@ -112,7 +112,12 @@ impl<F: StorageFile> Segment<F> {
         file.set_len(preallocate_bytes)
             .map_err(StoreError::io("preallocate", &name))?;
         file.sync_data().map_err(StoreError::io("sync", &name))?;
-        Ok(Self {
+        Ok(Self::empty(file, name, first_seq, index_interval_records))
+    }
+
+    /// A segment handle positioned before its first record.
+    fn empty(file: F, name: String, first_seq: u64, index_interval_records: u32) -> Self {
+        Self {
             file,
             name,
             first_seq,
@@ -122,7 +127,7 @@ impl<F: StorageFile> Segment<F> {
             unsynced_lens: Vec::new(),
             index: Vec::new(),
             index_interval_records,
-        })
+        }
     }
 
     /// Opens and scans the segment `name` (whose first record is `first_seq`):
@@ -138,17 +143,7 @@ impl<F: StorageFile> Segment<F> {
         assert!(index_interval_records > 0);
         assert_eq!(parse_segment_name(name), Some(first_seq));
         let file = dir.open(name).map_err(StoreError::io("open", name))?;
-        let mut segment = Self {
-            file,
-            name: name.to_string(),
-            first_seq,
-            next_seq: first_seq,
-            end: 0,
-            written_end: 0,
-            unsynced_lens: Vec::new(),
-            index: Vec::new(),
-            index_interval_records,
-        };
+        let mut segment = Self::empty(file, name.to_string(), first_seq, index_interval_records);
         let tail = segment.recover()?;
         Ok((segment, tail))
     }
