@@ -8,12 +8,16 @@
 //! live, their subjects, sizes and timestamps; per-subject counts; the dedupe table).
 //! Time is always an argument (`now_ns`); nothing here reads the clock.
 //!
+//! Durability of deletes: limits are functions of the log and the clock, so they are
+//! re-applied at open. A purge persists the log's purge floor (the first live sequence
+//! after it) before it returns, so whatever it removed from the front stays removed
+//! after a restart, and a purge below a sequence past the end moves the next sequence
+//! there as nats-server's compact does. Deletions that are not a prefix — a purge by
+//! subject that leaves older messages of other subjects — are in memory only and come
+//! back after a restart (the store has no per-message tombstone yet).
+//!
 //! Deliberately does not: route messages, send replies, know about consumers or
-//! shards, or persist anything but the log itself. Consequences, until a durable
-//! "deleted/purged" marker exists in the store: a purge or a per-message delete is
-//! forgotten by a restart (limits, being functions of the log and the clock, are
-//! re-applied at open and so do survive), and a purge to a sequence past the end
-//! cannot move the next sequence as nats-server's compact does.
+//! shards, or persist anything but the log and its purge floor.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -595,7 +599,10 @@ impl<D: Directory> Stream<D> {
 
     /// Removes the live messages matching `subject` (wildcards allowed; all when
     /// `None`) below `up_to_seq` (exclusive, as nats-server's purge `seq`; all when
-    /// `None`). Returns how many were removed. Not durable yet (see the module doc).
+    /// `None`). Returns how many were removed once the stream's new first sequence is
+    /// durable (see the module doc); a purge of everything below a sequence past the
+    /// end moves the next sequence there. On `Err` the log has failed, and a restart
+    /// finds the purge's prefix either wholly applied or not at all.
     pub fn purge(
         &mut self,
         subject: Option<&[u8]>,
@@ -615,7 +622,21 @@ impl<D: Directory> Stream<D> {
             self.remove(seq);
         }
         if self.live.is_empty() {
-            self.first_seq_when_empty = self.last_seq + 1;
+            // nats-server compacts to `up_to_seq` when a purge of every subject
+            // reaches past the end: the stream then starts (and continues) there.
+            let past_end = match (subject, up_to_seq) {
+                (None, Some(seq)) => seq,
+                _ => 0,
+            };
+            self.first_seq_when_empty = past_end.max(self.last_seq + 1);
+        }
+        self.log.raise_floor(self.first_seq())?;
+        if self.log.last_seq() > self.last_seq {
+            assert!(
+                self.live.is_empty(),
+                "only a purge of everything moves the end"
+            );
+            self.last_seq = self.log.last_seq();
         }
         self.drop_segments()?;
         Ok(doomed.len() as u64)
@@ -1035,6 +1056,127 @@ mod tests {
             ]
         );
         assert_eq!(stream.state().last_seq, 4);
+    }
+
+    #[test]
+    fn purges_survive_a_restart() {
+        let dir = SimDirectory::new();
+        let config = config(r#"{"name":"P","subjects":["p.*"]}"#);
+        let mut stream = open(&dir, &config, T0_NS);
+        // stream_info_after_purge_seq: an empty stream purged below 5 starts at 5.
+        assert_eq!(stream.purge(None, Some(5)).unwrap(), 0);
+        let state = stream.state();
+        assert_eq!((state.messages, state.first_seq, state.last_seq), (0, 5, 4));
+        drop(stream);
+        let mut stream = open(&dir, &config, T0_NS);
+        let state = stream.state();
+        assert_eq!((state.messages, state.first_seq, state.last_seq), (0, 5, 4));
+        for i in 0..6 {
+            let subject = if i % 2 == 0 { "p.a" } else { "p.b" };
+            publish(&mut stream, subject, "", b"x", T0_NS + i);
+        }
+        // seqs 5..=10; a prefix purge is durable.
+        assert_eq!(stream.purge(None, Some(7)).unwrap(), 2);
+        // A purge by subject that is not a prefix is in memory only (module doc);
+        // one that moves the first sequence makes that move durable.
+        assert_eq!(stream.purge(Some(b"p.b"), None).unwrap(), 2);
+        assert_eq!(stream.deleted(), [8, 10]);
+        assert_eq!(stream.purge(Some(b"p.a"), Some(8)).unwrap(), 1);
+        assert_eq!(stream.state().first_seq, 9);
+        drop(stream);
+        dir.crash(1);
+        let mut stream = open(&dir, &config, T0_NS);
+        let state = stream.state();
+        let got = (state.messages, state.first_seq, state.last_seq);
+        assert_eq!(got, (2, 9, 10), "9 and 10 live: 10 came back");
+        // A purge past the end moves the next sequence, durably.
+        assert_eq!(stream.purge(None, Some(20)).unwrap(), 2);
+        drop(stream);
+        dir.crash(2);
+        let mut stream = open(&dir, &config, T0_NS);
+        let state = stream.state();
+        assert_eq!(
+            (state.messages, state.first_seq, state.last_seq),
+            (0, 20, 19)
+        );
+        assert_eq!(
+            publish(&mut stream, "p.a", "", b"x", T0_NS),
+            r#"{"stream":"P", "seq":20}"#
+        );
+    }
+
+    #[test]
+    fn power_cuts_never_undo_an_acked_purge_nor_half_apply_one() {
+        let config = config(r#"{"name":"C","subjects":["c.*"]}"#);
+        let (mut interrupted, mut acked_purges) = (0, 0);
+        for seed in 0..64 {
+            let dir = SimDirectory::new();
+            let mut stream = open(&dir, &config, T0_NS);
+            let mut rng = crate::store::file::SimRng::new(seed);
+            dir.power_loss_after(rng.below(120));
+            // The state after the last acked operation, and a purge in flight.
+            let mut acked_first_seq = 1;
+            let mut in_flight: Option<(u64, Vec<u64>, u64)> = None;
+            for i in 0..40u64 {
+                if rng.chance(1, 4) {
+                    let last = stream.state().last_seq;
+                    let up_to = stream.first_seq() + rng.below(last + 4 - stream.first_seq());
+                    let live_before: Vec<u64> = stream.live.keys().copied().collect();
+                    match stream.purge(None, Some(up_to)) {
+                        Ok(_) => {
+                            acked_purges += 1;
+                            acked_first_seq = stream.first_seq();
+                        }
+                        Err(_) => {
+                            in_flight = Some((up_to, live_before, last));
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                let message = PlannedMessage {
+                    subject: format!("c.{}", rng.below(3)).into_bytes(),
+                    headers: Vec::new(),
+                    payload: vec![b'x'; rng.below(40) as usize],
+                    timestamp_ns: T0_NS + i as i64,
+                };
+                if stream.commit(&[message]).is_err() {
+                    break;
+                }
+            }
+            drop(stream);
+            dir.crash(seed);
+            let reopened = open(&dir, &config, T0_NS + 60);
+            let live: Vec<u64> = reopened.live.keys().copied().collect();
+            assert!(
+                reopened.first_seq() >= acked_first_seq,
+                "seed {seed}: acked purge undone"
+            );
+            if let Some((up_to, live_before, last_before)) = in_flight {
+                interrupted += 1;
+                let applied: Vec<u64> = live_before
+                    .iter()
+                    .copied()
+                    .filter(|&s| s >= up_to)
+                    .collect();
+                let state = reopened.state();
+                if live == applied && state.last_seq == last_before.max(up_to - 1) {
+                    assert_eq!(
+                        reopened.first_seq(),
+                        up_to.max(live.first().copied().unwrap_or(0))
+                    );
+                } else {
+                    assert_eq!(
+                        live, live_before,
+                        "seed {seed}: purge below {up_to} half applied"
+                    );
+                }
+            }
+        }
+        assert!(
+            interrupted > 4 && acked_purges > 32,
+            "{interrupted} interrupted, {acked_purges} acked"
+        );
     }
 
     #[test]

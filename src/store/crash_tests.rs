@@ -30,6 +30,16 @@ impl Sent {
         }
     }
 
+    /// A placeholder for a sequence that a floor past the end skipped.
+    fn skipped() -> Self {
+        Self {
+            timestamp_ns: 0,
+            subject: Vec::new(),
+            headers: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
     fn matches(&self, record: &Record<'_>) -> bool {
         record.timestamp_ns == self.timestamp_ns
             && record.subject == self.subject
@@ -166,6 +176,75 @@ fn oversize_record_gets_its_own_segment_and_limits_are_checked() {
 }
 
 #[test]
+fn raised_floor_survives_a_crash_and_moves_the_next_sequence() {
+    let mut rng = SimRng::new(3);
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 256,
+        index_interval_records: 2,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let records: Vec<Sent> = (0..20).map(|_| sent(&mut rng, 40)).collect();
+    let new: Vec<NewRecord<'_>> = records.iter().map(Sent::as_new).collect();
+    log.append(&new).unwrap();
+    // Inside a segment: the records below stay on disk but are gone for good.
+    let first_segment = log.segment_count();
+    log.raise_floor(2).unwrap();
+    assert_eq!(log.segment_count(), first_segment);
+    log.raise_floor(1).unwrap();
+    assert_eq!(log.first_seq(), 2);
+    let mut buf = Vec::new();
+    assert!(log.read(1, &mut buf).unwrap().is_none());
+    drop(log);
+    dir.crash(1);
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!((log.first_seq(), log.next_seq()), (2, 21));
+    assert_eq!(read_all(&log).unwrap()[0].0, 2);
+    // Past the end: the log is empty and counts on from the floor.
+    log.raise_floor(30).unwrap();
+    assert_eq!(
+        (log.first_seq(), log.next_seq(), log.segment_count()),
+        (30, 30, 1)
+    );
+    drop(log);
+    dir.crash(2);
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!(
+        (log.first_seq(), log.next_seq(), log.segment_count()),
+        (30, 30, 1)
+    );
+    assert_eq!(log.append(&[records[0].as_new()]).unwrap(), 30..31);
+    // A floor that is durable but whose segments were not yet changed (a crash
+    // between the two) is finished at open: the stale segment is removed.
+    log.raise_floor(40).unwrap();
+    drop(log);
+    dir.create(&crate::store::segment::segment_name(31))
+        .unwrap();
+    dir.sync().unwrap();
+    let log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!(
+        (log.first_seq(), log.next_seq(), log.segment_count()),
+        (40, 40, 1)
+    );
+    assert!(!dir
+        .list()
+        .unwrap()
+        .contains(&crate::store::segment::segment_name(31)));
+    // A damaged floor is corruption, not a reason to bring records back.
+    drop(log);
+    let mut bytes = dir
+        .live_bytes(crate::store::floor::FLOOR_FILE_NAME)
+        .unwrap();
+    bytes[9] ^= 1;
+    dir.replace_durably(crate::store::floor::FLOOR_FILE_NAME, bytes);
+    let error = Log::open(dir, config).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "corrupt purge-floor: bad purge floor: crc mismatch"
+    );
+}
+
+#[test]
 fn purge_removes_whole_segments() {
     let mut rng = SimRng::new(2);
     let dir = SimDirectory::new();
@@ -272,6 +351,9 @@ struct CrashRun {
     acked_next_seq: u64,
     /// The log's first sequence after the last acknowledged purge.
     purged_below: u64,
+    /// A floor raise that the power cut interrupted, with the log's first sequence
+    /// before it: after the crash it is wholly applied or not at all.
+    interrupted_floor: Option<(u64, u64)>,
     crashes: u64,
 }
 
@@ -285,6 +367,7 @@ fn crash_run(seed: u64) -> u64 {
         sent: Vec::new(),
         acked_next_seq: 1,
         purged_below: 1,
+        interrupted_floor: None,
         crashes: 0,
     };
     let rounds = 1 + rng.below(3);
@@ -309,6 +392,20 @@ fn crash_run(seed: u64) -> u64 {
                 }
                 continue;
             }
+            if rng.chance(1, 10) {
+                // A durable purge, sometimes past the end.
+                let floor = log.first_seq() + rng.below(log.next_seq() - log.first_seq() + 4);
+                let first_before = log.first_seq();
+                match log.raise_floor(floor) {
+                    Ok(()) => {
+                        assert_eq!(log.first_seq(), floor.max(first_before), "seed {seed}");
+                        run.purged_below = log.first_seq();
+                        run.acked_next_seq = run.acked_next_seq.max(log.next_seq());
+                    }
+                    Err(_) => run.interrupted_floor = Some((floor, first_before)),
+                }
+                continue;
+            }
             let batch: Vec<Sent> = (0..1 + rng.below(6))
                 .map(|_| {
                     let payload_bytes_max = if rng.chance(1, 10) { 600 } else { 40 };
@@ -316,8 +413,9 @@ fn crash_run(seed: u64) -> u64 {
                 })
                 .collect();
             let first = log.next_seq();
-            // Remember what goes out with each sequence before knowing if it lands.
-            run.sent.truncate(first as usize - 1);
+            // Remember what goes out with each sequence before knowing if it lands;
+            // sequences a floor skipped were never sent.
+            run.sent.resize(first as usize - 1, Sent::skipped());
             run.sent.extend(batch.iter().cloned());
             let new: Vec<NewRecord<'_>> = batch.iter().map(Sent::as_new).collect();
             match log.append(&new) {
@@ -350,6 +448,14 @@ fn check_recovered(seed: u64, log: &Log<SimDirectory>, run: &mut CrashRun) {
         Ok(all) => all,
         Err(error) => panic!("seed {seed}: reading back: {error}"),
     };
+    if let Some((floor, first_before)) = run.interrupted_floor.take() {
+        let first = log.first_seq();
+        assert!(
+            first >= floor || first == first_before,
+            "seed {seed}: floor {floor} half applied: first {first}, was {first_before}"
+        );
+        run.purged_below = run.purged_below.max(first);
+    }
     let next = log.next_seq();
     assert!(
         next >= run.acked_next_seq,

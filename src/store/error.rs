@@ -75,4 +75,8 @@ pub enum Corruption {
     /// A segment does not start where the one before it ended.
     #[error("segment starts at sequence {found}, the previous one ends before {expected}")]
     SequenceGap { expected: u64, found: u64 },
+    /// The purge floor file is not one this store wrote: it is only ever renamed into
+    /// place after its bytes were synced, so it cannot be torn.
+    #[error("bad purge floor: {reason}")]
+    BadPurgeFloor { reason: &'static str },
 }

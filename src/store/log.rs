@@ -5,18 +5,23 @@
 //!
 //! Owns: opening and recovering every segment (and checking they are contiguous),
 //! assigning sequence numbers, rolling segments at a size limit, reads by sequence
-//! and in order, and purging whole segments from the front. Fails closed: after any
-//! write or sync error the log acknowledges nothing more, ever; recovery is a restart.
+//! and in order, purging whole segments from the front, and the durable purge floor
+//! (`floor`): every record below it is deleted and no sequence below it is assigned
+//! again, so a purge survives a restart and a purge past the end moves the next
+//! sequence. Fails closed: after any write or sync error the log acknowledges nothing
+//! more, ever; recovery is a restart.
 //!
 //! Deliberately does not: know about streams' limits, subjects, consumers or time
 //! (timestamps are the caller's), batch requests from several callers (the owner of
-//! the log collects a batch), or touch threads or sockets.
+//! the log collects a batch), touch threads or sockets, or record deletions that are
+//! not a prefix (only the floor is durable; the owner keeps interior deletes).
 
 use std::collections::VecDeque;
 use std::ops::Range;
 
 use super::error::{Corruption, StoreError};
 use super::file::Directory;
+use super::floor::{self, FLOOR_TEMP_FILE_NAME};
 use super::record::{self, EncodeError, Record, RECORD_BYTES_MAX};
 use super::segment::{parse_segment_name, Segment, TornTail};
 
@@ -86,16 +91,22 @@ pub struct Log<D: Directory> {
     /// The batch encoding buffer, reused.
     scratch: Vec<u8>,
     failed: bool,
+    /// The durable purge floor: records below it are deleted. Never above
+    /// [`Log::next_seq`] (raising it past the end starts a segment there).
+    floor_seq: u64,
 }
 
 impl<D: Directory> Log<D> {
-    /// Opens the log in `dir`, recovering every segment, or creates an empty one whose
+    /// Opens the log in `dir`, recovering every segment and finishing a purge that a
+    /// crash interrupted after its floor was durable, or creates an empty one whose
     /// first sequence is 1.
     pub fn open(dir: D, config: LogConfig) -> Result<Self, StoreError> {
         assert!(config.segment_bytes_max >= SEGMENT_BYTES_MIN);
         let OpenedSegments {
             mut segments,
             torn_tail,
+            floor_seq,
+            leftovers,
         } = open_segments(&dir, config.index_interval_records)?;
         if let Some(tail) = torn_tail {
             segments
@@ -109,16 +120,31 @@ impl<D: Directory> Log<D> {
             segments,
             scratch: Vec::new(),
             failed: false,
+            floor_seq,
         };
-        if log.segments.is_empty() {
-            log.start_segment(1)?;
+        for name in &leftovers {
+            log.dir
+                .remove(name)
+                .map_err(StoreError::io("remove leftover", name))?;
         }
+        if !leftovers.is_empty() {
+            log.dir
+                .sync()
+                .map_err(StoreError::io("sync directory after removing", "leftovers"))?;
+        }
+        match log.segments.back() {
+            None => log.start_segment(floor_seq)?,
+            Some(active) if active.next_seq() < floor_seq => log.jump_to(floor_seq)?,
+            Some(_) => {}
+        }
+        assert!(log.floor_seq <= log.next_seq());
         Ok(log)
     }
 
     /// The oldest sequence still stored; equals [`Log::next_seq`] when empty.
     pub fn first_seq(&self) -> u64 {
-        self.segments.front().expect("never empty").first_seq()
+        let front = self.segments.front().expect("never empty").first_seq();
+        front.max(self.floor_seq)
     }
 
     /// The sequence the next appended record gets.
@@ -272,6 +298,53 @@ impl<D: Directory> Log<D> {
         Ok(removed)
     }
 
+    /// Makes `seq` the purge floor durably, if it is above [`Log::first_seq`]: every
+    /// record below it is deleted for good (whole segments below it are removed), and
+    /// when `seq` is past the end the next sequence becomes `seq`. When this returns
+    /// `Ok` a crash keeps the purge; a crash before leaves it whole or not at all. An
+    /// I/O error fails the log.
+    pub fn raise_floor(&mut self, seq: u64) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        if seq <= self.first_seq() {
+            return Ok(());
+        }
+        let result = self.raise_floor_unchecked(seq);
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn raise_floor_unchecked(&mut self, seq: u64) -> Result<(), StoreError> {
+        // The floor is durable before any segment changes: a crash after this point
+        // finishes the purge at open (a segment below the floor is skipped there), a
+        // crash before it changed nothing.
+        floor::write_floor(&self.dir, seq)?;
+        if self.next_seq() < seq {
+            self.jump_to(seq)?;
+        }
+        self.floor_seq = seq;
+        self.purge_below_unchecked(seq).map(drop)
+    }
+
+    /// Seals the active segment, which ends below the durable floor `floor_seq`, starts
+    /// an empty one at the floor and removes every segment before it.
+    fn jump_to(&mut self, floor_seq: u64) -> Result<(), StoreError> {
+        let active = self.segments.back_mut().expect("never empty");
+        assert!(active.next_seq() < floor_seq && active.unsynced_bytes() == 0);
+        active.seal()?;
+        self.start_segment(floor_seq)?;
+        self.purge_below_unchecked(floor_seq)?;
+        assert_eq!(
+            self.segments.len(),
+            1,
+            "everything before the floor is gone"
+        );
+        Ok(())
+    }
+
     /// The segment holding `seq`, if any.
     fn segment_index(&self, seq: u64) -> Option<usize> {
         if !(self.first_seq()..self.next_seq()).contains(&seq) {
@@ -339,11 +412,17 @@ pub struct OpenedSegments<F> {
     pub segments: VecDeque<Segment<F>>,
     /// The last segment's torn tail, not repaired.
     pub torn_tail: Option<TornTail>,
+    /// The durable purge floor ([`floor::FLOOR_NONE`] when none was written).
+    pub floor_seq: u64,
+    /// Files a crash left behind that are not part of the log: segments wholly below
+    /// the floor (an interrupted purge) and an unrenamed floor temp file.
+    pub leftovers: Vec<String>,
 }
 
-/// Opens and scans every segment in `dir`, oldest first, checking each one's records
-/// and that the segments are contiguous. Returns them with the torn tail of the last
-/// one, if any, unrepaired: changes nothing on disk, so `perch store verify` judges
+/// Reads the purge floor, then opens and scans every segment in `dir` that is not
+/// wholly below it (its successor starts at or below the floor), oldest first,
+/// checking each one's records and that the segments are contiguous. Returns them
+/// with the torn tail of the last one, if any, unrepaired: changes nothing on disk, so `perch store verify` judges
 /// a log exactly as [`Log::open`] would without touching it. A torn tail anywhere
 /// but in the last segment is corruption (its records were synced before the next
 /// segment was created).
@@ -353,11 +432,25 @@ pub fn open_segments<D: Directory>(
 ) -> Result<OpenedSegments<D::File>, StoreError> {
     assert!(index_interval_records > 0);
     let names = dir.list().map_err(StoreError::io("list", "directory"))?;
+    let floor_seq = floor::read_floor(dir, &names)?;
+    let mut leftovers: Vec<String> = names
+        .iter()
+        .filter(|name| *name == FLOOR_TEMP_FILE_NAME)
+        .cloned()
+        .collect();
     let mut named: Vec<(u64, String)> = names
         .into_iter()
         .filter_map(|name| Some((parse_segment_name(&name)?, name)))
         .collect();
     named.sort();
+    // A segment whose successor starts at or below the floor holds only records
+    // below it: a purge removed it from memory but a crash kept the file.
+    let below_floor = named
+        .iter()
+        .skip(1)
+        .take_while(|(first_seq, _)| *first_seq <= floor_seq)
+        .count();
+    leftovers.extend(named.drain(..below_floor).map(|(_, name)| name));
     let mut segments: VecDeque<Segment<D::File>> = VecDeque::new();
     let mut last_tail: Option<TornTail> = None;
     for (first_seq, name) in named {
@@ -391,6 +484,8 @@ pub fn open_segments<D: Directory>(
     Ok(OpenedSegments {
         segments,
         torn_tail: last_tail,
+        floor_seq,
+        leftovers,
     })
 }
 

@@ -3,10 +3,10 @@
 //! ack), recovered at open (a torn tail is truncated, a valid record after a bad one
 //! is corruption and reported). See docs/store-format.md for the bytes on disk.
 //!
-//! Layers, deeper = lower: `log` (a directory of segments) → `segment` (one file,
-//! recovery, sparse index) → `record` (the framing) → `file` (the storage trait, real
-//! and simulated). Nothing here touches a socket, a thread or the clock, and nothing
-//! knows about NATS or JetStream.
+//! Layers, deeper = lower: `log` (a directory of segments, and its durable purge
+//! `floor`) → `segment` (one file, recovery, sparse index) → `record` (the framing) →
+//! `file` (the storage trait, real and simulated). Nothing here touches a socket, a
+//! thread or the clock, and nothing knows about NATS or JetStream.
 //!
 //! Beside them: `streams` (where each stream's log lives in a store directory and
 //! which names are allowed), and the read-only operator commands over a store,
@@ -15,6 +15,7 @@
 pub mod dump;
 pub mod error;
 pub mod file;
+pub mod floor;
 pub mod log;
 pub mod record;
 pub mod segment;

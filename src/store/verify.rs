@@ -68,6 +68,8 @@ pub struct ReadOnlyLog<F> {
     /// Oldest first, contiguous.
     segments: VecDeque<Segment<F>>,
     torn_tail: Option<TornTail>,
+    /// The purge floor: records below it are deleted.
+    floor_seq: u64,
 }
 
 /// A position in a [`ReadOnlyLog`]; see [`ReadOnlyLog::next`].
@@ -84,9 +86,13 @@ impl<F: StorageFile> ReadOnlyLog<F> {
     /// a torn tail is not, see [`ReadOnlyLog::report`]. Writes nothing, even if `dir`
     /// would allow it.
     pub fn open<D: Directory<File = F>>(dir: &D) -> Result<Self, StoreError> {
+        // Leftovers of an interrupted purge are below the floor: not the log's, and
+        // the broker removes them at open.
         let OpenedSegments {
             segments,
             torn_tail,
+            floor_seq,
+            leftovers: _,
         } = open_segments(dir, INDEX_INTERVAL_RECORDS_DEFAULT)?;
         if torn_tail.is_some() {
             assert!(!segments.is_empty(), "a tail belongs to a segment");
@@ -94,13 +100,24 @@ impl<F: StorageFile> ReadOnlyLog<F> {
         Ok(Self {
             segments,
             torn_tail,
+            floor_seq,
         })
     }
 
     /// The log's shape and its torn tail, if any.
     pub fn report(&self) -> LogReport {
-        let next_seq = self.segments.back().map_or(1, |s| s.next_seq());
-        let first_seq = self.segments.front().map_or(next_seq, |s| s.first_seq());
+        // A floor past the end (a purge a crash interrupted) is where the broker
+        // will start its next segment.
+        let next_seq = self
+            .segments
+            .back()
+            .map_or(1, |s| s.next_seq())
+            .max(self.floor_seq);
+        let first_seq = self
+            .segments
+            .front()
+            .map_or(next_seq, |s| s.first_seq())
+            .max(self.floor_seq);
         let torn_tail = self.torn_tail.map(|tail| TornTailWarning {
             file: self
                 .segments
@@ -124,6 +141,8 @@ impl<F: StorageFile> ReadOnlyLog<F> {
 
     /// A cursor at `seq`, or at the oldest record if `seq` is below it.
     pub fn cursor(&self, seq: u64) -> Result<ReadCursor, StoreError> {
+        // Records below the purge floor are deleted.
+        let seq = seq.max(self.floor_seq);
         let found = self
             .segments
             .iter()
@@ -517,6 +536,24 @@ mod tests {
         let mut cursor = log.cursor(1).unwrap();
         let record = log.next(&mut cursor, &mut buf).unwrap().unwrap();
         assert_eq!(record.seq, 5);
+        // A durable purge floor hides the records below it, as the broker does.
+        let mut log = Log::open(dir.clone(), CONFIG).unwrap();
+        log.raise_floor(7).unwrap();
+        let read_only = ReadOnlyLog::open(&dir).unwrap();
+        let mut cursor = read_only.cursor(1).unwrap();
+        let record = read_only.next(&mut cursor, &mut buf).unwrap().unwrap();
+        assert_eq!(record.seq, 7);
+        let report = read_only.report();
+        assert_eq!(
+            (report.first_seq, report.next_seq, report.records),
+            (7, 11, 4)
+        );
+        log.raise_floor(15).unwrap();
+        let report = ReadOnlyLog::open(&dir).unwrap().report();
+        assert_eq!(
+            (report.first_seq, report.next_seq, report.records),
+            (15, 15, 0)
+        );
     }
 
     /// A store at a fresh temporary path, removed on drop.
