@@ -57,6 +57,9 @@ pub struct Config {
     pub log_level: Option<String>,
     /// epoll backend: busy-poll this long after activity before sleeping (0 = never).
     pub spin_us: u64,
+    /// Where streams are stored; None: JetStream is off (API requests get the
+    /// 503 no-responders status, as from nats-server without `-js`).
+    pub store_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             ping_max_outstanding: PINGS_OUTSTANDING_MAX_DEFAULT,
             log_level: None,
             spin_us: 0,
+            store_dir: None,
         }
     }
 }

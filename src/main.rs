@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inspect a store directory, read-only (best with the broker stopped).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -178,6 +178,10 @@ struct ServeArgs {
     /// cuts request-reply latency at the cost of CPU while busy [default: 0].
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Directory of the write-ahead store; turns streams (JetStream's API) on
+    /// [default: off].
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
     /// Name reported in INFO [default: perch].
     #[arg(long)]
     server_name: Option<String>,
@@ -214,6 +218,9 @@ impl ServeArgs {
         }
         if self.server_name.is_some() {
             config.server_name = self.server_name;
+        }
+        if self.store_dir.is_some() {
+            config.store_dir = self.store_dir;
         }
         if self.log_level.is_some() {
             config.log_level = self.log_level;

@@ -19,6 +19,8 @@
 //! Deliberately does not: route messages, send replies, know about consumers or
 //! shards, or persist anything but the log and its purge floor.
 
+mod queries;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::api::{

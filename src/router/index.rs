@@ -379,9 +379,24 @@ impl Router {
         publisher: Option<&Session>,
         remote: &mut Vec<RemoteTarget>,
     ) -> RouteOutcome {
+        self.route_as(msg.subject, msg, publisher, remote)
+    }
+
+    /// [`Router::route`] matching subscriptions against `route_subject` while the
+    /// delivered message shows its own subject: how JetStream delivers a stored
+    /// message (`MSG <stored subject> <sid> $JS.ACK…`) to a pull request's inbox or
+    /// a push consumer's deliver subject.
+    #[inline]
+    pub fn route_as(
+        &mut self,
+        route_subject: &[u8],
+        msg: &Message<'_>,
+        publisher: Option<&Session>,
+        remote: &mut Vec<RemoteTarget>,
+    ) -> RouteOutcome {
         remote.clear();
         let mut outcome = RouteOutcome::default();
-        if has_empty_token(msg.subject) {
+        if has_empty_token(route_subject) {
             // nats-server delivers such a subject to nobody, not even `>`.
             return outcome;
         }
@@ -389,7 +404,7 @@ impl Router {
 
         // Local plain subscribers.
         let expired = &mut self.expired;
-        self.local.for_each_match(msg.subject, |entry| {
+        self.local.for_each_match(route_subject, |entry| {
             for sub in &entry.plain {
                 if skip_session == Some(sub.session.id) {
                     continue;
@@ -412,7 +427,7 @@ impl Router {
         let weights = &mut self.queue_weights;
         candidates.clear();
         weights.clear();
-        self.interest.for_each_match(msg.subject, |entry| {
+        self.interest.for_each_match(route_subject, |entry| {
             let others = entry.plain_shards & !(1u64 << me);
             if others != 0 {
                 let mut bits = others;
@@ -512,9 +527,21 @@ impl Router {
 
     /// Delivers a message that another shard routed here.
     pub fn deliver_remote(&mut self, msg: &Message<'_>, plain: bool, queues: &[QueueRef]) {
+        self.deliver_remote_as(msg.subject, msg, plain, queues)
+    }
+
+    /// [`Router::deliver_remote`] for a message routed with [`Router::route_as`].
+    #[inline]
+    pub fn deliver_remote_as(
+        &mut self,
+        route_subject: &[u8],
+        msg: &Message<'_>,
+        plain: bool,
+        queues: &[QueueRef],
+    ) {
         if plain {
             let expired = &mut self.expired;
-            self.local.for_each_match(msg.subject, |entry| {
+            self.local.for_each_match(route_subject, |entry| {
                 for sub in &entry.plain {
                     if sub.deliver(msg) == Delivery::DeliveredLast {
                         expired.push(Rc::clone(sub));

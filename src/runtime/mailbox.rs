@@ -75,6 +75,9 @@ impl BatchPool {
 /// One message's place in its batch's `data`, and where it goes on the shard.
 pub(crate) struct Envelope {
     start: u32,
+    /// ABSENT: matched against its own subject; otherwise the length of the
+    /// subject to match, stored before the message's subject.
+    route_len: u32,
     subject_len: u32,
     /// ABSENT: no reply subject.
     reply_len: u32,
@@ -97,11 +100,20 @@ impl Batch {
         self.envelopes.len() >= BATCH_ENVELOPES_MAX || self.data.len() >= BATCH_BYTES_MAX
     }
 
-    /// Appends a message for `target`.
-    pub(crate) fn push(&mut self, msg: &Message<'_>, target: &mut RemoteTarget) {
+    /// Appends a message for `target`, which the destination matches against
+    /// `route_subject` (see [`crate::router::Router::route_as`]) when given, else
+    /// against its own subject.
+    pub(crate) fn push_as(
+        &mut self,
+        route_subject: Option<&[u8]>,
+        msg: &Message<'_>,
+        target: &mut RemoteTarget,
+    ) {
         let start = self.data.len();
         let reply = msg.reply.unwrap_or_default();
         let headers = msg.headers.unwrap_or_default();
+        self.data
+            .extend_from_slice(route_subject.unwrap_or_default());
         self.data.extend_from_slice(msg.subject);
         self.data.extend_from_slice(reply);
         self.data.extend_from_slice(headers);
@@ -112,6 +124,7 @@ impl Batch {
         assert!(self.data.len() < ABSENT as usize, "batch data within u32");
         self.envelopes.push(Envelope {
             start: start as u32,
+            route_len: route_subject.map_or(ABSENT, |r| r.len() as u32),
             subject_len: msg.subject.len() as u32,
             reply_len: msg.reply.map_or(ABSENT, |r| r.len() as u32),
             headers_len: msg.headers.map_or(ABSENT, |h| h.len() as u32),
@@ -121,30 +134,36 @@ impl Batch {
         });
     }
 
-    /// The messages with their routing, borrowed from the batch.
-    pub(crate) fn messages(&self) -> impl Iterator<Item = (Message<'_>, &Envelope)> {
-        self.envelopes.iter().map(|e| (e.message(&self.data), e))
+    /// The messages with the subject to match them against and their routing,
+    /// borrowed from the batch.
+    pub(crate) fn messages(&self) -> impl Iterator<Item = (&[u8], Message<'_>, &Envelope)> {
+        self.envelopes.iter().map(|e| {
+            let (route_subject, msg) = e.message(&self.data);
+            (route_subject, msg, e)
+        })
     }
 }
 
 impl Envelope {
-    fn message<'a>(&self, data: &'a [u8]) -> Message<'a> {
+    fn message<'a>(&self, data: &'a [u8]) -> (&'a [u8], Message<'a>) {
         let mut at = self.start as usize;
         let mut take = |len: u32| {
             let slice = &data[at..at + len as usize];
             at += len as usize;
             slice
         };
+        let route_subject = (self.route_len != ABSENT).then(|| take(self.route_len));
         let subject = take(self.subject_len);
         let reply = (self.reply_len != ABSENT).then(|| take(self.reply_len));
         let headers = (self.headers_len != ABSENT).then(|| take(self.headers_len));
         let payload = take(self.payload_len);
-        Message {
+        let msg = Message {
             subject,
             reply,
             headers,
             payload,
-        }
+        };
+        (route_subject.unwrap_or(subject), msg)
     }
 }
 
@@ -164,6 +183,8 @@ pub(crate) enum Control {
     /// Signal `applied`: every control message the sender sent before this one
     /// has been handled (each control channel is FIFO per sender).
     Fence { applied: mpsc::UnboundedSender<()> },
+    /// A JetStream API request for a stream this shard owns.
+    JsApi(super::jetstream::Forwarded),
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,
 }
@@ -228,6 +249,19 @@ impl Outgoing {
         pool: &BatchPool,
         origin: usize,
     ) -> bool {
+        self.push_targets_as(None, msg, shard_count, pool, origin)
+    }
+
+    /// [`Outgoing::push_targets`] for a message routed with `Router::route_as`.
+    #[inline]
+    pub(crate) fn push_targets_as(
+        &mut self,
+        route_subject: Option<&[u8]>,
+        msg: &Message<'_>,
+        shard_count: usize,
+        pool: &BatchPool,
+        origin: usize,
+    ) -> bool {
         if self.batches.len() < shard_count {
             self.batches.resize_with(shard_count, Batch::default);
         }
@@ -237,7 +271,7 @@ impl Outgoing {
             if batch.envelopes.capacity() == 0 {
                 *batch = pool.take(origin);
             }
-            batch.push(msg, target);
+            batch.push_as(route_subject, msg, target);
             full |= batch.is_full();
         }
         full
@@ -354,10 +388,11 @@ mod tests {
                 headers,
                 payload,
             };
-            batch.push(&msg, &mut RemoteTarget::default());
+            batch.push_as(None, &msg, &mut RemoteTarget::default());
         }
         assert_eq!(batch.envelopes.len(), cases.len());
-        for ((back, _), (subject, reply, headers, payload)) in batch.messages().zip(cases) {
+        for ((route, back, _), (subject, reply, headers, payload)) in batch.messages().zip(cases) {
+            assert_eq!(route, subject);
             assert_eq!(back.subject, subject);
             assert_eq!(back.reply, reply);
             assert_eq!(back.headers, headers);

@@ -4,6 +4,7 @@
 pub mod affinity;
 mod connection;
 pub mod io;
+mod jetstream;
 mod mailbox;
 mod shard;
 

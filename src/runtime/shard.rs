@@ -11,14 +11,16 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
 use super::io::{self, Backend};
+use super::jetstream::{JsRuntime, JsShared};
 use super::mailbox::{Batch, BatchPool, Control, Inbox, Peers};
 use crate::config::{Config, Placement};
+use crate::jetstream::service::{Catalog, OsRoot};
 use crate::nats::encode::ServerInfo;
 use crate::nats::parser::ParseLimits;
 use crate::nats::session::{CloseReason, Session, SessionLimits, State};
@@ -46,12 +48,15 @@ pub(crate) struct Shared {
     /// `[from * shard_count + to]`: interest changes from shard `from` that
     /// shard `to` has applied (for the SUB barrier).
     interest_applied: Vec<AtomicU64>,
+    /// Present when streams are enabled (`store_dir`).
+    pub js: Option<JsShared>,
+    /// Shards whose streams are open and subscribed; clients are accepted after all.
+    pub js_ready: AtomicUsize,
 }
 
 impl Shared {
     pub(crate) fn new(config: Config, shard_count: usize, peers: Peers) -> Shared {
         Shared {
-            config,
             shard_count,
             server_id: server_id(),
             peers,
@@ -61,6 +66,12 @@ impl Shared {
             interest_applied: (0..shard_count * shard_count)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            js: config.store_dir.clone().map(|path| JsShared {
+                root: OsRoot { path },
+                catalog: Mutex::new(Catalog::default()),
+            }),
+            js_ready: AtomicUsize::new(0),
+            config,
         }
     }
 
@@ -177,6 +188,8 @@ pub(crate) struct Shard {
     started: Instant,
     shutting_down: Cell<bool>,
     stop_accepting: Notify,
+    /// This shard's JetStream, once its streams are open.
+    pub js: std::cell::OnceCell<Rc<JsRuntime>>,
 }
 
 impl Shard {
@@ -201,6 +214,7 @@ impl Shard {
             started: Instant::now(),
             shutting_down: Cell::new(false),
             stop_accepting: Notify::new(),
+            js: std::cell::OnceCell::new(),
             shared,
         }
     }
@@ -224,6 +238,7 @@ impl Shard {
             port: config.listen.port(),
             headers: true,
             max_payload: config.max_payload,
+            jetstream: self.shared.js.is_some(),
             proto: 1,
             client_id,
             client_ip: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
@@ -340,15 +355,35 @@ pub(crate) async fn run_shard<B: Backend>(
     if shard.config().spin_us > 0 && B::SPIN_HELPS {
         tokio::task::spawn_local(spin_after_activity(Rc::clone(&shard)));
     }
-    if let Some(listener) = listener {
-        tokio::task::spawn_local(accept_loop::<B>(Rc::clone(&shard), listener));
-    }
     let stopped = Rc::new(Notify::new());
     tokio::task::spawn_local(control_loop::<B>(
         Rc::clone(&shard),
         inbox.control,
         Rc::clone(&stopped),
     ));
+    if let Some(js) = &shard.shared.js {
+        // Streams open and subscribe before any client is accepted (the barrier
+        // in `start` needs the other shards' control loops, hence after spawning).
+        match JsRuntime::start(&shard, js).await {
+            Ok(runtime) => {
+                let _ = shard.js.set(Rc::clone(&runtime));
+                tokio::task::spawn_local(super::jetstream::run(Rc::clone(&shard), runtime));
+            }
+            Err(e) => {
+                tracing::error!(shard = shard.id, "cannot open the store: {e}");
+                std::process::exit(super::jetstream::EXIT_STORE_FAILED);
+            }
+        }
+        shard.shared.js_ready.fetch_add(1, Ordering::AcqRel);
+    }
+    if let Some(listener) = listener {
+        while shard.shared.js.is_some()
+            && shard.shared.js_ready.load(Ordering::Acquire) < shard.shared.shard_count
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::task::spawn_local(accept_loop::<B>(Rc::clone(&shard), listener));
+    }
     stopped.notified().await;
 
     // Drain: every session is closing with flush; wait for them to finish.
@@ -384,6 +419,13 @@ async fn control_loop<B: Backend>(
             Control::Fence { applied } => {
                 let _ = applied.send(());
             }
+            Control::JsApi(request) => match shard.js.get() {
+                Some(js) => js.forward_in(request),
+                None => tracing::warn!(
+                    shard = shard.id,
+                    "JetStream request before the store opened; dropped"
+                ),
+            },
             Control::Shutdown => {
                 shard.begin_shutdown();
                 stopped.notify_one();
@@ -439,8 +481,8 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
         shard.mark_active();
         {
             let mut router = shard.router.borrow_mut();
-            for (msg, envelope) in batch.messages() {
-                router.deliver_remote(&msg, envelope.plain, &envelope.queues);
+            for (route_subject, msg, envelope) in batch.messages() {
+                router.deliver_remote_as(route_subject, &msg, envelope.plain, &envelope.queues);
             }
         }
         if let Some(applied) = &batch.fence {

@@ -1,0 +1,1044 @@
+//! One shard's JetStream, sans IO: the streams this shard owns (and their
+//! consumers), the `$JS.API` requests addressed to them, their publishes and acks.
+//! The runtime feeds it messages and sends the [`Outbound`] messages it returns.
+//!
+//! Owns: dispatching `$JS.API.<verb>…` subjects to stream and consumer operations,
+//! turning their results into the reference's reply JSON, collecting publishes
+//! into one group-committed batch per stream per pass ([`Host::commit`]), stream
+//! configs on disk (`stream.json`, replaced atomically), and the [`Catalog`]: the
+//! summary of every stream on every shard that account info, stream names/list
+//! and the subject-overlap check read.
+//!
+//! Which shard owns a stream is a function of its name ([`owner_of`]); requests that
+//! name no stream (`INFO`, `STREAM.NAMES`, `STREAM.LIST`) are answered from the
+//! catalog by whichever shard gets them.
+//!
+//! Deliberately does not: route, read the clock, know about sockets, or decide when
+//! a batch ends (the runtime commits once per pass over what arrived).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{
+    self, errors, response_type, AccountInfo, AccountInfoBody, AccountLimits, ApiError, ApiPaged,
+    ApiResponse, ApiStats, MsgDeleteRequest, MsgGetBody, MsgGetRequest, PubAckResponse,
+    StreamConfig, StreamCreateBody, StreamInfo, StreamInfoBody, StreamInfoRequest, StreamListBody,
+    StreamListRequest, StreamNamesBody, StreamPurgeBody, StreamPurgeRequest, StreamUpdateBody,
+    SuccessBody, Timestamp,
+};
+use super::stream::{PlannedMessage, ReadError, Stream};
+use crate::store::streams::{list_streams, stream_dir, validate_stream_name};
+use crate::store::{Directory, OsDirectory, StorageFile, StoreError};
+
+/// A stream's config and creation time, in its directory.
+pub const STREAM_META_FILE: &str = "stream.json";
+const STREAM_META_TEMP_FILE: &str = "stream.json.tmp";
+
+/// A message the runtime must publish: routed by `route_to` (an inbox, a deliver
+/// subject), shown to the subscriber with `subject` (the stored message's own
+/// subject for consumer deliveries; equal to `route_to` for replies).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outbound {
+    pub route_to: Vec<u8>,
+    pub subject: Vec<u8>,
+    /// Empty: none.
+    pub reply: Vec<u8>,
+    /// Empty: none (MSG); otherwise a whole NATS/1.0 block (HMSG).
+    pub headers: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Outbound {
+    /// A reply: a plain message on `to`.
+    pub fn reply(to: &[u8], payload: Vec<u8>) -> Outbound {
+        Outbound {
+            route_to: to.to_vec(),
+            subject: to.to_vec(),
+            payload,
+            ..Outbound::default()
+        }
+    }
+}
+
+/// Where a stream's directory lives, and how to make and remove one: the real file
+/// system, or a simulated disk in tests.
+pub trait StoreRoot {
+    type Dir: Directory + Clone;
+    /// Opens (creating it if needed) stream `name`'s directory.
+    fn open_stream(&self, name: &str) -> io::Result<Self::Dir>;
+    /// Removes stream `name`'s directory and everything in it, durably.
+    fn remove_stream(&self, name: &str) -> io::Result<()>;
+    /// The names of the streams present.
+    fn list(&self) -> io::Result<Vec<String>>;
+}
+
+/// A store directory on the file system (`--store-dir`).
+#[derive(Debug, Clone)]
+pub struct OsRoot {
+    pub path: PathBuf,
+}
+
+impl StoreRoot for OsRoot {
+    type Dir = OsDirectory;
+
+    fn open_stream(&self, name: &str) -> io::Result<OsDirectory> {
+        let dir = stream_dir(&self.path, name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        std::fs::create_dir_all(&dir)?;
+        // The new name in streams/ must survive a power cut too.
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        OsDirectory::open(dir)
+    }
+
+    fn remove_stream(&self, name: &str) -> io::Result<()> {
+        let dir = stream_dir(&self.path, name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        std::fs::remove_dir_all(&dir)?;
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        match list_streams(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            other => other,
+        }
+    }
+}
+
+/// The shard that owns stream `name`: FNV-1a of the name, so every shard and every
+/// restart with the same shard count agree without asking each other.
+pub fn owner_of(name: &str, shard_count: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in name.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % shard_count.max(1) as u64) as usize
+}
+
+/// What an `$JS.API.…` subject addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiTarget {
+    /// Answered from the catalog by any shard.
+    Catalog,
+    /// Handled by the stream's owner.
+    Stream(String),
+    /// Not an API subject the reference answers: no reply at all.
+    Unknown,
+}
+
+/// The API call an `$JS.API.…` subject makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call<'s> {
+    AccountInfo,
+    StreamNames,
+    StreamList,
+    StreamCreate(&'s str),
+    StreamUpdate(&'s str),
+    StreamInfo(&'s str),
+    StreamDelete(&'s str),
+    StreamPurge(&'s str),
+    MsgGet(&'s str),
+    MsgDelete(&'s str),
+    /// Consumer calls: the stream, then the rest of the subject's tokens.
+    Consumer {
+        verb: ConsumerVerb,
+        stream: &'s str,
+        rest: Vec<&'s str>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerVerb {
+    Create,
+    DurableCreate,
+    Info,
+    Delete,
+    Names,
+    List,
+    Next,
+}
+
+fn parse_call(subject: &str) -> Option<Call<'_>> {
+    let rest = subject.strip_prefix(api::API_PREFIX)?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    let call = match tokens.as_slice() {
+        ["INFO"] => Call::AccountInfo,
+        ["STREAM", "NAMES"] => Call::StreamNames,
+        ["STREAM", "LIST"] => Call::StreamList,
+        ["STREAM", "CREATE", s] => Call::StreamCreate(s),
+        ["STREAM", "UPDATE", s] => Call::StreamUpdate(s),
+        ["STREAM", "INFO", s] => Call::StreamInfo(s),
+        ["STREAM", "DELETE", s] => Call::StreamDelete(s),
+        ["STREAM", "PURGE", s] => Call::StreamPurge(s),
+        ["STREAM", "MSG", "GET", s] => Call::MsgGet(s),
+        ["STREAM", "MSG", "DELETE", s] => Call::MsgDelete(s),
+        ["CONSUMER", "DURABLE", "CREATE", s, rest @ ..] => Call::Consumer {
+            verb: ConsumerVerb::DurableCreate,
+            stream: s,
+            rest: rest.to_vec(),
+        },
+        ["CONSUMER", "MSG", "NEXT", s, rest @ ..] => Call::Consumer {
+            verb: ConsumerVerb::Next,
+            stream: s,
+            rest: rest.to_vec(),
+        },
+        ["CONSUMER", verb, s, rest @ ..] => {
+            let verb = match *verb {
+                "CREATE" => ConsumerVerb::Create,
+                "INFO" => ConsumerVerb::Info,
+                "DELETE" => ConsumerVerb::Delete,
+                "NAMES" => ConsumerVerb::Names,
+                "LIST" => ConsumerVerb::List,
+                _ => return None,
+            };
+            Call::Consumer {
+                verb,
+                stream: s,
+                rest: rest.to_vec(),
+            }
+        }
+        _ => return None,
+    };
+    Some(call)
+}
+
+/// Who answers an API subject (the runtime forwards stream calls to the owner).
+pub fn api_target(subject: &str) -> ApiTarget {
+    match parse_call(subject) {
+        None => ApiTarget::Unknown,
+        Some(Call::AccountInfo | Call::StreamNames | Call::StreamList) => ApiTarget::Catalog,
+        Some(
+            Call::StreamCreate(s)
+            | Call::StreamUpdate(s)
+            | Call::StreamInfo(s)
+            | Call::StreamDelete(s)
+            | Call::StreamPurge(s)
+            | Call::MsgGet(s)
+            | Call::MsgDelete(s)
+            | Call::Consumer { stream: s, .. },
+        ) => ApiTarget::Stream(s.to_owned()),
+    }
+}
+
+/// Every stream on every shard, as the catalog-wide calls need it. Each owner
+/// refreshes its streams' entries after changing them; readers see a recent state.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub streams: BTreeMap<String, StreamInfo>,
+    pub api_total: u64,
+    pub api_errors: u64,
+}
+
+/// A stream's config and creation time as stored in `stream.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StreamMeta {
+    config: StreamConfig,
+    created: Timestamp,
+}
+
+struct Hosted<D: Directory> {
+    stream: Stream<D>,
+    created: Timestamp,
+    dir: D,
+    /// Publishes collected for the next commit, with their reply subjects.
+    pending: Vec<(PlannedMessage, Vec<u8>)>,
+}
+
+/// The streams one shard owns.
+pub struct Host<R: StoreRoot> {
+    root: R,
+    shard: usize,
+    shard_count: usize,
+    streams: BTreeMap<String, Hosted<R::Dir>>,
+}
+
+/// Whether two subject patterns can match a common subject.
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let mut left = a.split('.');
+    let mut right = b.split('.');
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) => {
+                if x != y && x != "*" && y != "*" {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("API replies always encode")
+}
+
+impl<R: StoreRoot> Host<R> {
+    /// Opens the streams of `root` that `shard` owns and enters them in `catalog`.
+    pub fn open(
+        root: R,
+        shard: usize,
+        shard_count: usize,
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+    ) -> Result<Host<R>, StoreError> {
+        let mut host = Host {
+            root,
+            shard,
+            shard_count,
+            streams: BTreeMap::new(),
+        };
+        for name in host
+            .root
+            .list()
+            .map_err(StoreError::io("list", "streams"))?
+        {
+            if owner_of(&name, shard_count) != shard {
+                continue;
+            }
+            let dir = host
+                .root
+                .open_stream(&name)
+                .map_err(StoreError::io("open", &name))?;
+            let Some(meta) = read_meta(&dir)? else {
+                tracing::warn!(stream = %name, "no {STREAM_META_FILE}: not a stream, skipped");
+                continue;
+            };
+            let stream = Stream::open(dir.clone(), meta.config, now_ns)?;
+            tracing::info!(stream = %name, shard, messages = stream.state().messages, "stream opened");
+            host.streams.insert(
+                name,
+                Hosted {
+                    stream,
+                    created: meta.created,
+                    dir,
+                    pending: Vec::new(),
+                },
+            );
+        }
+        let names: Vec<String> = host.streams.keys().cloned().collect();
+        for name in names {
+            host.refresh_catalog(&name, catalog);
+        }
+        Ok(host)
+    }
+
+    /// The subjects this shard's internal subscriber must listen on: every owned
+    /// stream's subjects and its ack subjects.
+    pub fn subscriptions(&self) -> Vec<String> {
+        let mut subjects = Vec::new();
+        for (name, hosted) in &self.streams {
+            subjects.extend(hosted.stream.config().subjects.iter().cloned());
+            subjects.push(format!("{}{name}.>", api::ACK_PREFIX));
+        }
+        subjects
+    }
+
+    /// Whether the shard has publishes waiting for [`Host::commit`].
+    pub fn has_pending(&self) -> bool {
+        self.streams.values().any(|h| !h.pending.is_empty())
+    }
+
+    /// A message on an owned stream's subject: checked now (a refusal is replied at
+    /// once), stored at the next commit.
+    pub fn publish(
+        &mut self,
+        subject: &[u8],
+        reply: &[u8],
+        headers: &[u8],
+        payload: &[u8],
+        now_ns: i64,
+        out: &mut Vec<Outbound>,
+    ) {
+        let Some((_, hosted)) = self
+            .streams
+            .iter_mut()
+            .find(|(_, h)| h.stream.accepts(subject))
+        else {
+            return;
+        };
+        let header_block = (!headers.is_empty()).then_some(headers);
+        // The cheap checks now; the commit checks everything again in batch order.
+        if let Err(error) =
+            hosted
+                .stream
+                .check_publish(subject, header_block, payload.len(), now_ns)
+        {
+            if !reply.is_empty() {
+                let name = &hosted.stream.config().name;
+                out.push(Outbound::reply(
+                    reply,
+                    PubAckResponse::failed(name, error).encode().into_bytes(),
+                ));
+            }
+            return;
+        }
+        hosted.pending.push((
+            PlannedMessage {
+                subject: subject.to_vec(),
+                headers: headers.to_vec(),
+                payload: payload.to_vec(),
+                timestamp_ns: now_ns,
+            },
+            reply.to_vec(),
+        ));
+    }
+
+    /// Stores every collected publish: one group commit per stream, then one reply
+    /// per publish that asked for one. `Err` is a store failure: nothing of that
+    /// batch was acknowledged, and the store must not ack again.
+    pub fn commit(
+        &mut self,
+        catalog: &Mutex<Catalog>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), StoreError> {
+        let names: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, h)| !h.pending.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let Some(hosted) = self.streams.get_mut(&name) else {
+                continue;
+            };
+            let pending = std::mem::take(&mut hosted.pending);
+            let (messages, replies): (Vec<PlannedMessage>, Vec<Vec<u8>>) =
+                pending.into_iter().unzip();
+            let results = hosted.stream.commit(&messages)?;
+            for (result, reply) in results.into_iter().zip(replies) {
+                if reply.is_empty() {
+                    continue;
+                }
+                let response = match result {
+                    Ok(ack) => PubAckResponse { error: None, ack },
+                    Err(error) => PubAckResponse::failed(&name, error),
+                };
+                out.push(Outbound::reply(&reply, response.encode().into_bytes()));
+            }
+            self.refresh_catalog(&name, catalog);
+        }
+        Ok(())
+    }
+
+    /// Applies the limits that depend on time (max_age).
+    pub fn expire(&mut self, now_ns: i64, catalog: &Mutex<Catalog>) -> Result<(), StoreError> {
+        let names: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, h)| h.stream.config().max_age_ns > 0)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            if let Some(hosted) = self.streams.get_mut(&name) {
+                let before = hosted.stream.state().messages;
+                hosted.stream.expire(now_ns)?;
+                if hosted.stream.state().messages != before {
+                    self.refresh_catalog(&name, catalog);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn refresh_catalog(&self, name: &str, catalog: &Mutex<Catalog>) {
+        let Some(hosted) = self.streams.get(name) else {
+            return;
+        };
+        let info = self.stream_info(hosted);
+        if let Ok(mut catalog) = catalog.lock() {
+            catalog.streams.insert(name.to_owned(), info);
+        }
+    }
+
+    fn stream_info(&self, hosted: &Hosted<R::Dir>) -> StreamInfo {
+        StreamInfo {
+            config: hosted.stream.config().clone(),
+            created: hosted.created,
+            state: hosted.stream.state(),
+            domain: String::new(),
+            cluster: None,
+        }
+    }
+
+    /// Answers one API request. Catalog calls may come to any shard; stream calls
+    /// only to the owner (the runtime forwards them). Returns `Err` only for a store
+    /// failure that must stop the store.
+    pub fn handle_api(
+        &mut self,
+        subject: &str,
+        reply: &[u8],
+        body: &[u8],
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), StoreError> {
+        let Some(call) = parse_call(subject) else {
+            return Ok(());
+        };
+        let (payload, failed) = self.dispatch(call, body, now_ns, catalog)?;
+        if let Ok(mut catalog) = catalog.lock() {
+            catalog.api_total += 1;
+            catalog.api_errors += u64::from(failed);
+        }
+        if !reply.is_empty() {
+            out.push(Outbound::reply(reply, payload));
+        }
+        Ok(())
+    }
+
+    /// The reply's bytes and whether it is an error.
+    fn dispatch(
+        &mut self,
+        call: Call<'_>,
+        body: &[u8],
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
+        fn reply<B: Serialize>(response: ApiResponse<B>) -> (Vec<u8>, bool) {
+            let failed = response.error.is_some();
+            (encode(&response), failed)
+        }
+        let invalid_json = || -> ApiError { errors::INVALID_JSON.into() };
+        Ok(match call {
+            Call::AccountInfo => reply(ApiResponse::ok(
+                response_type::ACCOUNT_INFO,
+                account_info(catalog),
+            )),
+            Call::StreamNames => {
+                let t = response_type::STREAM_NAMES;
+                match api::decode_request::<StreamListRequest>(body) {
+                    Err(_) => reply(ApiResponse::failed(
+                        t,
+                        invalid_json(),
+                        StreamNamesBody::default(),
+                    )),
+                    Ok(request) => reply(ApiResponse::ok(t, stream_names(catalog, &request))),
+                }
+            }
+            Call::StreamList => {
+                let t = response_type::STREAM_LIST;
+                match api::decode_request::<StreamListRequest>(body) {
+                    Err(_) => reply(ApiResponse::failed(
+                        t,
+                        invalid_json(),
+                        StreamListBody::default(),
+                    )),
+                    Ok(request) => reply(ApiResponse::ok(t, stream_list(catalog, &request))),
+                }
+            }
+            Call::StreamCreate(name) => {
+                let t = response_type::STREAM_CREATE;
+                match self.create_stream(name, body, now_ns, catalog)? {
+                    Ok(info) => reply(ApiResponse::ok(
+                        t,
+                        StreamCreateBody {
+                            info: Some(info),
+                            did_create: true,
+                        },
+                    )),
+                    Err(error) => reply(ApiResponse::failed(t, error, StreamCreateBody::default())),
+                }
+            }
+            Call::StreamUpdate(name) => {
+                let t = response_type::STREAM_UPDATE;
+                match self.update_stream(name, body, now_ns, catalog)? {
+                    Ok(info) => reply(ApiResponse::ok(t, StreamUpdateBody { info: Some(info) })),
+                    Err(error) => reply(ApiResponse::failed(t, error, StreamUpdateBody::default())),
+                }
+            }
+            Call::StreamInfo(name) => {
+                let t = response_type::STREAM_INFO;
+                match self.info_of(name, body) {
+                    Ok(info) => reply(ApiResponse::ok(t, info)),
+                    Err(error) => reply(ApiResponse::failed(t, error, StreamInfoBody::default())),
+                }
+            }
+            Call::StreamDelete(name) => {
+                let t = response_type::STREAM_DELETE;
+                if !self.streams.contains_key(name) {
+                    reply(ApiResponse::failed(
+                        t,
+                        errors::STREAM_NOT_FOUND.into(),
+                        SuccessBody::default(),
+                    ))
+                } else {
+                    self.streams.remove(name);
+                    self.root
+                        .remove_stream(name)
+                        .map_err(StoreError::io("remove", name))?;
+                    if let Ok(mut catalog) = catalog.lock() {
+                        catalog.streams.remove(name);
+                    }
+                    reply(ApiResponse::ok(t, SuccessBody { success: true }))
+                }
+            }
+            Call::StreamPurge(name) => {
+                let t = response_type::STREAM_PURGE;
+                let result = self.purge(name, body)?;
+                if result.is_ok() {
+                    self.refresh_catalog(name, catalog);
+                }
+                match result {
+                    Ok(purged) => reply(ApiResponse::ok(
+                        t,
+                        StreamPurgeBody {
+                            success: true,
+                            purged,
+                        },
+                    )),
+                    Err(error) => reply(ApiResponse::failed(t, error, StreamPurgeBody::default())),
+                }
+            }
+            Call::MsgGet(name) => {
+                let t = response_type::STREAM_MSG_GET;
+                match self.msg_get(name, body)? {
+                    Ok(message) => reply(ApiResponse::ok(
+                        t,
+                        MsgGetBody {
+                            message: Some(message),
+                        },
+                    )),
+                    Err(error) => reply(ApiResponse::failed(t, error, MsgGetBody::default())),
+                }
+            }
+            Call::MsgDelete(name) => {
+                let t = response_type::STREAM_MSG_DELETE;
+                let result = self.msg_delete(name, body)?;
+                if result.is_ok() {
+                    self.refresh_catalog(name, catalog);
+                }
+                match result {
+                    Ok(()) => reply(ApiResponse::ok(t, SuccessBody { success: true })),
+                    Err(error) => reply(ApiResponse::failed(t, error, SuccessBody::default())),
+                }
+            }
+            Call::Consumer { .. } => {
+                // Consumers are served by the consumer engine (not yet wired).
+                let t = response_type::CONSUMER_CREATE;
+                reply(ApiResponse::failed(
+                    t,
+                    errors::CONSUMER_NOT_FOUND.into(),
+                    SuccessBody::default(),
+                ))
+            }
+        })
+    }
+
+    fn create_stream(
+        &mut self,
+        name: &str,
+        body: &[u8],
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+    ) -> Result<Result<StreamInfo, ApiError>, StoreError> {
+        let config = match validated_config(name, body) {
+            Ok(config) => config,
+            Err(error) => return Ok(Err(error)),
+        };
+        if let Some(hosted) = self.streams.get(name) {
+            // Creating what exists with the same config is not an error.
+            return Ok(if hosted.stream.config() == &config {
+                Ok(self.stream_info(hosted))
+            } else {
+                Err(errors::STREAM_NAME_IN_USE.into())
+            });
+        }
+        if let Err(error) = check_overlap(catalog, name, &config) {
+            return Ok(Err(error));
+        }
+        assert_eq!(
+            owner_of(name, self.shard_count),
+            self.shard,
+            "stream calls reach the owner"
+        );
+        let dir = self
+            .root
+            .open_stream(name)
+            .map_err(StoreError::io("create", name))?;
+        let created = Timestamp::from_unix_nanos(now_ns);
+        write_meta(
+            &dir,
+            &StreamMeta {
+                config: config.clone(),
+                created,
+            },
+        )?;
+        let stream = Stream::open(dir.clone(), config, now_ns)?;
+        let hosted = Hosted {
+            stream,
+            created,
+            dir,
+            pending: Vec::new(),
+        };
+        let info = self.stream_info(&hosted);
+        self.streams.insert(name.to_owned(), hosted);
+        self.refresh_catalog(name, catalog);
+        Ok(Ok(info))
+    }
+
+    fn update_stream(
+        &mut self,
+        name: &str,
+        body: &[u8],
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+    ) -> Result<Result<StreamInfo, ApiError>, StoreError> {
+        let config = match validated_config(name, body) {
+            Ok(config) => config,
+            Err(error) => return Ok(Err(error)),
+        };
+        let Some(hosted) = self.streams.get(name) else {
+            return Ok(Err(errors::STREAM_NOT_FOUND.into()));
+        };
+        let old = hosted.stream.config();
+        if old.storage != config.storage {
+            return Ok(Err(ApiError::stream_invalid_config(
+                "stream configuration update can not change storage type",
+            )));
+        }
+        if old.retention != config.retention {
+            return Ok(Err(ApiError::stream_invalid_config(
+                "stream configuration update can not change retention policy",
+            )));
+        }
+        if let Err(error) = check_overlap(catalog, name, &config) {
+            return Ok(Err(error));
+        }
+        let created = hosted.created;
+        let dir = hosted.dir.clone();
+        write_meta(
+            &dir,
+            &StreamMeta {
+                config: config.clone(),
+                created,
+            },
+        )?;
+        // Reopen under the new config: its limits apply from now on (a rare
+        // operation; reopening rescans the log).
+        self.streams.remove(name);
+        let stream = Stream::open(dir.clone(), config, now_ns)?;
+        let hosted = Hosted {
+            stream,
+            created,
+            dir,
+            pending: Vec::new(),
+        };
+        let info = self.stream_info(&hosted);
+        self.streams.insert(name.to_owned(), hosted);
+        self.refresh_catalog(name, catalog);
+        Ok(Ok(info))
+    }
+
+    fn info_of(&self, name: &str, body: &[u8]) -> Result<StreamInfoBody, ApiError> {
+        let Some(hosted) = self.streams.get(name) else {
+            return Err(errors::STREAM_NOT_FOUND.into());
+        };
+        let request: StreamInfoRequest =
+            api::decode_request(body).map_err(|_| ApiError::from(errors::INVALID_JSON))?;
+        let mut info = self.stream_info(hosted);
+        let mut paged = ApiPaged::default();
+        if request.deleted_details {
+            info.state.deleted = hosted.stream.deleted();
+        }
+        if !request.subjects_filter.is_empty() {
+            let subjects = hosted
+                .stream
+                .subject_counts(request.subjects_filter.as_bytes());
+            paged.total = subjects.len() as i64;
+            paged.limit = api::STREAM_INFO_SUBJECTS_PAGE_LIMIT;
+            if !subjects.is_empty() {
+                info.state.subjects = Some(subjects);
+            }
+        }
+        Ok(StreamInfoBody {
+            paged,
+            info: Some(info),
+        })
+    }
+
+    fn purge(&mut self, name: &str, body: &[u8]) -> Result<Result<u64, ApiError>, StoreError> {
+        let Some(hosted) = self.streams.get_mut(name) else {
+            return Ok(Err(errors::STREAM_NOT_FOUND.into()));
+        };
+        if hosted.stream.config().deny_purge {
+            return Ok(Err(errors::STREAM_PURGE_NOT_PERMITTED.into()));
+        }
+        let Ok(request) = api::decode_request::<StreamPurgeRequest>(body) else {
+            return Ok(Err(errors::INVALID_JSON.into()));
+        };
+        let filter = (!request.filter.is_empty()).then_some(request.filter.as_bytes());
+        let mut up_to = (request.seq > 0).then_some(request.seq);
+        if request.keep > 0 {
+            up_to = Some(hosted.stream.seq_keeping_newest(filter, request.keep));
+        }
+        Ok(Ok(hosted.stream.purge(filter, up_to)?))
+    }
+
+    fn msg_get(
+        &mut self,
+        name: &str,
+        body: &[u8],
+    ) -> Result<Result<api::StoredMessage, ApiError>, StoreError> {
+        let Some(hosted) = self.streams.get(name) else {
+            return Ok(Err(errors::STREAM_NOT_FOUND.into()));
+        };
+        let request: MsgGetRequest = match api::decode_required_request(body) {
+            Ok(request) => request,
+            Err(_) => return Ok(Err(errors::INVALID_JSON.into())),
+        };
+        let by_seq = request.seq > 0 && request.last_by_subj.is_empty();
+        let found = if !request.last_by_subj.is_empty() && request.seq == 0 {
+            hosted
+                .stream
+                .get_last_by_subject(request.last_by_subj.as_bytes())
+        } else if !request.next_by_subj.is_empty() {
+            hosted
+                .stream
+                .get_next_by_subject(request.next_by_subj.as_bytes(), request.seq)
+        } else if by_seq {
+            hosted.stream.get(request.seq)
+        } else {
+            return Ok(Err(errors::BAD_REQUEST.into()));
+        };
+        match found {
+            Ok(message) => Ok(Ok(api::StoredMessage {
+                subject: String::from_utf8_lossy(&message.subject).into_owned(),
+                seq: message.seq,
+                hdrs: message.headers,
+                data: message.payload,
+                time: Timestamp::from_unix_nanos(message.timestamp_ns),
+            })),
+            Err(ReadError::NotFound) => Ok(Err(errors::NO_MESSAGE_FOUND.into())),
+            Err(ReadError::Store(error)) => Err(error),
+        }
+    }
+
+    fn msg_delete(&mut self, name: &str, body: &[u8]) -> Result<Result<(), ApiError>, StoreError> {
+        let Some(hosted) = self.streams.get_mut(name) else {
+            return Ok(Err(errors::STREAM_NOT_FOUND.into()));
+        };
+        if hosted.stream.config().deny_delete {
+            return Ok(Err(ApiError::stream_msg_delete_failed(
+                errors::MSG_DELETE_NOT_PERMITTED_REASON,
+            )));
+        }
+        let request: MsgDeleteRequest = match api::decode_required_request(body) {
+            Ok(request) => request,
+            Err(_) => return Ok(Err(errors::INVALID_JSON.into())),
+        };
+        if request.seq > hosted.stream.state().last_seq {
+            return Ok(Err(ApiError::stream_msg_delete_failed(
+                errors::MSG_DELETE_PAST_END_REASON,
+            )));
+        }
+        if !hosted.stream.delete_msg(request.seq, request.no_erase)? {
+            return Ok(Err(ApiError::stream_msg_delete_failed("no message found")));
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// The stream config in a create/update request, checked against the subject's
+/// name, with the reference's defaults filled in.
+fn validated_config(name: &str, body: &[u8]) -> Result<StreamConfig, ApiError> {
+    let config: StreamConfig =
+        api::decode_required_request(body).map_err(|_| ApiError::from(errors::INVALID_JSON))?;
+    if !config.name.is_empty() && config.name != name {
+        return Err(errors::STREAM_NAME_MISMATCH.into());
+    }
+    let mut config = config;
+    config.name = name.to_owned();
+    if validate_stream_name(name).is_err() || name.contains(['*', '>', '.']) {
+        return Err(ApiError::stream_invalid_config(
+            errors::INVALID_STREAM_NAME_REASON,
+        ));
+    }
+    let config = config.with_server_defaults();
+    if config.duplicate_window_ns < 0 {
+        return Err(ApiError::stream_invalid_config(
+            errors::NEGATIVE_DUPLICATE_WINDOW_REASON,
+        ));
+    }
+    if config.allow_rollup_hdrs && config.deny_purge {
+        return Err(ApiError::stream_invalid_config(
+            errors::ROLLUP_NEEDS_PURGE_REASON,
+        ));
+    }
+    for subject in &config.subjects {
+        if !crate::nats::subject::is_valid_subject(subject.as_bytes()) {
+            return Err(ApiError::stream_invalid_config("invalid subject"));
+        }
+    }
+    Ok(config)
+}
+
+fn check_overlap(
+    catalog: &Mutex<Catalog>,
+    name: &str,
+    config: &StreamConfig,
+) -> Result<(), ApiError> {
+    let Ok(catalog) = catalog.lock() else {
+        return Ok(());
+    };
+    let overlaps = catalog
+        .streams
+        .iter()
+        .filter(|(other, _)| other.as_str() != name)
+        .any(|(_, info)| {
+            info.config.subjects.iter().any(|theirs| {
+                config
+                    .subjects
+                    .iter()
+                    .any(|ours| subjects_overlap(ours, theirs))
+            })
+        });
+    if overlaps {
+        Err(errors::SUBJECTS_OVERLAP.into())
+    } else {
+        Ok(())
+    }
+}
+
+fn account_info(catalog: &Mutex<Catalog>) -> AccountInfoBody {
+    let Ok(catalog) = catalog.lock() else {
+        return AccountInfoBody::default();
+    };
+    let (mut memory, mut storage, mut consumers) = (0, 0, 0);
+    for info in catalog.streams.values() {
+        match info.config.storage {
+            api::StorageType::Memory => memory += info.state.bytes,
+            api::StorageType::File => storage += info.state.bytes,
+        }
+        consumers += info.state.consumer_count;
+    }
+    AccountInfoBody {
+        info: Some(AccountInfo {
+            memory,
+            storage,
+            streams: catalog.streams.len() as u64,
+            consumers,
+            limits: AccountLimits::UNLIMITED,
+            domain: String::new(),
+            api: ApiStats {
+                total: catalog.api_total,
+                errors: catalog.api_errors,
+            },
+            tiers: None,
+        }),
+    }
+}
+
+/// The streams a names/list request selects: all, or those whose subjects
+/// overlap `subject`.
+fn selected<'c>(
+    catalog: &'c Catalog,
+    request: &StreamListRequest,
+) -> Vec<(&'c String, &'c StreamInfo)> {
+    catalog
+        .streams
+        .iter()
+        .filter(|(_, info)| {
+            request.subject.is_empty()
+                || info
+                    .config
+                    .subjects
+                    .iter()
+                    .any(|s| subjects_overlap(s, &request.subject))
+        })
+        .collect()
+}
+
+fn stream_names(catalog: &Mutex<Catalog>, request: &StreamListRequest) -> StreamNamesBody {
+    let Ok(catalog) = catalog.lock() else {
+        return StreamNamesBody::default();
+    };
+    let all = selected(&catalog, request);
+    let offset = request.offset.max(0) as usize;
+    let names: Vec<String> = all
+        .iter()
+        .skip(offset)
+        .take(api::NAMES_PAGE_LIMIT as usize)
+        .map(|(name, _)| (*name).clone())
+        .collect();
+    StreamNamesBody {
+        paged: ApiPaged {
+            total: all.len() as i64,
+            offset: offset as i64,
+            limit: api::NAMES_PAGE_LIMIT,
+        },
+        streams: (!names.is_empty()).then_some(names),
+    }
+}
+
+fn stream_list(catalog: &Mutex<Catalog>, request: &StreamListRequest) -> StreamListBody {
+    let Ok(catalog) = catalog.lock() else {
+        return StreamListBody::default();
+    };
+    let all = selected(&catalog, request);
+    let offset = request.offset.max(0) as usize;
+    StreamListBody {
+        paged: ApiPaged {
+            total: all.len() as i64,
+            offset: offset as i64,
+            limit: api::LIST_PAGE_LIMIT,
+        },
+        streams: all
+            .iter()
+            .skip(offset)
+            .take(api::LIST_PAGE_LIMIT as usize)
+            .map(|(_, info)| (*info).clone())
+            .collect(),
+        missing: Vec::new(),
+    }
+}
+
+/// Reads `stream.json`; `None` when the directory has none.
+fn read_meta<D: Directory>(dir: &D) -> Result<Option<StreamMeta>, StoreError> {
+    let io = |op| StoreError::io(op, STREAM_META_FILE);
+    let names = dir.list().map_err(io("list"))?;
+    if !names.iter().any(|name| name == STREAM_META_FILE) {
+        return Ok(None);
+    }
+    let file = dir.open(STREAM_META_FILE).map_err(io("open"))?;
+    let len = file.len().map_err(io("stat"))?;
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, 0).map_err(io("read"))?;
+    let meta = serde_json::from_slice(&bytes)
+        .map_err(|e| io("parse")(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    Ok(Some(meta))
+}
+
+/// Replaces `stream.json` atomically: temp file, sync, rename, directory sync.
+fn write_meta<D: Directory>(dir: &D, meta: &StreamMeta) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(meta).expect("stream meta always encodes");
+    let io = |op| StoreError::io(op, STREAM_META_TEMP_FILE);
+    // A temp file left by a crash was never renamed: it is not the config.
+    if dir
+        .list()
+        .map_err(io("list"))?
+        .iter()
+        .any(|n| n == STREAM_META_TEMP_FILE)
+    {
+        dir.remove(STREAM_META_TEMP_FILE).map_err(io("remove"))?;
+    }
+    let file = dir.create(STREAM_META_TEMP_FILE).map_err(io("create"))?;
+    file.set_len(0).map_err(io("truncate"))?;
+    file.write_all_at(&bytes, 0).map_err(io("write"))?;
+    file.sync_data().map_err(io("sync"))?;
+    dir.rename(STREAM_META_TEMP_FILE, STREAM_META_FILE)
+        .map_err(io("rename"))?;
+    dir.sync().map_err(io("sync dir"))?;
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! The shell around one shard's JetStream host ([`crate::jetstream::service`]).
+//!
+//! An internal client session per shard subscribes, like any client, to the
+//! subjects the shard's streams capture and to their `$JS.ACK.<stream>.>` subjects,
+//! and every shard's session is a member of one queue group on `$JS.API.>`, so each
+//! API request reaches exactly one shard. That shard answers catalog calls itself
+//! and forwards stream calls to the stream's owner over the control mailbox.
+//! Publishes reach the owner through the ordinary routing (a cross-shard hop when
+//! the publisher is elsewhere); replies and deliveries go back through it too.
+//!
+//! One task per shard drains the session's delivered frames, feeds the host, group
+//! commits everything that arrived in that pass (one write and one fdatasync per
+//! stream), then routes the replies. The fsync runs on the shard's thread: the
+//! shard's other clients wait for it, and meanwhile more publishes gather for the
+//! next, larger batch.
+//!
+//! A store failure is fatal: logged, and the process exits nonzero before any ack
+//! of the failed batch is sent (never a retry that pretends).
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+
+use super::mailbox::{Control, Outgoing};
+use super::shard::Shard;
+use crate::jetstream::api;
+use crate::jetstream::service::{api_target, owner_of, ApiTarget, Catalog, Host, OsRoot, Outbound};
+use crate::nats::parser::{parse_op, ParseLimits, Parsed};
+use crate::nats::session::{Effect, Message, Session, SessionLimits, Subscription};
+use crate::store::StoreError;
+
+/// The queue group every shard's internal session joins on `$JS.API.>`.
+const API_QUEUE: &str = "perch-jetstream";
+/// How often time-based limits (max_age) are applied.
+const EXPIRE_TICK_MS: u64 = 1_000;
+/// The exit code when the store fails (EX_IOERR).
+pub(crate) const EXIT_STORE_FAILED: i32 = 74;
+/// The internal session never counts as a slow consumer: it drains everything at
+/// each pass. A bound still exists so a stuck store cannot eat all memory.
+const INTERNAL_PENDING_BYTES_MAX: usize = 1 << 30;
+
+/// What all shards share for JetStream: the catalog and where the store lives.
+pub(crate) struct JsShared {
+    pub root: OsRoot,
+    pub catalog: Mutex<Catalog>,
+}
+
+/// An API request forwarded to the stream's owner.
+pub(crate) struct Forwarded {
+    pub subject: String,
+    pub reply: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+/// One shard's JetStream runtime.
+pub(crate) struct JsRuntime {
+    session: Rc<Session>,
+    host: RefCell<Host<OsRoot>>,
+    forwarded: RefCell<VecDeque<Forwarded>>,
+    wake: Notify,
+    /// The internal session's subscriptions by subject.
+    subscribed: RefCell<HashMap<String, Rc<Subscription>>>,
+    next_sid: std::cell::Cell<u64>,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Logs the store failure and ends the process: nothing more is acknowledged.
+fn fail_store(shard: usize, error: &StoreError) -> ! {
+    tracing::error!(
+        shard,
+        "store failed, exiting so nothing more is acknowledged: {error}"
+    );
+    std::process::exit(EXIT_STORE_FAILED);
+}
+
+impl JsRuntime {
+    /// Opens the shard's streams and subscribes its internal session.
+    pub(crate) async fn start(
+        shard: &Rc<Shard>,
+        js: &JsShared,
+    ) -> Result<Rc<JsRuntime>, StoreError> {
+        let host = Host::open(
+            js.root.clone(),
+            shard.id,
+            shard.shared.shard_count,
+            now_ns(),
+            &js.catalog,
+        )?;
+        let session = Session::new(
+            u64::MAX - shard.id as u64,
+            SessionLimits {
+                pending_bytes_max: INTERNAL_PENDING_BYTES_MAX,
+                subscriptions_max: 0,
+            },
+        );
+        let runtime = Rc::new(JsRuntime {
+            session,
+            host: RefCell::new(host),
+            forwarded: RefCell::new(VecDeque::new()),
+            wake: Notify::new(),
+            subscribed: RefCell::new(HashMap::new()),
+            next_sid: std::cell::Cell::new(1),
+        });
+        runtime.op(
+            shard,
+            br#"CONNECT {"verbose":false,"pedantic":false,"headers":true,"echo":true}"#,
+        );
+        let api = format!("SUB {}> {API_QUEUE} 0", api::API_PREFIX);
+        runtime.op(shard, api.as_bytes());
+        runtime.sync_subscriptions(shard, true).await;
+        Ok(runtime)
+    }
+
+    /// Runs one protocol op on the internal session, as a client's would run.
+    fn op(&self, shard: &Shard, line: &[u8]) {
+        let mut frame = line.to_vec();
+        frame.extend_from_slice(b"\r\n");
+        let limits = ParseLimits {
+            control_line_bytes_max: frame.len() + 1,
+            payload_bytes_max: 0,
+        };
+        let Ok(Parsed::Op(op, _)) = parse_op(&frame, &limits) else {
+            panic!("internal op {:?} parses", String::from_utf8_lossy(line));
+        };
+        match self.session.handle_op(op) {
+            Effect::Subscribe(sub) => {
+                self.subscribed.borrow_mut().insert(
+                    String::from_utf8_lossy(sub.subject()).into_owned(),
+                    Rc::clone(&sub),
+                );
+                shard.router.borrow_mut().subscribe(sub);
+            }
+            Effect::Unsubscribe(sub) => shard.router.borrow_mut().unsubscribe(&sub),
+            Effect::None => {}
+            other => panic!("internal op gave {other:?}"),
+        }
+    }
+
+    /// Makes the internal subscriptions match the streams this shard owns, and
+    /// waits until every shard routes by them (so a stream's creator can publish
+    /// to it from anywhere as soon as it has the reply).
+    async fn sync_subscriptions(&self, shard: &Rc<Shard>, force_barrier: bool) {
+        let wanted: BTreeSet<String> = self.host.borrow().subscriptions().into_iter().collect();
+        let api_subject = format!("{}>", api::API_PREFIX);
+        let stale: Vec<(String, Rc<Subscription>)> = self
+            .subscribed
+            .borrow()
+            .iter()
+            .filter(|(subject, _)| **subject != api_subject && !wanted.contains(*subject))
+            .map(|(subject, sub)| (subject.clone(), Rc::clone(sub)))
+            .collect();
+        let mut changed = !stale.is_empty();
+        for (subject, sub) in stale {
+            self.subscribed.borrow_mut().remove(&subject);
+            let line = format!("UNSUB {}", String::from_utf8_lossy(sub.sid()));
+            self.op(shard, line.as_bytes());
+        }
+        for subject in wanted {
+            if self.subscribed.borrow().contains_key(&subject) {
+                continue;
+            }
+            let sid = self.next_sid.get();
+            self.next_sid.set(sid + 1);
+            self.op(shard, format!("SUB {subject} s{sid}").as_bytes());
+            changed = true;
+        }
+        if changed || force_barrier {
+            shard.broadcast_interest_and_wait().await;
+        }
+    }
+
+    /// Queues a request forwarded by another shard.
+    pub(crate) fn forward_in(&self, request: Forwarded) {
+        self.forwarded.borrow_mut().push_back(request);
+        self.wake.notify_one();
+    }
+}
+
+/// A message delivered to the internal session, borrowed from its output.
+struct Delivered<'a> {
+    subject: &'a [u8],
+    reply: &'a [u8],
+    headers: &'a [u8],
+    payload: &'a [u8],
+}
+
+/// Parses one `MSG`/`HMSG` frame as `nats::encode` wrote it.
+fn next_frame(buf: &[u8]) -> Option<(Delivered<'_>, usize)> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[..line_end]).ok()?;
+    let mut fields = line.split(' ');
+    let kind = fields.next()?;
+    let rest: Vec<&str> = fields.collect();
+    let (subject, reply, header_len, total_len) = match (kind, rest.as_slice()) {
+        ("MSG", [subject, _sid, len]) => (*subject, "", 0, len.parse().ok()?),
+        ("MSG", [subject, _sid, reply, len]) => (*subject, *reply, 0, len.parse().ok()?),
+        ("HMSG", [subject, _sid, hlen, len]) => {
+            (*subject, "", hlen.parse().ok()?, len.parse().ok()?)
+        }
+        ("HMSG", [subject, _sid, reply, hlen, len]) => {
+            (*subject, *reply, hlen.parse().ok()?, len.parse().ok()?)
+        }
+        _ => return None,
+    };
+    let start = line_end + 2;
+    let end = start + total_len;
+    if buf.len() < end + 2 || header_len > total_len {
+        return None;
+    }
+    // The fields' offsets in the line: kind, subject, sid, then the reply if any.
+    let subject_at = kind.len() + 1;
+    let reply_at = subject_at + subject.len() + 1 + rest[1].len() + 1;
+    let reply_bytes = &buf[reply_at..reply_at + reply.len()];
+    Some((
+        Delivered {
+            subject: &buf[subject_at..subject_at + subject.len()],
+            reply: reply_bytes,
+            headers: &buf[start..start + header_len],
+            payload: &buf[start + header_len..end],
+        },
+        end + 2,
+    ))
+}
+
+/// The shard's JetStream task.
+pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
+    let js = shard
+        .shared
+        .js
+        .as_ref()
+        .expect("the JetStream task runs only with a store");
+    let mut outgoing = Outgoing::new();
+    let mut out: Vec<Outbound> = Vec::new();
+    let mut next_expire = now_ns();
+    loop {
+        let idle = Duration::from_millis(EXPIRE_TICK_MS);
+        tokio::select! {
+            () = runtime.session.output_ready() => {}
+            () = runtime.wake.notified() => {}
+            () = tokio::time::sleep(idle) => {}
+        }
+        let frames = runtime.session.take_output(Vec::new());
+        runtime.session.written();
+        let now = now_ns();
+        let mut resubscribe = false;
+        {
+            let mut host = runtime.host.borrow_mut();
+            let mut at = 0;
+            while at < frames.len() {
+                let Some((msg, used)) = next_frame(&frames[at..]) else {
+                    tracing::error!(
+                        shard = shard.id,
+                        "internal frame unreadable; dropped the rest"
+                    );
+                    break;
+                };
+                at += used;
+                if msg.subject.starts_with(api::API_PREFIX.as_bytes()) {
+                    let subject = String::from_utf8_lossy(msg.subject).into_owned();
+                    match api_target(&subject) {
+                        ApiTarget::Unknown => {}
+                        ApiTarget::Stream(name)
+                            if owner_of(&name, shard.shared.shard_count) != shard.id =>
+                        {
+                            let owner = owner_of(&name, shard.shared.shard_count);
+                            let _ =
+                                shard.shared.peers.control[owner].send(Control::JsApi(Forwarded {
+                                    subject,
+                                    reply: msg.reply.to_vec(),
+                                    body: msg.payload.to_vec(),
+                                }));
+                        }
+                        _ => {
+                            if host.has_pending() {
+                                if let Err(e) = host.commit(&js.catalog, &mut out) {
+                                    fail_store(shard.id, &e);
+                                }
+                            }
+                            if let Err(e) = host.handle_api(
+                                &subject,
+                                msg.reply,
+                                msg.payload,
+                                now,
+                                &js.catalog,
+                                &mut out,
+                            ) {
+                                fail_store(shard.id, &e);
+                            }
+                            resubscribe = true;
+                        }
+                    }
+                } else if msg.subject.starts_with(api::ACK_PREFIX.as_bytes()) {
+                    // Acks are for consumers (not yet wired).
+                } else {
+                    host.publish(
+                        msg.subject,
+                        msg.reply,
+                        msg.headers,
+                        msg.payload,
+                        now,
+                        &mut out,
+                    );
+                }
+            }
+            loop {
+                let Some(request) = runtime.forwarded.borrow_mut().pop_front() else {
+                    break;
+                };
+                if host.has_pending() {
+                    if let Err(e) = host.commit(&js.catalog, &mut out) {
+                        fail_store(shard.id, &e);
+                    }
+                }
+                if let Err(e) = host.handle_api(
+                    &request.subject,
+                    &request.reply,
+                    &request.body,
+                    now,
+                    &js.catalog,
+                    &mut out,
+                ) {
+                    fail_store(shard.id, &e);
+                }
+                resubscribe = true;
+            }
+            if host.has_pending() {
+                if let Err(e) = host.commit(&js.catalog, &mut out) {
+                    fail_store(shard.id, &e);
+                }
+            }
+            if now >= next_expire {
+                next_expire = now + EXPIRE_TICK_MS as i64 * 1_000_000;
+                if let Err(e) = host.expire(now, &js.catalog) {
+                    fail_store(shard.id, &e);
+                }
+            }
+        }
+        if resubscribe {
+            runtime.sync_subscriptions(&shard, false).await;
+        }
+        send(&shard, &mut outgoing, &mut out).await;
+    }
+}
+
+/// Routes every outbound message like a publish from a client of this shard.
+async fn send(shard: &Rc<Shard>, outgoing: &mut Outgoing, out: &mut Vec<Outbound>) {
+    let peers = &shard.shared.peers;
+    for message in out.drain(..) {
+        let msg = Message {
+            subject: &message.subject,
+            reply: (!message.reply.is_empty()).then_some(message.reply.as_slice()),
+            headers: (!message.headers.is_empty()).then_some(message.headers.as_slice()),
+            payload: &message.payload,
+        };
+        let outcome = shard.router.borrow_mut().route_as(
+            &message.route_to,
+            &msg,
+            None,
+            &mut outgoing.targets,
+        );
+        if outcome.remote_shards > 0 {
+            let route_as =
+                (message.route_to != message.subject).then_some(message.route_to.as_slice());
+            let full = outgoing.push_targets_as(
+                route_as,
+                &msg,
+                shard.shared.shard_count,
+                &shard.batch_pool,
+                shard.id,
+            );
+            if full && outgoing.try_flush(peers) {
+                outgoing.flush_blocked(peers).await;
+            }
+        }
+    }
+    if outgoing.try_flush(peers) {
+        outgoing.flush_blocked(peers).await;
+    }
+    shard.broadcast_interest();
+}
