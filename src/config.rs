@@ -21,6 +21,8 @@ pub const PINGS_OUTSTANDING_MAX_DEFAULT: u32 = 2;
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 2_000;
 /// Busy-polling longer than this after activity only burns CPU.
 pub const SPIN_US_MAX: u64 = 10_000;
+/// Smaller segments would mean a file (and a directory sync) every few messages.
+pub const STORE_SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 /// Shards are addressed by bit in 64-bit interest masks.
 pub const SHARDS_MAX: usize = 64;
 
@@ -60,6 +62,8 @@ pub struct Config {
     /// Where streams are stored; None: JetStream is off (API requests get the
     /// 503 no-responders status, as from nats-server without `-js`).
     pub store_dir: Option<std::path::PathBuf>,
+    /// Size of each stream segment file, preallocated when it is created.
+    pub store_segment_bytes: u64,
 }
 
 impl Default for Config {
@@ -81,6 +85,7 @@ impl Default for Config {
             log_level: None,
             spin_us: 0,
             store_dir: None,
+            store_segment_bytes: crate::store::log::SEGMENT_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -148,6 +153,11 @@ impl Config {
         }
         if self.spin_us > SPIN_US_MAX {
             return invalid(format!("spin_us must be at most {SPIN_US_MAX}"));
+        }
+        if self.store_segment_bytes < STORE_SEGMENT_BYTES_MIN {
+            return invalid(format!(
+                "store_segment_bytes must be at least {STORE_SEGMENT_BYTES_MIN}"
+            ));
         }
         if self.connect_timeout_ms == 0 {
             return invalid("connect_timeout_ms must be positive".into());

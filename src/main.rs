@@ -182,6 +182,9 @@ struct ServeArgs {
     /// [default: off].
     #[arg(long)]
     store_dir: Option<PathBuf>,
+    /// Size of each stream segment file, preallocated [default: 67108864].
+    #[arg(long)]
+    store_segment_bytes: Option<u64>,
     /// Name reported in INFO [default: perch].
     #[arg(long)]
     server_name: Option<String>,
@@ -211,7 +214,8 @@ impl ServeArgs {
             connect_timeout_ms,
             ping_interval_ms,
             ping_max_outstanding,
-            spin_us
+            spin_us,
+            store_segment_bytes
         );
         if self.shards.is_some() {
             config.shards = self.shards;

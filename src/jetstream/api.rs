@@ -157,6 +157,8 @@ pub mod errors {
 
     /// err_codes whose description is a template (see the `ApiError` constructors).
     pub const CONSUMER_CREATE_FAILED_ERR_CODE: u16 = 10012;
+    /// A stream the store could not create (description: the store's error).
+    pub const STREAM_CREATE_FAILED_ERR_CODE: u16 = 10049;
     pub const STREAM_INVALID_CONFIG_ERR_CODE: u16 = 10052;
     pub const STREAM_MSG_DELETE_FAILED_ERR_CODE: u16 = 10057;
     pub const WRONG_LAST_MSG_ID_ERR_CODE: u16 = 10070;

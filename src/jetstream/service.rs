@@ -24,43 +24,73 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::api::{
-    self, errors, response_type, AccountInfo, AccountInfoBody, AccountLimits, ApiError, ApiPaged,
-    ApiResponse, ApiStats, MsgDeleteRequest, MsgGetBody, MsgGetRequest, PubAckResponse,
-    StreamConfig, StreamCreateBody, StreamInfo, StreamInfoBody, StreamInfoRequest, StreamListBody,
-    StreamListRequest, StreamNamesBody, StreamPurgeBody, StreamPurgeRequest, StreamUpdateBody,
-    SuccessBody, Timestamp,
+    self, errors, response_type, AccountInfo, AccountInfoBody, AccountLimits, AckKind, AckSubject,
+    ApiError, ApiPaged, ApiResponse, ApiStats, ConsumerCreateRequest, ConsumerInfo,
+    ConsumerInfoBody, ConsumerListBody, ConsumerListRequest, ConsumerNamesBody, MsgDeleteRequest,
+    MsgGetBody, MsgGetRequest, NextRequest, PubAckResponse, StreamConfig, StreamCreateBody,
+    StreamInfo, StreamInfoBody, StreamInfoRequest, StreamListBody, StreamListRequest,
+    StreamNamesBody, StreamPurgeBody, StreamPurgeRequest, StreamUpdateBody, SuccessBody, Timestamp,
 };
+use super::consumer::{check_create_subject, Consumer, CreateSubject, StateError};
 use super::stream::{PlannedMessage, ReadError, Stream};
 use crate::store::streams::{list_streams, stream_dir, validate_stream_name};
-use crate::store::{Directory, OsDirectory, StorageFile, StoreError};
+use crate::store::{Directory, LogConfig, OsDirectory, StorageFile, StoreError};
+
+/// Push consumers' flow-control replies come back on `$JS.FC.<stream>.<consumer>.…`.
+pub const FLOW_CONTROL_PREFIX: &str = "$JS.FC.";
+
+/// A durable consumer's state file in its stream's directory.
+fn consumer_file(name: &str) -> String {
+    format!("consumer-{name}")
+}
+
+/// Loads the durable consumers saved in a stream's directory.
+fn load_consumers<D: Directory>(
+    stream: &Stream<D>,
+    dir: &D,
+    now_ns: i64,
+) -> Result<BTreeMap<String, Consumer>, StoreError> {
+    let mut consumers = BTreeMap::new();
+    for file in dir
+        .list()
+        .map_err(StoreError::io("list", "stream directory"))?
+    {
+        let Some(name) = file.strip_prefix("consumer-") else {
+            continue;
+        };
+        if name.ends_with(".tmp") {
+            continue;
+        }
+        match Consumer::load(stream, dir, &file, now_ns) {
+            Ok(Some(consumer)) => {
+                consumers.insert(name.to_owned(), consumer);
+            }
+            Ok(None) => {}
+            Err(StateError::Store(error)) => return Err(error),
+            Err(StateError::Corrupt(why)) => {
+                return Err(StoreError::io("load", &file)(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("consumer state is corrupt: {why}"),
+                )))
+            }
+        }
+    }
+    Ok(consumers)
+}
 
 /// A stream's config and creation time, in its directory.
 pub const STREAM_META_FILE: &str = "stream.json";
 const STREAM_META_TEMP_FILE: &str = "stream.json.tmp";
 
-/// A message the runtime must publish: routed by `route_to` (an inbox, a deliver
-/// subject), shown to the subscriber with `subject` (the stored message's own
-/// subject for consumer deliveries; equal to `route_to` for replies).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Outbound {
-    pub route_to: Vec<u8>,
-    pub subject: Vec<u8>,
-    /// Empty: none.
-    pub reply: Vec<u8>,
-    /// Empty: none (MSG); otherwise a whole NATS/1.0 block (HMSG).
-    pub headers: Vec<u8>,
-    pub payload: Vec<u8>,
-}
+pub use super::consumer::Outbound;
 
-impl Outbound {
-    /// A reply: a plain message on `to`.
-    pub fn reply(to: &[u8], payload: Vec<u8>) -> Outbound {
-        Outbound {
-            route_to: to.to_vec(),
-            subject: to.to_vec(),
-            payload,
-            ..Outbound::default()
-        }
+/// A reply: a plain message on `to`.
+fn reply_to(to: &[u8], payload: Vec<u8>) -> Outbound {
+    Outbound {
+        route_to: to.to_vec(),
+        subject: to.to_vec(),
+        payload,
+        ..Outbound::default()
     }
 }
 
@@ -252,11 +282,15 @@ struct Hosted<D: Directory> {
     dir: D,
     /// Publishes collected for the next commit, with their reply subjects.
     pending: Vec<(PlannedMessage, Vec<u8>)>,
+    consumers: BTreeMap<String, Consumer>,
 }
 
 /// The streams one shard owns.
 pub struct Host<R: StoreRoot> {
+    /// A consumer stopped at its byte budget with more to deliver.
+    more: bool,
     root: R,
+    log_config: LogConfig,
     shard: usize,
     shard_count: usize,
     streams: BTreeMap<String, Hosted<R::Dir>>,
@@ -288,13 +322,16 @@ impl<R: StoreRoot> Host<R> {
     /// Opens the streams of `root` that `shard` owns and enters them in `catalog`.
     pub fn open(
         root: R,
+        log_config: LogConfig,
         shard: usize,
         shard_count: usize,
         now_ns: i64,
         catalog: &Mutex<Catalog>,
     ) -> Result<Host<R>, StoreError> {
         let mut host = Host {
+            more: false,
             root,
+            log_config,
             shard,
             shard_count,
             streams: BTreeMap::new(),
@@ -315,11 +352,13 @@ impl<R: StoreRoot> Host<R> {
                 tracing::warn!(stream = %name, "no {STREAM_META_FILE}: not a stream, skipped");
                 continue;
             };
-            let stream = Stream::open(dir.clone(), meta.config, now_ns)?;
+            let stream =
+                Stream::open_with_log_config(dir.clone(), meta.config, log_config, now_ns)?;
             tracing::info!(stream = %name, shard, messages = stream.state().messages, "stream opened");
             host.streams.insert(
                 name,
                 Hosted {
+                    consumers: load_consumers(&stream, &dir, now_ns)?,
                     stream,
                     created: meta.created,
                     dir,
@@ -341,6 +380,7 @@ impl<R: StoreRoot> Host<R> {
         for (name, hosted) in &self.streams {
             subjects.extend(hosted.stream.config().subjects.iter().cloned());
             subjects.push(format!("{}{name}.>", api::ACK_PREFIX));
+            subjects.push(format!("{FLOW_CONTROL_PREFIX}{name}.>"));
         }
         subjects
     }
@@ -377,7 +417,7 @@ impl<R: StoreRoot> Host<R> {
         {
             if !reply.is_empty() {
                 let name = &hosted.stream.config().name;
-                out.push(Outbound::reply(
+                out.push(reply_to(
                     reply,
                     PubAckResponse::failed(name, error).encode().into_bytes(),
                 ));
@@ -425,9 +465,10 @@ impl<R: StoreRoot> Host<R> {
                     Ok(ack) => PubAckResponse { error: None, ack },
                     Err(error) => PubAckResponse::failed(&name, error),
                 };
-                out.push(Outbound::reply(&reply, response.encode().into_bytes()));
+                out.push(reply_to(&reply, response.encode().into_bytes()));
             }
             self.refresh_catalog(&name, catalog);
+            self.more = true;
         }
         Ok(())
     }
@@ -463,10 +504,12 @@ impl<R: StoreRoot> Host<R> {
     }
 
     fn stream_info(&self, hosted: &Hosted<R::Dir>) -> StreamInfo {
+        let mut state = hosted.stream.state();
+        state.consumer_count = hosted.consumers.len() as u64;
         StreamInfo {
             config: hosted.stream.config().clone(),
             created: hosted.created,
-            state: hosted.stream.state(),
+            state,
             domain: String::new(),
             cluster: None,
         }
@@ -487,13 +530,21 @@ impl<R: StoreRoot> Host<R> {
         let Some(call) = parse_call(subject) else {
             return Ok(());
         };
-        let (payload, failed) = self.dispatch(call, body, now_ns, catalog)?;
+        if let Call::Consumer {
+            verb: ConsumerVerb::Next,
+            stream,
+            rest,
+        } = &call
+        {
+            return self.pull(stream, rest, reply, body, now_ns, out);
+        }
+        let (payload, failed) = self.dispatch(call, body, now_ns, catalog, out)?;
         if let Ok(mut catalog) = catalog.lock() {
             catalog.api_total += 1;
             catalog.api_errors += u64::from(failed);
         }
         if !reply.is_empty() {
-            out.push(Outbound::reply(reply, payload));
+            out.push(reply_to(reply, payload));
         }
         Ok(())
     }
@@ -505,6 +556,7 @@ impl<R: StoreRoot> Host<R> {
         body: &[u8],
         now_ns: i64,
         catalog: &Mutex<Catalog>,
+        out: &mut Vec<Outbound>,
     ) -> Result<(Vec<u8>, bool), StoreError> {
         fn reply<B: Serialize>(response: ApiResponse<B>) -> (Vec<u8>, bool) {
             let failed = response.error.is_some();
@@ -574,7 +626,11 @@ impl<R: StoreRoot> Host<R> {
                         SuccessBody::default(),
                     ))
                 } else {
-                    self.streams.remove(name);
+                    if let Some(mut hosted) = self.streams.remove(name) {
+                        for consumer in hosted.consumers.values_mut() {
+                            consumer.on_delete(out);
+                        }
+                    }
                     self.root
                         .remove_stream(name)
                         .map_err(StoreError::io("remove", name))?;
@@ -589,6 +645,7 @@ impl<R: StoreRoot> Host<R> {
                 let result = self.purge(name, body)?;
                 if result.is_ok() {
                     self.refresh_catalog(name, catalog);
+                    self.more = true;
                 }
                 match result {
                     Ok(purged) => reply(ApiResponse::ok(
@@ -618,22 +675,421 @@ impl<R: StoreRoot> Host<R> {
                 let result = self.msg_delete(name, body)?;
                 if result.is_ok() {
                     self.refresh_catalog(name, catalog);
+                    self.more = true;
                 }
                 match result {
                     Ok(()) => reply(ApiResponse::ok(t, SuccessBody { success: true })),
                     Err(error) => reply(ApiResponse::failed(t, error, SuccessBody::default())),
                 }
             }
-            Call::Consumer { .. } => {
-                // Consumers are served by the consumer engine (not yet wired).
-                let t = response_type::CONSUMER_CREATE;
-                reply(ApiResponse::failed(
-                    t,
-                    errors::CONSUMER_NOT_FOUND.into(),
-                    SuccessBody::default(),
-                ))
+            Call::Consumer { verb, stream, rest } => {
+                let result = self.consumer_call(verb, stream, &rest, body, now_ns, out)?;
+                self.refresh_catalog(stream, catalog);
+                result
             }
         })
+    }
+
+    /// A consumer API call other than a pull request: the reply's bytes and whether
+    /// it is an error.
+    fn consumer_call(
+        &mut self,
+        verb: ConsumerVerb,
+        stream_name: &str,
+        rest: &[&str],
+        body: &[u8],
+        now_ns: i64,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
+        fn reply<B: Serialize>(response: ApiResponse<B>) -> (Vec<u8>, bool) {
+            let failed = response.error.is_some();
+            (encode(&response), failed)
+        }
+        let name = rest.first().copied().unwrap_or_default();
+        Ok(match verb {
+            ConsumerVerb::Create | ConsumerVerb::DurableCreate => {
+                let t = response_type::CONSUMER_CREATE;
+                let subject = match (verb, rest) {
+                    (ConsumerVerb::DurableCreate, [durable]) => CreateSubject::Durable(durable),
+                    (ConsumerVerb::Create, []) => CreateSubject::Ephemeral,
+                    // `CREATE.<stream>.<name>[.<filter…>]`: the filter is checked by
+                    // `create_consumer` (it may hold dots).
+                    (ConsumerVerb::Create, [name, ..]) => {
+                        CreateSubject::Named { name, filter: None }
+                    }
+                    _ => {
+                        return Ok(reply(ApiResponse::failed(
+                            t,
+                            errors::BAD_REQUEST.into(),
+                            ConsumerInfoBody::default(),
+                        )))
+                    }
+                };
+                match self.create_consumer(stream_name, subject, rest, body, now_ns, out)? {
+                    Ok(info) => reply(ApiResponse::ok(t, ConsumerInfoBody { info: Some(info) })),
+                    Err(error) => reply(ApiResponse::failed(t, error, ConsumerInfoBody::default())),
+                }
+            }
+            ConsumerVerb::Info => {
+                let t = response_type::CONSUMER_INFO;
+                match self.consumer_mut(stream_name, name) {
+                    Ok((_, consumer)) => reply(ApiResponse::ok(
+                        t,
+                        ConsumerInfoBody {
+                            info: Some(consumer.info(now_ns)),
+                        },
+                    )),
+                    Err(error) => reply(ApiResponse::failed(t, error, ConsumerInfoBody::default())),
+                }
+            }
+            ConsumerVerb::Delete => {
+                let t = response_type::CONSUMER_DELETE;
+                match self.consumer_mut(stream_name, name) {
+                    Err(error) => reply(ApiResponse::failed(t, error, SuccessBody::default())),
+                    Ok((dir, consumer)) => {
+                        consumer.on_delete(out);
+                        let file = consumer_file(name);
+                        let dir = dir.clone();
+                        if let Some(hosted) = self.streams.get_mut(stream_name) {
+                            hosted.consumers.remove(name);
+                        }
+                        if dir
+                            .list()
+                            .map_err(StoreError::io("list", &file))?
+                            .contains(&file)
+                        {
+                            dir.remove(&file).map_err(StoreError::io("remove", &file))?;
+                            dir.sync()
+                                .map_err(StoreError::io("sync directory for", &file))?;
+                        }
+                        reply(ApiResponse::ok(t, SuccessBody { success: true }))
+                    }
+                }
+            }
+            ConsumerVerb::Names | ConsumerVerb::List => {
+                let list = verb == ConsumerVerb::List;
+                let t = if list {
+                    response_type::CONSUMER_LIST
+                } else {
+                    response_type::CONSUMER_NAMES
+                };
+                let Some(hosted) = self.streams.get(stream_name) else {
+                    return Ok(if list {
+                        reply(ApiResponse::failed(
+                            t,
+                            errors::STREAM_NOT_FOUND.into(),
+                            ConsumerListBody::default(),
+                        ))
+                    } else {
+                        reply(ApiResponse::failed(
+                            t,
+                            errors::STREAM_NOT_FOUND.into(),
+                            ConsumerNamesBody::default(),
+                        ))
+                    });
+                };
+                let request: ConsumerListRequest = api::decode_request(body).unwrap_or_default();
+                let offset = request.offset.max(0) as usize;
+                let total = hosted.consumers.len() as i64;
+                if list {
+                    let consumers = hosted
+                        .consumers
+                        .values()
+                        .skip(offset)
+                        .take(api::LIST_PAGE_LIMIT as usize)
+                        .map(|c| c.info(now_ns))
+                        .collect();
+                    reply(ApiResponse::ok(
+                        t,
+                        ConsumerListBody {
+                            paged: ApiPaged {
+                                total,
+                                offset: offset as i64,
+                                limit: api::LIST_PAGE_LIMIT,
+                            },
+                            consumers,
+                            missing: Vec::new(),
+                        },
+                    ))
+                } else {
+                    let names: Vec<String> = hosted
+                        .consumers
+                        .keys()
+                        .skip(offset)
+                        .take(api::NAMES_PAGE_LIMIT as usize)
+                        .cloned()
+                        .collect();
+                    reply(ApiResponse::ok(
+                        t,
+                        ConsumerNamesBody {
+                            paged: ApiPaged {
+                                total,
+                                offset: offset as i64,
+                                limit: api::NAMES_PAGE_LIMIT,
+                            },
+                            consumers: Some(names),
+                        },
+                    ))
+                }
+            }
+            ConsumerVerb::Next => unreachable!("pull requests are handled by `pull`"),
+        })
+    }
+
+    fn consumer_mut(
+        &mut self,
+        stream_name: &str,
+        name: &str,
+    ) -> Result<(&R::Dir, &mut Consumer), ApiError> {
+        let hosted = self
+            .streams
+            .get_mut(stream_name)
+            .ok_or_else(|| ApiError::from(errors::STREAM_NOT_FOUND))?;
+        let consumer = hosted
+            .consumers
+            .get_mut(name)
+            .ok_or_else(|| ApiError::from(errors::CONSUMER_NOT_FOUND))?;
+        Ok((&hosted.dir, consumer))
+    }
+
+    fn create_consumer(
+        &mut self,
+        stream_name: &str,
+        subject: CreateSubject<'_>,
+        rest: &[&str],
+        body: &[u8],
+        now_ns: i64,
+        out: &mut Vec<Outbound>,
+    ) -> Result<Result<ConsumerInfo, ApiError>, StoreError> {
+        let request: ConsumerCreateRequest = match api::decode_required_request(body) {
+            Ok(request) => request,
+            Err(_) => return Ok(Err(errors::INVALID_JSON.into())),
+        };
+        if !request.stream_name.is_empty() && request.stream_name != stream_name {
+            return Ok(Err(errors::STREAM_NAME_MISMATCH.into()));
+        }
+        let mut config = request.config;
+        let filter_from_subject = (rest.len() > 1).then(|| rest[1..].join("."));
+        if let Err(error) = check_create_subject(subject, &mut config) {
+            return Ok(Err(error));
+        }
+        if let Some(filter) = &filter_from_subject {
+            if *filter != config.filter_subject {
+                return Ok(Err(
+                    super::consumer::create_errors::FILTER_SUBJECT_MISMATCH.into()
+                ));
+            }
+        }
+        let seed = now_ns as u64 ^ (self.shard as u64) << 56;
+        let Some(hosted) = self.streams.get_mut(stream_name) else {
+            return Ok(Err(errors::STREAM_NOT_FOUND.into()));
+        };
+        let existing_name = if config.is_durable() {
+            Some(config.durable_name.clone())
+        } else if !config.name.is_empty() {
+            Some(config.name.clone())
+        } else {
+            None
+        };
+        let name = match existing_name
+            .as_ref()
+            .and_then(|n| hosted.consumers.get_mut(n))
+        {
+            Some(consumer) => match consumer.update(&hosted.stream, config) {
+                Err(error) => return Ok(Err(error)),
+                Ok(_) => consumer.name().to_owned(),
+            },
+            None => {
+                if hosted.stream.config().max_consumers > 0
+                    && hosted.consumers.len() as i64 >= hosted.stream.config().max_consumers
+                {
+                    return Ok(Err(
+                        super::consumer::create_errors::MAX_CONSUMERS_REACHED.into()
+                    ));
+                }
+                let mut attempt = 0u64;
+                let consumer = loop {
+                    let consumer = match Consumer::create(
+                        &hosted.stream,
+                        config.clone(),
+                        now_ns,
+                        seed.wrapping_add(attempt),
+                    ) {
+                        Ok(consumer) => consumer,
+                        Err(error) => return Ok(Err(error)),
+                    };
+                    if !hosted.consumers.contains_key(consumer.name()) {
+                        break consumer;
+                    }
+                    attempt += 1;
+                };
+                let name = consumer.name().to_owned();
+                hosted.consumers.insert(name.clone(), consumer);
+                name
+            }
+        };
+        let Some(consumer) = hosted.consumers.get_mut(&name) else {
+            return Ok(Err(errors::CONSUMER_NOT_FOUND.into()));
+        };
+        if consumer.config().is_durable() && consumer.needs_save() {
+            consumer.save_state(&hosted.dir, &consumer_file(&name))?;
+        }
+        consumer.poll(&hosted.stream, now_ns, out)?;
+        Ok(Ok(consumer.info(now_ns)))
+    }
+
+    /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`: queued on the consumer (which
+    /// answers with messages or a status); an unknown consumer gets no reply, as
+    /// from the reference.
+    fn pull(
+        &mut self,
+        stream_name: &str,
+        rest: &[&str],
+        reply: &[u8],
+        body: &[u8],
+        now_ns: i64,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), StoreError> {
+        let [name] = rest else {
+            return Ok(());
+        };
+        let Some(hosted) = self.streams.get_mut(stream_name) else {
+            return Ok(());
+        };
+        let Some(consumer) = hosted.consumers.get_mut(*name) else {
+            return Ok(());
+        };
+        let Ok(request) = NextRequest::parse(body) else {
+            return Ok(());
+        };
+        consumer.add_pull(reply.to_vec(), request, now_ns, out);
+        self.more |= consumer.poll(&hosted.stream, now_ns, out)?;
+        Ok(())
+    }
+
+    /// A publish on `$JS.ACK.<stream>.…` (with the publisher's reply subject).
+    pub fn ack(
+        &mut self,
+        subject: &[u8],
+        reply: &[u8],
+        body: &[u8],
+        now_ns: i64,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), StoreError> {
+        let Ok(subject) = std::str::from_utf8(subject) else {
+            return Ok(());
+        };
+        let (Ok(ack), Ok(kind)) = (AckSubject::parse(subject), AckKind::parse(body)) else {
+            tracing::debug!(subject, "unreadable ack ignored");
+            return Ok(());
+        };
+        let Some(hosted) = self.streams.get_mut(&ack.stream) else {
+            return Ok(());
+        };
+        let Some(consumer) = hosted.consumers.get_mut(&ack.consumer) else {
+            return Ok(());
+        };
+        consumer.on_ack(&ack, kind, reply, now_ns, out);
+        self.more |= consumer.poll(&hosted.stream, now_ns, out)?;
+        Ok(())
+    }
+
+    /// A reply to a push consumer's flow-control request (`$JS.FC.<stream>.<consumer>.…`).
+    pub fn flow_control(&mut self, subject: &[u8]) {
+        let text = String::from_utf8_lossy(subject);
+        let mut tokens = text.split('.').skip(2);
+        let (Some(stream), Some(name)) = (tokens.next(), tokens.next()) else {
+            return;
+        };
+        if let Some(consumer) = self
+            .streams
+            .get_mut(stream)
+            .and_then(|h| h.consumers.get_mut(name))
+        {
+            consumer.on_flow_control(subject);
+            self.more = true;
+        }
+    }
+
+    /// Every push consumer's deliver subject, for the runtime to check interest.
+    pub fn push_subjects(&self) -> Vec<(String, String, Vec<u8>)> {
+        let mut subjects = Vec::new();
+        for (stream, hosted) in &self.streams {
+            for (name, consumer) in &hosted.consumers {
+                if !consumer.config().is_pull() {
+                    let deliver = consumer.config().deliver_subject.as_bytes().to_vec();
+                    subjects.push((stream.clone(), name.clone(), deliver));
+                }
+            }
+        }
+        subjects
+    }
+
+    /// Tells a push consumer whether its deliver subject has subscribers.
+    pub fn set_push_active(&mut self, stream: &str, name: &str, active: bool, now_ns: i64) {
+        if let Some(consumer) = self
+            .streams
+            .get_mut(stream)
+            .and_then(|h| h.consumers.get_mut(name))
+        {
+            consumer.set_push_active(active, now_ns);
+            self.more = true;
+        }
+    }
+
+    /// Drives every consumer: deliveries after commits, redeliveries and expiries at
+    /// their deadlines, inactive ephemerals removed, durable state saved. Returns
+    /// whether some consumer has more to deliver right away (poll again after
+    /// flushing `out`).
+    pub fn poll_consumers(
+        &mut self,
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<bool, StoreError> {
+        let mut more = std::mem::take(&mut self.more);
+        let mut changed = Vec::new();
+        for (stream_name, hosted) in &mut self.streams {
+            let mut gone = Vec::new();
+            for (name, consumer) in &mut hosted.consumers {
+                more |= consumer.poll(&hosted.stream, now_ns, out)?;
+                if consumer.is_inactive(now_ns) {
+                    consumer.on_delete(out);
+                    gone.push(name.clone());
+                } else if consumer.config().is_durable() && consumer.needs_save() {
+                    consumer.save_state(&hosted.dir, &consumer_file(name))?;
+                }
+            }
+            for name in gone {
+                hosted.consumers.remove(&name);
+                let file = consumer_file(&name);
+                if hosted
+                    .dir
+                    .list()
+                    .map_err(StoreError::io("list", &file))?
+                    .contains(&file)
+                {
+                    hosted
+                        .dir
+                        .remove(&file)
+                        .map_err(StoreError::io("remove", &file))?;
+                }
+                changed.push(stream_name.clone());
+            }
+        }
+        for name in changed {
+            self.refresh_catalog(&name, catalog);
+        }
+        Ok(more)
+    }
+
+    /// The earliest consumer deadline (redelivery, pull expiry, heartbeat).
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.streams
+            .values()
+            .flat_map(|h| h.consumers.values())
+            .filter_map(Consumer::next_deadline)
+            .min()
     }
 
     fn create_stream(
@@ -663,24 +1119,41 @@ impl<R: StoreRoot> Host<R> {
             self.shard,
             "stream calls reach the owner"
         );
-        let dir = self
+        let created = Timestamp::from_unix_nanos(now_ns);
+        // A stream that cannot be created (a full disk, say) fails the request, not
+        // the store: nothing was acknowledged into it yet.
+        let opened = self
             .root
             .open_stream(name)
-            .map_err(StoreError::io("create", name))?;
-        let created = Timestamp::from_unix_nanos(now_ns);
-        write_meta(
-            &dir,
-            &StreamMeta {
-                config: config.clone(),
-                created,
-            },
-        )?;
-        let stream = Stream::open(dir.clone(), config, now_ns)?;
+            .map_err(StoreError::io("create", name))
+            .and_then(|dir| {
+                let meta = StreamMeta {
+                    config: config.clone(),
+                    created,
+                };
+                write_meta(&dir, &meta)?;
+                let stream =
+                    Stream::open_with_log_config(dir.clone(), config, self.log_config, now_ns)?;
+                Ok((dir, stream))
+            });
+        let (dir, stream) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                tracing::warn!(stream = name, "cannot create stream: {error}");
+                let _ = self.root.remove_stream(name);
+                return Ok(Err(ApiError {
+                    code: 500,
+                    err_code: errors::STREAM_CREATE_FAILED_ERR_CODE,
+                    description: error.to_string(),
+                }));
+            }
+        };
         let hosted = Hosted {
             stream,
             created,
             dir,
             pending: Vec::new(),
+            consumers: BTreeMap::new(),
         };
         let info = self.stream_info(&hosted);
         self.streams.insert(name.to_owned(), hosted);
@@ -727,13 +1200,18 @@ impl<R: StoreRoot> Host<R> {
         )?;
         // Reopen under the new config: its limits apply from now on (a rare
         // operation; reopening rescans the log).
-        self.streams.remove(name);
-        let stream = Stream::open(dir.clone(), config, now_ns)?;
+        let consumers = self
+            .streams
+            .remove(name)
+            .map(|old| old.consumers)
+            .unwrap_or_default();
+        let stream = Stream::open_with_log_config(dir.clone(), config, self.log_config, now_ns)?;
         let hosted = Hosted {
             stream,
             created,
             dir,
             pending: Vec::new(),
+            consumers,
         };
         let info = self.stream_info(&hosted);
         self.streams.insert(name.to_owned(), hosted);

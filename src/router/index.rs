@@ -196,6 +196,19 @@ impl Router {
         self.local.len()
     }
 
+    /// Whether any client on any shard is subscribed to a pattern matching `subject`
+    /// (JetStream delivers to a push consumer only while someone listens).
+    pub fn has_interest(&self, subject: &[u8]) -> bool {
+        let mut found = false;
+        self.local
+            .for_each_match(subject, |entry| found |= !entry.is_empty());
+        if !found {
+            self.interest
+                .for_each_match(subject, |entry| found |= !entry.is_empty());
+        }
+        found
+    }
+
     /// Adds a local subscription. Interest changes go to the outbox.
     pub fn subscribe(&mut self, sub: Rc<Subscription>) {
         let entry = self.local.entry(sub.subject());

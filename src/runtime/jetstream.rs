@@ -28,13 +28,17 @@ use tokio::sync::Notify;
 use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::jetstream::api;
-use crate::jetstream::service::{api_target, owner_of, ApiTarget, Catalog, Host, OsRoot, Outbound};
+use crate::jetstream::service::{
+    api_target, owner_of, ApiTarget, Catalog, Host, OsRoot, Outbound, FLOW_CONTROL_PREFIX,
+};
 use crate::nats::parser::{parse_op, ParseLimits, Parsed};
 use crate::nats::session::{Effect, Message, Session, SessionLimits, Subscription};
-use crate::store::StoreError;
+use crate::store::{LogConfig, StoreError};
 
 /// The queue group every shard's internal session joins on `$JS.API.>`.
 const API_QUEUE: &str = "perch-jetstream";
+/// How often a push consumer without subscribers looks for one.
+const PUSH_INTEREST_POLL_MS: u64 = 20;
 /// How often time-based limits (max_age) are applied.
 const EXPIRE_TICK_MS: u64 = 1_000;
 /// The exit code when the store fails (EX_IOERR).
@@ -46,6 +50,7 @@ const INTERNAL_PENDING_BYTES_MAX: usize = 1 << 30;
 /// What all shards share for JetStream: the catalog and where the store lives.
 pub(crate) struct JsShared {
     pub root: OsRoot,
+    pub log_config: LogConfig,
     pub catalog: Mutex<Catalog>,
 }
 
@@ -91,6 +96,7 @@ impl JsRuntime {
     ) -> Result<Rc<JsRuntime>, StoreError> {
         let host = Host::open(
             js.root.clone(),
+            js.log_config,
             shard.id,
             shard.shared.shard_count,
             now_ns(),
@@ -242,8 +248,23 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
     let mut outgoing = Outgoing::new();
     let mut out: Vec<Outbound> = Vec::new();
     let mut next_expire = now_ns();
+    let mut push_active: HashMap<(String, String), bool> = HashMap::new();
+    let mut push_waiting = false;
+    let mut again = false;
+    let mut deadline: Option<i64> = None;
     loop {
-        let idle = Duration::from_millis(EXPIRE_TICK_MS);
+        let mut idle_ms = EXPIRE_TICK_MS;
+        if push_waiting {
+            idle_ms = idle_ms.min(PUSH_INTEREST_POLL_MS);
+        }
+        if let Some(at) = deadline {
+            let until_ms = (at.saturating_sub(now_ns()).max(0) / 1_000_000) as u64 + 1;
+            idle_ms = idle_ms.min(until_ms);
+        }
+        if again {
+            idle_ms = 0;
+        }
+        let idle = Duration::from_millis(idle_ms);
         tokio::select! {
             () = runtime.session.output_ready() => {}
             () = runtime.wake.notified() => {}
@@ -300,7 +321,11 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                         }
                     }
                 } else if msg.subject.starts_with(api::ACK_PREFIX.as_bytes()) {
-                    // Acks are for consumers (not yet wired).
+                    if let Err(e) = host.ack(msg.subject, msg.reply, msg.payload, now, &mut out) {
+                        fail_store(shard.id, &e);
+                    }
+                } else if msg.subject.starts_with(FLOW_CONTROL_PREFIX.as_bytes()) {
+                    host.flow_control(msg.subject);
                 } else {
                     host.publish(
                         msg.subject,
@@ -338,6 +363,24 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                     fail_store(shard.id, &e);
                 }
             }
+            // Push consumers deliver only while someone listens on their subject.
+            let router = shard.router.borrow();
+            push_waiting = false;
+            for (stream, name, deliver) in host.push_subjects() {
+                let active = router.has_interest(&deliver);
+                push_waiting |= !active;
+                let key = (stream, name);
+                if push_active.get(&key) != Some(&active) {
+                    host.set_push_active(&key.0, &key.1, active, now);
+                    push_active.insert(key, active);
+                }
+            }
+            drop(router);
+            match host.poll_consumers(now, &js.catalog, &mut out) {
+                Ok(more) => again = more,
+                Err(e) => fail_store(shard.id, &e),
+            }
+            deadline = host.next_deadline();
             if now >= next_expire {
                 next_expire = now + EXPIRE_TICK_MS as i64 * 1_000_000;
                 if let Err(e) = host.expire(now, &js.catalog) {

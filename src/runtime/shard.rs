@@ -25,6 +25,7 @@ use crate::nats::encode::ServerInfo;
 use crate::nats::parser::ParseLimits;
 use crate::nats::session::{CloseReason, Session, SessionLimits, State};
 use crate::router::Router;
+use crate::store::LogConfig;
 
 /// How often a shard checks connect deadlines, pings and stuck closes.
 const HOUSEKEEPING_TICK_MS: u64 = 100;
@@ -68,6 +69,10 @@ impl Shared {
                 .collect(),
             js: config.store_dir.clone().map(|path| JsShared {
                 root: OsRoot { path },
+                log_config: LogConfig {
+                    segment_bytes_max: config.store_segment_bytes,
+                    ..LogConfig::default()
+                },
                 catalog: Mutex::new(Catalog::default()),
             }),
             js_ready: AtomicUsize::new(0),

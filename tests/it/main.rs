@@ -6,4 +6,5 @@ mod differential;
 mod limits;
 mod shards;
 mod store_cli;
+mod store_faults;
 mod support;

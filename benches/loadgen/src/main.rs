@@ -3,6 +3,7 @@
 //! each server's median and the ratio perch/nats-server, and writes every
 //! measurement as JSON lines. The method is written up in BENCHMARKS.md.
 
+mod jetstream;
 mod machine;
 mod proto;
 mod report;
@@ -20,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-use crate::machine::{program_version, Machine};
+use crate::machine::{program_version, Machine, StoreDisk};
 use crate::report::{RunRecord, NATS_SERVER, PERCH};
 use crate::scenarios::{Params, Scenario};
 use crate::server::{Flavor, ServerSpec};
@@ -53,7 +54,8 @@ struct Cli {
     /// Run only one of the two servers.
     #[arg(long, value_enum)]
     only: Option<Only>,
-    /// Run only this scenario (repeatable) [default: all].
+    /// Run only this scenario (repeatable) [default: all but the JetStream
+    /// ones, js-publish and js-replay, which run only when named].
     #[arg(long, value_enum)]
     scenario: Vec<Scenario>,
     /// Rounds; each round runs every selected server once per scenario.
@@ -89,6 +91,27 @@ struct Cli {
     /// Threads that open the fan-in and idle-conn connections.
     #[arg(long, default_value_t = 4)]
     connect_threads: usize,
+    /// js-publish/js-replay: publisher connections, one thread each.
+    #[arg(long, default_value_t = 4)]
+    js_publishers: usize,
+    /// js-publish/js-replay: most publishes each publisher may have unacked
+    /// (nats.go's async-publish default is 4000).
+    #[arg(long, default_value_t = 4000)]
+    js_window_msgs: u64,
+    /// js-replay: messages pre-filled, then replayed.
+    #[arg(long, default_value_t = 1_000_000)]
+    js_replay_msgs: u64,
+    /// js-replay: messages asked for by one pull request.
+    #[arg(long, default_value_t = 1000)]
+    js_fetch_batch: u64,
+    /// js-*: each run's fresh store directory is made under
+    /// <DIR>/perch-loadgen-<pid>-stores/ and removed after the run
+    /// [default: the temp dir]. Its disk is what perch's fsyncs wait for.
+    #[arg(long)]
+    store_root: Option<PathBuf>,
+    /// js-*: keep each run's store directory.
+    #[arg(long)]
+    keep_stores: bool,
     /// Also write every run and summary as JSON lines to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -117,6 +140,10 @@ impl Cli {
             idle_conns: self.idle_conns,
             settle: Duration::from_millis(self.settle_ms),
             connect_threads: self.connect_threads,
+            js_publishers: self.js_publishers,
+            js_window_msgs: self.js_window_msgs,
+            js_replay_msgs: self.js_replay_msgs,
+            js_fetch_batch: self.js_fetch_batch,
         }
     }
 
@@ -153,9 +180,13 @@ impl Cli {
     }
 
     fn scenarios(&self) -> Vec<Scenario> {
-        Scenario::ALL
-            .into_iter()
-            .filter(|scenario| self.scenario.is_empty() || self.scenario.contains(scenario))
+        if self.scenario.is_empty() {
+            return Scenario::DEFAULT.to_vec();
+        }
+        <Scenario as ValueEnum>::value_variants()
+            .iter()
+            .copied()
+            .filter(|scenario| self.scenario.contains(scenario))
             .collect()
     }
 }
@@ -189,8 +220,9 @@ fn run_once(
     scenario: Scenario,
     params: &Params,
     log_path: &Path,
+    store_dir: Option<&Path>,
 ) -> Result<scenarios::Measurement> {
-    let server = spec.start(log_path)?;
+    let server = spec.start(log_path, store_dir)?;
     match scenario.run(&server, params) {
         Ok(measurement) => {
             if let Err(error) = server.stop() {
@@ -213,6 +245,14 @@ fn run_once(
     }
 }
 
+/// An empty directory at `path`: whatever a previous run left there is removed.
+fn fresh_dir(path: &Path) -> Result<()> {
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
+}
+
 fn run(cli: &Cli) -> Result<bool> {
     let params = cli.params();
     if cli.self_check {
@@ -233,6 +273,17 @@ fn run(cli: &Cli) -> Result<bool> {
     if open_file_limit < needed_files {
         bail!("the open file limit is {open_file_limit}; the connection scenarios need {needed_files}");
     }
+    // The JetStream scenarios' stores, and the disk under them.
+    let store_disk = if scenarios.iter().any(|scenario| scenario.needs_store()) {
+        let root = cli.store_root.clone().unwrap_or_else(std::env::temp_dir);
+        Some(StoreDisk::probe(&root)?)
+    } else {
+        None
+    };
+    let stores_dir = store_disk.as_ref().map(|disk| {
+        disk.root
+            .join(format!("perch-loadgen-{}-stores", std::process::id()))
+    });
     let log_dir = cli.log_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("perch-loadgen-{}", std::process::id()))
     });
@@ -254,8 +305,11 @@ fn run(cli: &Cli) -> Result<bool> {
         .map_or(0, |since| since.as_secs());
     println!("## perch-loadgen results\n");
     println!(
-        "machine: {} CPUs, {}, Linux {}",
-        machine.nproc, machine.cpu_model, machine.kernel
+        "machine: {} CPUs, {}, Linux {}, {:.1} GiB RAM",
+        machine.nproc,
+        machine.cpu_model,
+        machine.kernel,
+        machine.mem_total_kib as f64 / (1024.0 * 1024.0)
     );
     for (label, version) in &versions {
         println!("{label}: {version}");
@@ -271,11 +325,44 @@ fn run(cli: &Cli) -> Result<bool> {
         cli.payload_bytes,
         log_dir.display()
     );
+    if let (Some(disk), Some(stores_dir)) = (&store_disk, &stores_dir) {
+        println!(
+            "JetStream: {} publishers x {} unacked, replay of {} msgs in pulls of {}; \
+             stores under {} ({} on {}, mounted at {}); \
+             64 B append + fdatasync there: p50 {:.0} µs, p99 {:.0} µs\n",
+            cli.js_publishers,
+            cli.js_window_msgs,
+            cli.js_replay_msgs,
+            cli.js_fetch_batch,
+            stores_dir.display(),
+            disk.fs_type,
+            disk.device,
+            disk.mount_point,
+            disk.fdatasync_p50_us,
+            disk.fdatasync_p99_us
+        );
+        if disk.fs_type == "tmpfs" || disk.fs_type == "ramfs" {
+            eprintln!(
+                "WARNING: the store root is on {}: fsync costs nothing there, so the \
+                 JetStream numbers say nothing about a disk (use --store-root)",
+                disk.fs_type
+            );
+        }
+    }
     json_lines.write(&json!({
         "type": "machine",
         "nproc": machine.nproc,
         "cpu_model": machine.cpu_model,
         "kernel": machine.kernel,
+        "mem_total_kib": machine.mem_total_kib,
+        "store_disk": store_disk.as_ref().map(|disk| json!({
+            "root": disk.root,
+            "mount_point": disk.mount_point,
+            "device": disk.device,
+            "fs_type": disk.fs_type,
+            "fdatasync_64b_p50_us": disk.fdatasync_p50_us,
+            "fdatasync_64b_p99_us": disk.fdatasync_p99_us,
+        })),
         "server_versions": versions.iter().map(|(label, version)| (label.clone(), json!(version))).collect::<serde_json::Map<_, _>>(),
         "perch_is_nats": cli.perch_is_nats,
         "started_unix_s": started_unix_s,
@@ -299,8 +386,26 @@ fn run(cli: &Cli) -> Result<bool> {
                     spec.label,
                     scenario.name()
                 ));
-                let outcome = run_once(spec, scenario, &params, &log_path)
+                let store_dir = match &stores_dir {
+                    Some(stores_dir) if scenario.needs_store() => {
+                        let store_dir = stores_dir.join(format!(
+                            "{}-{}-round{round}",
+                            spec.label,
+                            scenario.name()
+                        ));
+                        fresh_dir(&store_dir)?;
+                        Some(store_dir)
+                    }
+                    _ => None,
+                };
+                let outcome = run_once(spec, scenario, &params, &log_path, store_dir.as_deref())
                     .map_err(|error| format!("{error:#}"));
+                // run_once has stopped the server: its store can go.
+                if let Some(store_dir) = store_dir.filter(|_| !cli.keep_stores) {
+                    if let Err(error) = std::fs::remove_dir_all(&store_dir) {
+                        eprintln!("warning: removing {}: {error}", store_dir.display());
+                    }
+                }
                 match &outcome {
                     Ok(measurement) => {
                         let shown: Vec<String> = measurement
@@ -334,6 +439,9 @@ fn run(cli: &Cli) -> Result<bool> {
         }
     }
     println!("Cells: median (min–max) over rounds; ratio = perch median / nats-server median.");
+    if let Some(stores_dir) = stores_dir.filter(|_| !cli.keep_stores) {
+        let _ = std::fs::remove_dir(stores_dir);
+    }
     Ok(all_ok)
 }
 

@@ -13,6 +13,12 @@ use anyhow::{bail, Context, Result};
 /// pedantic subject checks — what a real client library sends.
 pub const CONNECT_JSON: &str = r#"{"verbose":false,"pedantic":false,"lang":"rust","version":"0.1.0","protocol":1,"name":"perch-loadgen"}"#;
 
+/// CONNECT options of the JetStream scenarios' connections: as
+/// [`CONNECT_JSON`] plus headers and no_responders, as JetStream clients send,
+/// so a request nobody serves gets a `503` status at once instead of silence,
+/// and pull requests can end with `404`/`408` status messages.
+pub const JS_CONNECT_JSON: &str = r#"{"verbose":false,"pedantic":false,"lang":"rust","version":"0.1.0","protocol":1,"name":"perch-loadgen","headers":true,"no_responders":true}"#;
+
 /// How long one blocking read waits before the caller re-checks its stop flag
 /// and deadline.
 pub const READ_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -217,6 +223,28 @@ pub fn reply_subject(line: &[u8]) -> Option<&[u8]> {
     (token_count == with_reply_count).then_some(tokens[3])
 }
 
+/// The subject (second token) of a `MSG`/`HMSG` line.
+pub fn msg_subject(line: &[u8]) -> Option<&[u8]> {
+    line.split(is_field_separator)
+        .filter(|token| !token.is_empty())
+        .nth(1)
+}
+
+/// Whether a `MSG`-kind frame is an `HMSG` (its payload starts with headers).
+pub fn is_hmsg(line: &[u8]) -> bool {
+    line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"HMSG ")
+}
+
+/// The status line of an HMSG payload (`NATS/1.0 503`, `NATS/1.0 408
+/// Request Timeout`), without its CRLF; `None` when the header block has no
+/// status code.
+pub fn status_line(payload: &[u8]) -> Option<&[u8]> {
+    let line_end = memchr::memmem::find(payload, b"\r\n").unwrap_or(payload.len());
+    let line = &payload[..line_end];
+    let status = line.strip_prefix(b"NATS/1.0")?;
+    status.iter().any(u8::is_ascii_digit).then_some(line)
+}
+
 /// `count` copies of `PUB <subject> <payload_bytes>\r\n<payload>\r\n`.
 pub fn pub_batch(subject: &str, payload_bytes: usize, count: usize) -> Vec<u8> {
     let header = format!("PUB {subject} {payload_bytes}\r\n");
@@ -274,9 +302,19 @@ impl Conn {
     /// Sends `CONNECT`, then `extra` (e.g. SUB lines), then `PING`, in one
     /// write, and waits for the PONG: after it the server has applied all.
     pub fn handshake(&mut self, extra: &[u8], deadline: Instant) -> Result<()> {
-        let mut out = Vec::with_capacity(CONNECT_JSON.len() + extra.len() + 32);
+        self.handshake_with(CONNECT_JSON, extra, deadline)
+    }
+
+    /// [`Conn::handshake`] with other CONNECT options.
+    pub fn handshake_with(
+        &mut self,
+        connect_json: &str,
+        extra: &[u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        let mut out = Vec::with_capacity(connect_json.len() + extra.len() + 32);
         out.extend_from_slice(b"CONNECT ");
-        out.extend_from_slice(CONNECT_JSON.as_bytes());
+        out.extend_from_slice(connect_json.as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(extra);
         out.extend_from_slice(b"PING\r\n");
@@ -404,6 +442,27 @@ mod tests {
         assert_eq!(reply_subject(b"MSG svc.echo 1 16"), None);
         assert_eq!(reply_subject(b"HMSG s 1 r 12 14"), Some(&b"r"[..]));
         assert_eq!(reply_subject(b"HMSG s 1 12 14"), None);
+    }
+
+    #[test]
+    fn finds_subjects_and_statuses() {
+        // nats-server writes an empty reply field as a double space.
+        assert_eq!(
+            msg_subject(b"MSG _INBOX.a.7 1  27"),
+            Some(&b"_INBOX.a.7"[..])
+        );
+        assert_eq!(msg_subject(b"HMSG x 1 16 16"), Some(&b"x"[..]));
+        assert!(is_hmsg(b"HMSG x 1 16 16"));
+        assert!(!is_hmsg(b"MSG x 1 16"));
+        assert_eq!(
+            status_line(b"NATS/1.0 503\r\n\r\n"),
+            Some(&b"NATS/1.0 503"[..])
+        );
+        assert_eq!(
+            status_line(b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\n\r\n"),
+            Some(&b"NATS/1.0 408 Request Timeout"[..])
+        );
+        assert_eq!(status_line(b"NATS/1.0\r\nA: b\r\n\r\n"), None);
     }
 
     #[test]

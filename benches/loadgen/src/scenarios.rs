@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::jetstream::{js_publish, js_replay};
 use crate::proto::{
     frames_per_batch, pub_batch, reply_subject, Conn, FrameKind, SMALL_READ_BUFFER_BYTES,
     STREAM_READ_BUFFER_BYTES,
@@ -18,7 +19,7 @@ use crate::proto::{
 use crate::server::{proc_cpu_time, RunningServer};
 
 /// Bytes of PUB frames a publisher hands to one write.
-const PUB_BATCH_BYTES: usize = 64 * 1024;
+pub(crate) const PUB_BATCH_BYTES: usize = 64 * 1024;
 /// How long a request may wait for its reply before the scenario fails.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a throttled publisher sleeps before re-checking its window.
@@ -32,10 +33,16 @@ pub enum Scenario {
     FanIn,
     ReqRep,
     IdleConn,
+    JsPublish,
+    JsReplay,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    /// What runs without `--scenario`: the core-protocol scenarios. The
+    /// JetStream ones are opt-in (`--scenario js-publish --scenario
+    /// js-replay`): with their pre-fill they would more than double a
+    /// default run.
+    pub const DEFAULT: [Scenario; 6] = [
         Scenario::PubOnly,
         Scenario::PubSub,
         Scenario::FanOut,
@@ -52,7 +59,14 @@ impl Scenario {
             Scenario::FanIn => "fan-in",
             Scenario::ReqRep => "req-rep",
             Scenario::IdleConn => "idle-conn",
+            Scenario::JsPublish => "js-publish",
+            Scenario::JsReplay => "js-replay",
         }
+    }
+
+    /// Whether the server runs with JetStream on and a fresh store directory.
+    pub fn needs_store(self) -> bool {
+        matches!(self, Scenario::JsPublish | Scenario::JsReplay)
     }
 
     pub fn description(self, params: &Params) -> String {
@@ -79,6 +93,14 @@ impl Scenario {
                 "{} idle connections, each with one SUB: server RSS per connection",
                 params.idle_conns
             ),
+            Scenario::JsPublish => format!(
+                "{} publishers, {payload_bytes} B to stream BENCH (file), up to {} unacked each: PubAcks/s",
+                params.js_publishers, params.js_window_msgs
+            ),
+            Scenario::JsReplay => format!(
+                "{} msgs of {payload_bytes} B in stream BENCH, replayed by one pull consumer in batches of {}: msgs/s",
+                params.js_replay_msgs, params.js_fetch_batch
+            ),
         }
     }
 
@@ -90,6 +112,8 @@ impl Scenario {
             Scenario::FanIn => &FAN_IN_METRICS,
             Scenario::ReqRep => &REQ_REP_METRICS,
             Scenario::IdleConn => &IDLE_CONN_METRICS,
+            Scenario::JsPublish => &JS_PUBLISH_METRICS,
+            Scenario::JsReplay => &JS_REPLAY_METRICS,
         }
     }
 
@@ -101,6 +125,8 @@ impl Scenario {
             Scenario::FanIn => fan_in(server, params),
             Scenario::ReqRep => req_rep(server, params),
             Scenario::IdleConn => idle_conn(server, params),
+            Scenario::JsPublish => js_publish(server, params),
+            Scenario::JsReplay => js_replay(server, params),
         }
     }
 }
@@ -119,6 +145,10 @@ pub struct Params {
     pub idle_conns: usize,
     pub settle: Duration,
     pub connect_threads: usize,
+    pub js_publishers: usize,
+    pub js_window_msgs: u64,
+    pub js_replay_msgs: u64,
+    pub js_fetch_batch: u64,
 }
 
 /// Metric key → value in the metric's base unit (see [`MetricDef`]).
@@ -300,16 +330,62 @@ static IDLE_CONN_METRICS: [MetricDef; 3] = [
     ),
 ];
 
+/// Context for the JetStream scenarios: the disk under the store, probed
+/// just before each run's measurement.
+const DISK_FDATASYNC: MetricDef = metric(
+    "disk_fdatasync_p50_us",
+    "disk: 64 B append + fdatasync p50 (µs)",
+    1.0,
+    0,
+    Better::Neither,
+    None,
+);
+
+static JS_PUBLISH_METRICS: [MetricDef; 4] = [
+    metric(
+        "acked_msgs_per_s",
+        "acked publishes (K msg/s)",
+        1e3,
+        1,
+        Better::Higher,
+        Some(Goal::RatioAtLeast(2.0)),
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+    DISK_FDATASYNC,
+];
+static JS_REPLAY_METRICS: [MetricDef; 5] = [
+    metric(
+        "replayed_msgs_per_s",
+        "replayed (M msg/s)",
+        1e6,
+        3,
+        Better::Higher,
+        None,
+    ),
+    metric(
+        "prefill_acked_msgs_per_s",
+        "pre-fill, acked (K msg/s)",
+        1e3,
+        1,
+        Better::Higher,
+        None,
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+    DISK_FDATASYNC,
+];
+
 /// CPU time used by the server and by this process over a window, in cores
 /// (CPU seconds per wall second).
-struct CpuWindow {
+pub(crate) struct CpuWindow {
     server_start: Duration,
     loadgen_start: Duration,
     wall_start: Instant,
 }
 
 impl CpuWindow {
-    fn start(server: &RunningServer) -> Result<Self> {
+    pub(crate) fn start(server: &RunningServer) -> Result<Self> {
         Ok(Self {
             server_start: server.cpu_time()?,
             loadgen_start: proc_cpu_time("self")?,
@@ -318,7 +394,7 @@ impl CpuWindow {
     }
 
     /// (server cores, loadgen cores).
-    fn finish(self, server: &RunningServer) -> Result<(f64, f64)> {
+    pub(crate) fn finish(self, server: &RunningServer) -> Result<(f64, f64)> {
         let wall_s = self.wall_start.elapsed().as_secs_f64().max(1e-9);
         let server_s = server.cpu_time()?.saturating_sub(self.server_start);
         let loadgen_s = proc_cpu_time("self")?.saturating_sub(self.loadgen_start);
@@ -418,7 +494,7 @@ fn count_messages(
 }
 
 /// Sleeps until `end`, returning early (false) when `failed` is set.
-fn sleep_unless_failed(end: Instant, failed: &AtomicBool) -> bool {
+pub(crate) fn sleep_unless_failed(end: Instant, failed: &AtomicBool) -> bool {
     loop {
         if failed.load(Ordering::Relaxed) {
             return false;
@@ -431,7 +507,10 @@ fn sleep_unless_failed(end: Instant, failed: &AtomicBool) -> bool {
     }
 }
 
-fn join_thread<T>(handle: thread::ScopedJoinHandle<'_, Result<T>>, what: &str) -> Result<T> {
+pub(crate) fn join_thread<T>(
+    handle: thread::ScopedJoinHandle<'_, Result<T>>,
+    what: &str,
+) -> Result<T> {
     handle
         .join()
         .map_err(|_| anyhow!("{what} thread panicked"))?

@@ -39,7 +39,10 @@ pub enum Flavor {
 }
 
 impl ServerSpec {
-    fn args(&self, port: u16) -> Vec<String> {
+    /// The command line; with `store_dir`, JetStream on with that store and
+    /// each server's default durability (perch: `--store-dir DIR`, fsync
+    /// before every ack; nats-server: `-js -sd DIR`, sync every 2 minutes).
+    fn args(&self, port: u16, store_dir: Option<&Path>) -> Vec<String> {
         match &self.flavor {
             Flavor::Perch { shards, extra_args } => {
                 let mut args = vec![
@@ -49,6 +52,10 @@ impl ServerSpec {
                     "--shards".to_string(),
                     shards.to_string(),
                 ];
+                if let Some(store_dir) = store_dir {
+                    args.push("--store-dir".to_string());
+                    args.push(store_dir.display().to_string());
+                }
                 args.extend(extra_args.iter().cloned());
                 args
             }
@@ -59,21 +66,27 @@ impl ServerSpec {
                     "-p".to_string(),
                     port.to_string(),
                 ];
+                if let Some(store_dir) = store_dir {
+                    args.push("-js".to_string());
+                    args.push("-sd".to_string());
+                    args.push(store_dir.display().to_string());
+                }
                 args.extend(extra_args.iter().cloned());
                 args
             }
         }
     }
 
-    /// Starts the server with stdout and stderr in `log_path` and waits until
-    /// it sends INFO on a fresh connection.
-    pub fn start(&self, log_path: &Path) -> Result<RunningServer> {
+    /// Starts the server with stdout and stderr in `log_path` (and, with
+    /// `store_dir`, JetStream storing there) and waits until it sends INFO on
+    /// a fresh connection.
+    pub fn start(&self, log_path: &Path, store_dir: Option<&Path>) -> Result<RunningServer> {
         let port = free_loopback_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = File::create(log_path)
             .with_context(|| format!("creating server log {}", log_path.display()))?;
         let log_for_stderr = log.try_clone().context("duplicating the log handle")?;
-        let args = self.args(port);
+        let args = self.args(port, store_dir);
         let child = Command::new(&self.program)
             .args(&args)
             .stdin(Stdio::null())
@@ -93,6 +106,7 @@ impl ServerSpec {
             child,
             addr,
             log_path: log_path.to_path_buf(),
+            store_dir: store_dir.map(Path::to_path_buf),
         };
         server.wait_until_ready()?;
         Ok(server)
@@ -113,6 +127,8 @@ pub struct RunningServer {
     child: Child,
     pub addr: SocketAddr,
     pub log_path: PathBuf,
+    /// Where its JetStream store is, when it has one.
+    pub store_dir: Option<PathBuf>,
 }
 
 impl RunningServer {
