@@ -488,7 +488,8 @@ fn is_zero_u64(value: &u64) -> bool {
 /// Create and update need a body: use `decode_required_request`, for which an
 /// empty body is an error (the reference answers 10025 "invalid JSON").
 pub fn decode_request<T: DeserializeOwned + Default>(body: &[u8]) -> serde_json::Result<T> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    // async-nats sends `null` for "no options" (stream info); the reference takes it.
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         return Ok(T::default());
     }
     serde_json::from_slice(body)

@@ -1,15 +1,24 @@
 //! Whole-log tests on the simulated disk: the log's behaviour (rolling, reads,
-//! purges, failing closed) and the crash test, which cuts power at thousands of
-//! points and checks that every acknowledged record comes back, in order, with its
-//! exact bytes, and that nothing else comes back but intact records that were sent.
+//! purges, deletions, unsynced appends, failing closed) and the crash test, which
+//! cuts power at thousands of points and checks that every durable record comes back,
+//! in order, with its exact bytes, unless an acknowledged deletion removed it; that
+//! every acknowledged deletion stays; that nothing else comes back but intact records
+//! that were sent; and that `verify` reads exactly what recovery will.
 //!
 //! A failing crash run prints its seed; `PERCH_STORE_SEED=<seed> cargo test crash`
 //! replays just that one. `PERCH_STORE_SEEDS=<n>` runs more seeds.
+
+// Runs of sequences are ranges: a list of one run is what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
+
+use std::collections::BTreeSet;
+use std::ops::Range;
 
 use super::error::StoreError;
 use super::file::{Directory, SimDirectory, SimRng};
 use super::log::{Log, LogConfig, NewRecord};
 use super::record::Record;
+use super::verify::{verify_log, ReadOnlyLog};
 
 /// One record as the test sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,7 +288,12 @@ fn purge_removes_whole_segments() {
 #[test]
 fn fsync_failure_fails_closed() {
     let dir = SimDirectory::new();
-    let mut log = Log::open(dir.clone(), LogConfig::default()).unwrap();
+    // Small segments: the simulated disk holds whole preallocated files in memory.
+    let config = LogConfig {
+        segment_bytes_max: 4096,
+        index_interval_records: 4,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
     let record = NewRecord {
         timestamp_ns: 1,
         subject: b"a",
@@ -295,7 +309,7 @@ fn fsync_failure_fails_closed() {
     assert!(matches!(log.purge_below(2), Err(StoreError::Failed)));
     drop(log);
     dir.crash(3);
-    let log = Log::open(dir, LogConfig::default()).unwrap();
+    let log = Log::open(dir, config).unwrap();
     let all = read_all(&log).unwrap();
     assert_eq!(all[0].1.payload, b"acked");
     assert!(
@@ -343,39 +357,282 @@ fn damage_in_an_older_segment_is_reported() {
     );
 }
 
+/// The sequences a full read returns.
+fn seqs<D: Directory>(log: &Log<D>) -> Vec<u64> {
+    read_all(log).unwrap().iter().map(|(seq, _)| *seq).collect()
+}
+
+#[test]
+fn deletions_survive_a_crash_and_reads_skip_them() {
+    let mut rng = SimRng::new(4);
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 256,
+        index_interval_records: 2,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let records: Vec<Sent> = (0..20).map(|_| sent(&mut rng, 40)).collect();
+    let new: Vec<NewRecord<'_>> = records.iter().map(Sent::as_new).collect();
+    log.append(&new).unwrap();
+    // Overlapping, unsorted, partly outside the log: only stored sequences count.
+    assert_eq!(log.delete(&[8..10, 3..5, 4..6, 19..25, 0..1]).unwrap(), 7);
+    assert_eq!(log.delete(&[3..6]).unwrap(), 0, "already deleted");
+    assert_eq!(log.delete(&[]).unwrap(), 0);
+    let want: Vec<u64> = [1, 2, 6, 7].into_iter().chain(10..19).collect();
+    assert_eq!(seqs(&log), want);
+    let mut buf = Vec::new();
+    assert_eq!(log.read(4, &mut buf).unwrap(), None);
+    assert!(records[5].matches(&log.read(6, &mut buf).unwrap().unwrap()));
+    // A cursor on a deleted sequence goes on after it.
+    let mut cursor = log.cursor(8);
+    assert_eq!(log.next(&mut cursor, &mut buf).unwrap().unwrap().seq, 10);
+    let mut cursor = log.cursor(19);
+    assert_eq!(log.next(&mut cursor, &mut buf).unwrap(), None);
+    // The deleted ones are still there for whoever rebuilds state, flagged.
+    let mut cursor = log.cursor(3);
+    let (record, deleted) = log
+        .next_with_deleted(&mut cursor, &mut buf)
+        .unwrap()
+        .unwrap();
+    assert_eq!((record.seq, deleted), (3, true));
+    assert_eq!((log.first_seq(), log.next_seq()), (1, 21));
+    drop(log);
+    dir.crash(1);
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!(seqs(&log), want);
+    assert_eq!(
+        log.deleted().iter().collect::<Vec<_>>(),
+        [3..6, 8..10, 19..21]
+    );
+    // New records after the deleted last ones are not deleted.
+    assert_eq!(log.append(&[records[0].as_new()]).unwrap(), 21..22);
+    assert_eq!(*seqs(&log).last().unwrap(), 21);
+    // Once the floor passes every run, the file goes.
+    log.raise_floor(10).unwrap();
+    assert_eq!(log.deleted().iter().collect::<Vec<_>>(), [19..21]);
+    assert!(dir.list().unwrap().contains(&"deletes".to_string()));
+    log.raise_floor(21).unwrap();
+    assert!(log.deleted().is_empty());
+    assert!(!dir.list().unwrap().contains(&"deletes".to_string()));
+    drop(log);
+    dir.crash(2);
+    let log = Log::open(dir, config).unwrap();
+    assert_eq!(seqs(&log), [21]);
+}
+
+#[test]
+fn deletes_file_is_compacted() {
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 1 << 16,
+        index_interval_records: 8,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let record = NewRecord {
+        timestamp_ns: 1,
+        subject: b"a",
+        headers: b"",
+        payload: b"x",
+    };
+    log.append(&vec![record; 1000]).unwrap();
+    // Every other sequence, one at a time, then the ones between: one run in the end.
+    for seq in (1..1000).step_by(2) {
+        assert_eq!(log.delete(&[seq..seq + 1]).unwrap(), 1);
+    }
+    let entries = |dir: &SimDirectory| dir.live_bytes("deletes").unwrap().len() / 24;
+    assert_eq!(log.deleted().run_count(), 500);
+    assert_eq!(entries(&dir), 500, "no compaction while most runs are live");
+    for seq in (2..1000).step_by(2) {
+        log.delete(&[seq..seq + 1]).unwrap();
+    }
+    assert_eq!(log.deleted().iter().collect::<Vec<_>>(), [1..1000]);
+    assert!(entries(&dir) <= 257, "{} entries", entries(&dir));
+    drop(log);
+    dir.crash(3);
+    let log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!(seqs(&log), [1000]);
+    assert_eq!(log.deleted().iter().collect::<Vec<_>>(), [1..1000]);
+}
+
+#[test]
+fn deletions_past_the_end_are_dropped_at_open() {
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 4096,
+        index_interval_records: 2,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let record = NewRecord {
+        timestamp_ns: 1,
+        subject: b"a",
+        headers: b"",
+        payload: b"0123456789",
+    };
+    log.append(&vec![record; 10]).unwrap();
+    log.delete(&[4..5, 8..10]).unwrap();
+    drop(log);
+    // As if the records from 7 on had been appended unsynced and lost in a crash
+    // while their deletion was synced: cut the segment after record 6.
+    let name = crate::store::segment::segment_name(1);
+    let mut bytes = dir.live_bytes(&name).unwrap();
+    let record_len = 30 + 1 + 10;
+    bytes[6 * record_len..].fill(0);
+    dir.replace_durably(&name, bytes);
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    assert_eq!(log.next_seq(), 7);
+    assert_eq!(log.deleted().iter().collect::<Vec<_>>(), [4..5]);
+    // Sequences 7 to 10 are assigned again, to records nobody deleted.
+    assert_eq!(log.append(&vec![record; 4]).unwrap(), 7..11);
+    assert_eq!(seqs(&log), [1, 2, 3, 5, 6, 7, 8, 9, 10]);
+    drop(log);
+    dir.crash(4);
+    let log = Log::open(dir, config).unwrap();
+    assert_eq!(seqs(&log), [1, 2, 3, 5, 6, 7, 8, 9, 10]);
+}
+
+#[test]
+fn unsynced_appends_are_readable_and_sync_when_asked() {
+    let dir = SimDirectory::new();
+    let config = LogConfig {
+        segment_bytes_max: 256,
+        index_interval_records: 2,
+    };
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let record = |payload: &'static [u8]| NewRecord {
+        timestamp_ns: 1,
+        subject: b"a",
+        headers: b"",
+        payload,
+    };
+    assert_eq!(log.append_unsynced(&[record(b"one")]).unwrap(), 1..2);
+    assert!(log.unsynced_bytes() > 0);
+    let mut buf = Vec::new();
+    assert_eq!(log.read(1, &mut buf).unwrap().unwrap().payload, b"one");
+    log.sync().unwrap();
+    assert_eq!(log.unsynced_bytes(), 0);
+    log.sync().unwrap();
+    // Unsynced appends across a roll: the sealed segment is synced, the rest not.
+    let big = [7u8; 100];
+    let batch: Vec<NewRecord<'_>> = (0..5)
+        .map(|_| NewRecord {
+            payload: &big,
+            ..record(b"")
+        })
+        .collect();
+    assert_eq!(log.append_unsynced(&batch).unwrap(), 2..7);
+    assert!(log.segment_count() > 1);
+    assert!(log.unsynced_bytes() > 0);
+    assert_eq!(seqs(&log), (1..7).collect::<Vec<_>>());
+    drop(log);
+    dir.crash(5);
+    let log = Log::open(dir.clone(), config).unwrap();
+    let got = seqs(&log);
+    assert!(got.len() >= 2 && got == (1..=got.len() as u64).collect::<Vec<_>>());
+    // A failed sync fails the log closed, as a failed append does.
+    let mut log = log;
+    log.append_unsynced(&[record(b"lost?")]).unwrap();
+    dir.fail_next_sync();
+    assert!(matches!(log.sync(), Err(StoreError::Io { .. })));
+    assert!(log.is_failed());
+    assert!(matches!(log.sync(), Err(StoreError::Failed)));
+    assert!(matches!(
+        log.append_unsynced(&[record(b"x")]),
+        Err(StoreError::Failed)
+    ));
+    assert!(matches!(log.delete(&[1..2]), Err(StoreError::Failed)));
+    // A clean close syncs.
+    drop(log);
+    dir.crash(6);
+    let mut log = Log::open(dir.clone(), config).unwrap();
+    let next = log.next_seq();
+    log.append_unsynced(&[record(b"kept")]).unwrap();
+    log.close().unwrap();
+    dir.crash(7);
+    let log = Log::open(dir, config).unwrap();
+    assert_eq!(log.next_seq(), next + 1);
+    assert_eq!(log.read(next, &mut buf).unwrap().unwrap().payload, b"kept");
+}
+
+#[test]
+fn failed_deletion_fails_closed_and_applies_whole_or_not_at_all() {
+    let config = LogConfig {
+        segment_bytes_max: 4096,
+        index_interval_records: 4,
+    };
+    let mut applied = BTreeSet::new();
+    for cut in 0..6 {
+        let dir = SimDirectory::new();
+        let mut log = Log::open(dir.clone(), config).unwrap();
+        let record = NewRecord {
+            timestamp_ns: 1,
+            subject: b"a",
+            headers: b"",
+            payload: b"x",
+        };
+        log.append(&vec![record; 10]).unwrap();
+        log.delete(&[2..3]).unwrap();
+        dir.power_loss_after(cut);
+        let result = log.delete(&[4..5, 6..8]);
+        if result.is_err() {
+            assert!(log.is_failed());
+            assert!(matches!(log.append(&[record]), Err(StoreError::Failed)));
+        }
+        drop(log);
+        dir.crash(cut);
+        let log = Log::open(dir, config).unwrap();
+        let deleted: Vec<Range<u64>> = log.deleted().iter().collect();
+        if result.is_ok() || deleted != [2..3] {
+            assert_eq!(deleted, [2..3, 4..5, 6..8], "cut {cut}");
+        }
+        applied.insert(deleted.len());
+    }
+    assert_eq!(applied.into_iter().collect::<Vec<_>>(), [1, 3]);
+}
+
 /// What one crash-test run did, for its assertions.
 struct CrashRun {
     /// `sent[i]` is the record last sent with sequence `i + 1`.
     sent: Vec<Sent>,
-    /// Every sequence below this was acknowledged.
-    acked_next_seq: u64,
+    /// Every sequence below this is durable: acknowledged by a synced append, or
+    /// appended unsynced and synced since.
+    durable_next_seq: u64,
     /// The log's first sequence after the last acknowledged purge.
     purged_below: u64,
     /// A floor raise that the power cut interrupted, with the log's first sequence
     /// before it: after the crash it is wholly applied or not at all.
     interrupted_floor: Option<(u64, u64)>,
+    /// A purge of whole segments that the power cut interrupted: the segments below
+    /// it may be gone.
+    interrupted_purge_below: Option<u64>,
+    /// Sequences whose deletion was acknowledged, at or above the first sequence.
+    deleted: BTreeSet<u64>,
+    /// The sequences of a deletion that the power cut interrupted: after the crash
+    /// all of them are deleted or none.
+    interrupted_delete: Option<BTreeSet<u64>>,
     crashes: u64,
 }
 
-/// Runs one seed: several rounds of random appends and purges, each ended by a
-/// power cut at a random operation and a crash; checks recovery after each.
+/// Runs one seed: several rounds of random appends (synced, or unsynced with syncs
+/// now and then), deletions and purges, each ended by a power cut at a random
+/// operation and a crash; checks recovery after each.
 fn crash_run(seed: u64) -> u64 {
     let mut rng = SimRng::new(seed);
     let dir = SimDirectory::new();
     let config = small_config(&mut rng);
+    let unsynced = rng.chance(1, 3);
     let mut run = CrashRun {
         sent: Vec::new(),
-        acked_next_seq: 1,
+        durable_next_seq: 1,
         purged_below: 1,
         interrupted_floor: None,
+        interrupted_purge_below: None,
+        deleted: BTreeSet::new(),
+        interrupted_delete: None,
         crashes: 0,
     };
     let rounds = 1 + rng.below(3);
     for _ in 0..rounds {
-        let mut log = match Log::open(dir.clone(), config) {
-            Ok(log) => log,
-            Err(error) => panic!("seed {seed}: reopen failed: {error}"),
-        };
+        let mut log = reopen(seed, &dir, config);
         check_recovered(seed, &log, &mut run);
         dir.power_loss_after(rng.below(40));
         for _ in 0..rng.below(30) {
@@ -385,14 +642,19 @@ fn crash_run(seed: u64) -> u64 {
                 assert!(matches!(log.append(&[]), Err(StoreError::Failed)));
                 break;
             }
-            if rng.chance(1, 10) {
+            let op = rng.below(100);
+            if op < 8 {
                 let below = log.first_seq() + rng.below(log.next_seq() - log.first_seq() + 1);
-                if log.purge_below(below).is_ok() {
-                    run.purged_below = log.first_seq();
+                match log.purge_below(below) {
+                    Ok(_) => {
+                        run.purged_below = log.first_seq();
+                        note_synced(&log, &mut run);
+                    }
+                    Err(_) => run.interrupted_purge_below = Some(below),
                 }
                 continue;
             }
-            if rng.chance(1, 10) {
+            if op < 16 {
                 // A durable purge, sometimes past the end.
                 let floor = log.first_seq() + rng.below(log.next_seq() - log.first_seq() + 4);
                 let first_before = log.first_seq();
@@ -400,9 +662,44 @@ fn crash_run(seed: u64) -> u64 {
                     Ok(()) => {
                         assert_eq!(log.first_seq(), floor.max(first_before), "seed {seed}");
                         run.purged_below = log.first_seq();
-                        run.acked_next_seq = run.acked_next_seq.max(log.next_seq());
+                        note_synced(&log, &mut run);
                     }
                     Err(_) => run.interrupted_floor = Some((floor, first_before)),
+                }
+                continue;
+            }
+            if op < 30 {
+                // A few runs of sequences, some deleted already, some not stored.
+                let span = log.next_seq() - log.first_seq() + 2;
+                let runs: Vec<Range<u64>> = (0..1 + rng.below(3))
+                    .map(|_| {
+                        let start = (log.first_seq() + rng.below(span)).saturating_sub(1);
+                        start..start + 1 + rng.below(3)
+                    })
+                    .collect();
+                let new: BTreeSet<u64> = runs
+                    .iter()
+                    .flat_map(|run| run.clone())
+                    .filter(|&seq| seq >= log.first_seq() && seq < log.next_seq())
+                    .filter(|seq| !run.deleted.contains(seq))
+                    .collect();
+                match log.delete(&runs) {
+                    Ok(count) => {
+                        assert_eq!(count, new.len() as u64, "seed {seed}");
+                        for &seq in &new {
+                            assert!(log.is_deleted(seq), "seed {seed}");
+                            assert_eq!(log.read(seq, &mut Vec::new()).unwrap(), None);
+                        }
+                        run.deleted.extend(new);
+                        note_synced(&log, &mut run);
+                    }
+                    Err(_) => run.interrupted_delete = Some(new),
+                }
+                continue;
+            }
+            if unsynced && op < 38 {
+                if log.sync().is_ok() {
+                    note_synced(&log, &mut run);
                 }
                 continue;
             }
@@ -418,10 +715,18 @@ fn crash_run(seed: u64) -> u64 {
             run.sent.resize(first as usize - 1, Sent::skipped());
             run.sent.extend(batch.iter().cloned());
             let new: Vec<NewRecord<'_>> = batch.iter().map(Sent::as_new).collect();
-            match log.append(&new) {
+            let result = if unsynced {
+                log.append_unsynced(&new)
+            } else {
+                log.append(&new)
+            };
+            match result {
                 Ok(seqs) => {
                     assert_eq!(seqs, first..first + batch.len() as u64, "seed {seed}");
-                    run.acked_next_seq = seqs.end;
+                    let mut buf = Vec::new();
+                    let last = log.read(seqs.end - 1, &mut buf).unwrap().unwrap();
+                    assert!(batch[batch.len() - 1].matches(&last), "seed {seed}");
+                    note_synced(&log, &mut run);
                 }
                 Err(StoreError::Io { .. } | StoreError::Failed) => {
                     assert!(log.is_failed(), "seed {seed}");
@@ -433,16 +738,59 @@ fn crash_run(seed: u64) -> u64 {
         dir.crash(rng.next_u64());
         run.crashes += 1;
     }
-    let log = match Log::open(dir.clone(), config) {
-        Ok(log) => log,
-        Err(error) => panic!("seed {seed}: final reopen failed: {error}"),
-    };
+    let log = reopen(seed, &dir, config);
     check_recovered(seed, &log, &mut run);
     run.crashes
 }
 
-/// Checks a freshly recovered log against what was sent and acknowledged, then
-/// forgets sequences that did not survive (they will be reused).
+/// After an operation that returned `Ok`: when the log says nothing is unsynced,
+/// everything below its next sequence must survive a crash.
+fn note_synced(log: &Log<SimDirectory>, run: &mut CrashRun) {
+    if log.unsynced_bytes() == 0 {
+        run.durable_next_seq = run.durable_next_seq.max(log.next_seq());
+    }
+}
+
+/// Verifies the crashed log read-only (it must not be corrupt; torn tails are
+/// warnings), opens it, and checks that verify saw what the log recovered.
+fn reopen(seed: u64, dir: &SimDirectory, config: LogConfig) -> Log<SimDirectory> {
+    let report = match verify_log(dir) {
+        Ok(report) => report,
+        Err(error) => panic!("seed {seed}: verify after the crash: {error}"),
+    };
+    let read_only = ReadOnlyLog::open(dir).expect("verified");
+    let mut cursor = read_only.cursor(0).unwrap();
+    let mut buf = Vec::new();
+    let mut verified = Vec::new();
+    while let Some(record) = read_only.next(&mut cursor, &mut buf).unwrap() {
+        verified.push(record.seq);
+    }
+    let log = match Log::open(dir.clone(), config) {
+        Ok(log) => log,
+        Err(error) => panic!("seed {seed}: reopen failed: {error}"),
+    };
+    let recovered: Vec<u64> = read_all(&log)
+        .unwrap()
+        .iter()
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(
+        verified, recovered,
+        "seed {seed}: verify reads what the log recovers"
+    );
+    let got = (report.first_seq, report.next_seq, report.deleted);
+    let want = (log.first_seq(), log.next_seq(), log.deleted().len());
+    assert_eq!(got, want, "seed {seed}: verify's report");
+    let report = verify_log(dir).unwrap();
+    assert!(
+        !report.has_torn_tail(),
+        "seed {seed}: open repaired every torn tail"
+    );
+    log
+}
+
+/// Checks a freshly recovered log against what was sent, acknowledged and deleted,
+/// then forgets sequences that did not survive (they will be reused).
 fn check_recovered(seed: u64, log: &Log<SimDirectory>, run: &mut CrashRun) {
     let all = match read_all(log) {
         Ok(all) => all,
@@ -456,22 +804,46 @@ fn check_recovered(seed: u64, log: &Log<SimDirectory>, run: &mut CrashRun) {
         );
         run.purged_below = run.purged_below.max(first);
     }
-    let next = log.next_seq();
+    let (first, next) = (log.first_seq(), log.next_seq());
     assert!(
-        next >= run.acked_next_seq,
-        "seed {seed}: acked up to {} but the log ends before {next}",
-        run.acked_next_seq
+        next >= run.durable_next_seq,
+        "seed {seed}: durable up to {} but the log ends before {next}",
+        run.durable_next_seq
+    );
+    let purged_maybe = run.interrupted_purge_below.take().unwrap_or(0);
+    assert!(
+        first <= run.durable_next_seq.max(run.purged_below).max(purged_maybe),
+        "seed {seed}: first {first} lost durable records"
     );
     assert!(
-        log.first_seq() <= run.acked_next_seq.max(run.purged_below),
-        "seed {seed}: first {} lost acked records",
-        log.first_seq()
-    );
-    assert!(
-        log.first_seq() >= run.purged_below.min(next),
+        first >= run.purged_below.min(next),
         "seed {seed}: purge undone"
     );
-    let want: Vec<u64> = (log.first_seq()..next).collect();
+    // Deletions of sequences that are gone no longer mean anything.
+    let stored = |seq: &u64| (first..next).contains(seq);
+    run.deleted.retain(stored);
+    for &seq in &run.deleted {
+        assert!(log.is_deleted(seq), "seed {seed}: deletion of {seq} undone");
+    }
+    if let Some(mut interrupted) = run.interrupted_delete.take() {
+        interrupted.retain(stored);
+        let applied = interrupted
+            .iter()
+            .filter(|&&seq| log.is_deleted(seq))
+            .count();
+        assert!(
+            applied == 0 || applied == interrupted.len(),
+            "seed {seed}: deletion half applied: {applied} of {interrupted:?}"
+        );
+        run.deleted.extend(interrupted);
+    }
+    let deleted: BTreeSet<u64> = log.deleted().iter().flatten().collect();
+    let extra: Vec<&u64> = deleted.difference(&run.deleted).collect();
+    assert!(
+        extra.is_empty(),
+        "seed {seed}: deleted without a deletion: {extra:?}"
+    );
+    let want: Vec<u64> = (first..next).filter(|seq| !deleted.contains(seq)).collect();
     let got: Vec<u64> = all.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(got, want, "seed {seed}: sequences");
     for (seq, record) in &all {
@@ -481,8 +853,9 @@ fn check_recovered(seed: u64, log: &Log<SimDirectory>, run: &mut CrashRun) {
             "seed {seed}: record {seq} differs from what was sent"
         );
     }
+    run.deleted = deleted;
     run.sent.truncate(next as usize - 1);
-    run.acked_next_seq = next;
+    run.durable_next_seq = next;
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -7,13 +7,15 @@
 //! Owns: the line format, RFC 3339 timestamps computed from nanoseconds (no date
 //! library: the proleptic Gregorian calendar in a dozen lines), and escaping bytes as
 //! text. Deliberately does not: write to the store (it reads through
-//! [`open_log_read_only`]), print headers' contents, or read a corrupt log (verify
-//! says where the damage is).
+//! [`open_log_read_only`]), print deleted records (below the purge floor or in the
+//! `deletes` file: their bytes may still be in a segment, but they are gone), print
+//! headers' contents, or read a corrupt log (verify says where the damage is).
 
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::deletes::DeletesTornTail;
 use super::record::Record;
 use super::streams::{self, StreamNameError};
 use super::verify::{open_log_read_only, LogError, TornTailWarning};
@@ -47,6 +49,8 @@ pub struct DumpSummary {
     pub records: u64,
     /// The log's torn tail, if it has one (the records before it were dumped).
     pub torn_tail: Option<TornTailWarning>,
+    /// The `deletes` file's torn tail, if it has one (its whole batches were applied).
+    pub deletes_torn_tail: Option<DeletesTornTail>,
 }
 
 /// Writes the records of stream `stream` in the store at `root` to `out`, one line
@@ -83,10 +87,12 @@ pub fn dump_stream(
         records += 1;
     }
     out.flush().map_err(DumpError::Output)?;
+    let report = log.report();
     Ok(DumpSummary {
         dir: dir.clone(),
         records,
-        torn_tail: log.report().torn_tail,
+        torn_tail: report.torn_tail,
+        deletes_torn_tail: report.deletes_torn_tail,
     })
 }
 
@@ -242,6 +248,50 @@ mod tests {
             previous = got;
         }
         assert_eq!(civil_from_days(0), (1970, 1, 1));
+    }
+
+    #[test]
+    fn deleted_records_are_not_dumped() {
+        use crate::store::log::{Log, LogConfig, NewRecord};
+        use crate::store::OsDirectory;
+        let root = std::env::temp_dir().join(format!("perch-store-dump-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = streams::stream_dir(&root, "S").unwrap();
+        let config = LogConfig {
+            segment_bytes_max: 256,
+            index_interval_records: 2,
+        };
+        let mut log = Log::open(OsDirectory::open(&dir).unwrap(), config).unwrap();
+        let payloads: Vec<String> = (1..=8).map(|n| format!("m{n}")).collect();
+        let batch: Vec<NewRecord<'_>> = payloads
+            .iter()
+            .map(|payload| NewRecord {
+                timestamp_ns: 0,
+                subject: b"s",
+                headers: b"",
+                payload: payload.as_bytes(),
+            })
+            .collect();
+        log.append(&batch).unwrap();
+        log.delete(&[2..4, 6..7, 8..9]).unwrap();
+        drop(log);
+        let dump = |from: u64, limit: Option<u64>| {
+            let mut out = Vec::new();
+            let summary = dump_stream(&root, "S", from, limit, &mut out).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            let seqs: Vec<String> = text
+                .lines()
+                .map(|line| line.split(' ').next().unwrap().to_string())
+                .collect();
+            assert_eq!(summary.records, seqs.len() as u64);
+            assert_eq!(summary.deletes_torn_tail, None);
+            seqs.join(" ")
+        };
+        assert_eq!(dump(1, None), "seq=1 seq=4 seq=5 seq=7");
+        assert_eq!(dump(2, Some(2)), "seq=4 seq=5");
+        assert_eq!(dump(6, None), "seq=7");
+        assert_eq!(dump(8, None), "");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

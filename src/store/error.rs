@@ -79,4 +79,12 @@ pub enum Corruption {
     /// place after its bytes were synced, so it cannot be torn.
     #[error("bad purge floor: {reason}")]
     BadPurgeFloor { reason: &'static str },
+    /// An entry of the `deletes` file is bad but a valid entry follows it: entries are
+    /// only appended in whole batches at the end, so this is damage, not a torn write.
+    #[error("bad deletes entry at offset {bad_offset} ({reason}) followed by a valid entry at offset {valid_offset}")]
+    BadDeletes {
+        bad_offset: u64,
+        reason: &'static str,
+        valid_offset: u64,
+    },
 }

@@ -1,24 +1,32 @@
 //! A stream's log: a directory of segments holding records with consecutive sequence
 //! numbers. Appends are group commits — a batch is encoded into one buffer, written
 //! with one write and made durable with one `fdatasync` before any of its sequence
-//! numbers are returned, so a returned sequence is on disk.
+//! numbers are returned ([`Log::append`]), so a returned sequence is on disk. For the
+//! unsynced durability modes ([`super::Durability`]) [`Log::append_unsynced`] returns
+//! after the write, and [`Log::sync`] makes everything written durable.
 //!
 //! Owns: opening and recovering every segment (and checking they are contiguous),
-//! assigning sequence numbers, rolling segments at a size limit, reads by sequence
-//! and in order, purging whole segments from the front, and the durable purge floor
-//! (`floor`): every record below it is deleted and no sequence below it is assigned
-//! again, so a purge survives a restart and a purge past the end moves the next
-//! sequence. Fails closed: after any write or sync error the log acknowledges nothing
-//! more, ever; recovery is a restart.
+//! assigning sequence numbers, rolling segments at a size limit (a sealed segment is
+//! always synced), reads by sequence and in order, purging whole segments from the
+//! front, the durable purge floor (`floor`): every record below it is deleted and no
+//! sequence below it is assigned again, so a purge survives a restart and a purge past
+//! the end moves the next sequence; and durable deletions anywhere above it
+//! (`deletes`): [`Log::delete`] syncs runs of deleted sequences to the `deletes` file
+//! before it returns, reads never return a deleted record again, and the file is
+//! compacted once the floor or the first segment passes its runs. Fails closed: after
+//! any write or sync error the log acknowledges nothing more, ever; recovery is a
+//! restart.
 //!
 //! Deliberately does not: know about streams' limits, subjects, consumers or time
 //! (timestamps are the caller's), batch requests from several callers (the owner of
-//! the log collects a batch), touch threads or sockets, or record deletions that are
-//! not a prefix (only the floor is durable; the owner keeps interior deletes).
+//! the log collects a batch), keep a sync timer, touch threads or sockets, or remove a
+//! segment from the middle (a segment whose records are all deleted stays until the
+//! front passes it).
 
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use super::deletes::{self, RunSet, DELETES_TEMP_FILE_NAME};
 use super::error::{Corruption, StoreError};
 use super::file::Directory;
 use super::floor::{self, FLOOR_TEMP_FILE_NAME};
@@ -36,6 +44,9 @@ pub const INDEX_INTERVAL_RECORDS_DEFAULT: u32 = 64;
 /// A batch is written in pieces of at most this size (all synced together), so the
 /// encoding buffer stays small whatever the batch.
 pub const WRITE_BYTES_MAX: usize = 1 << 20;
+/// The `deletes` file is rewritten (compacted) once it holds more than this many
+/// entries and more than twice as many as the runs still above the first sequence.
+pub const DELETES_COMPACT_ENTRIES_MIN: u64 = 256;
 
 const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_MAX_DEFAULT);
 const _: () = assert!(WRITE_BYTES_MAX <= RECORD_BYTES_MAX);
@@ -94,12 +105,24 @@ pub struct Log<D: Directory> {
     /// The durable purge floor: records below it are deleted. Never above
     /// [`Log::next_seq`] (raising it past the end starts a segment there).
     floor_seq: u64,
+    /// Durably deleted sequences at or above [`Log::first_seq`] (runs below it are
+    /// pruned), all below [`Log::next_seq`]: the `deletes` file, applied.
+    deleted: RunSet,
+    /// The `deletes` file, if there is one.
+    deletes_file: Option<D::File>,
+    /// Where the `deletes` file's whole batches end: the next batch goes there.
+    deletes_end: u64,
+    /// Entries in the `deletes` file, stale ones included.
+    deletes_entries: u64,
 }
 
 impl<D: Directory> Log<D> {
     /// Opens the log in `dir`, recovering every segment and finishing a purge that a
     /// crash interrupted after its floor was durable, or creates an empty one whose
-    /// first sequence is 1.
+    /// first sequence is 1. Then applies the `deletes` file: a torn batch at its end
+    /// is cut off, and runs at or past the log's end (deletions of records that a
+    /// crash lost, in an unsynced durability mode) are dropped durably before any
+    /// sequence can be assigned again.
     pub fn open(dir: D, config: LogConfig) -> Result<Self, StoreError> {
         assert!(config.segment_bytes_max >= SEGMENT_BYTES_MIN);
         let OpenedSegments {
@@ -121,6 +144,10 @@ impl<D: Directory> Log<D> {
             scratch: Vec::new(),
             failed: false,
             floor_seq,
+            deleted: RunSet::new(),
+            deletes_file: None,
+            deletes_end: 0,
+            deletes_entries: 0,
         };
         for name in &leftovers {
             log.dir
@@ -138,10 +165,39 @@ impl<D: Directory> Log<D> {
             Some(_) => {}
         }
         assert!(log.floor_seq <= log.next_seq());
+        log.open_deletes()?;
         Ok(log)
     }
 
-    /// The oldest sequence still stored; equals [`Log::next_seq`] when empty.
+    /// Reads and repairs the `deletes` file, keeps the runs between the first and the
+    /// next sequence, and rewrites the file if it holds runs past the end or is due for
+    /// compaction.
+    fn open_deletes(&mut self) -> Result<(), StoreError> {
+        let names = self
+            .dir
+            .list()
+            .map_err(StoreError::io("list", "directory"))?;
+        let opened = deletes::read_deletes(&self.dir, &names)?;
+        if let (Some(file), Some(tail)) = (&opened.file, &opened.torn_tail) {
+            deletes::repair(file, tail)?;
+        }
+        self.deleted = opened.runs;
+        self.deletes_file = opened.file;
+        self.deletes_end = opened.end;
+        self.deletes_entries = opened.entries;
+        self.deleted.remove_below(self.first_seq());
+        // A sequence at or past the end was never acknowledged as stored, or was lost
+        // with what an unsynced mode had not synced: it will be assigned again, to a
+        // message that no deletion ever meant.
+        let past_end = self.deleted.remove_from(self.next_seq());
+        if past_end || self.deletes_compaction_due() {
+            self.rewrite_deletes()?;
+        }
+        Ok(())
+    }
+
+    /// The oldest sequence still stored; equals [`Log::next_seq`] when empty. It may
+    /// be a deleted one ([`Log::is_deleted`]).
     pub fn first_seq(&self) -> u64 {
         let front = self.segments.front().expect("never empty").first_seq();
         front.max(self.floor_seq)
@@ -166,6 +222,22 @@ impl<D: Directory> Log<D> {
         self.failed
     }
 
+    /// Whether `seq` was deleted durably by [`Log::delete`] (and is above the floor).
+    pub fn is_deleted(&self, seq: u64) -> bool {
+        self.deleted.contains(seq)
+    }
+
+    /// The durably deleted sequences between [`Log::first_seq`] and [`Log::next_seq`].
+    pub fn deleted(&self) -> &RunSet {
+        &self.deleted
+    }
+
+    /// Bytes appended by [`Log::append_unsynced`] that are not durable yet; 0 when
+    /// [`Log::sync`] has nothing to do.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.active().unsynced_bytes()
+    }
+
     /// How many segment files the log has.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
@@ -179,6 +251,43 @@ impl<D: Directory> Log<D> {
     /// the batch is acknowledged (some of it may still be on disk and come back after
     /// a restart, intact); after an I/O error the log is failed for good.
     pub fn append(&mut self, batch: &[NewRecord<'_>]) -> Result<Range<u64>, StoreError> {
+        self.append_with(batch, true)
+    }
+
+    /// Appends `batch` without syncing it and returns the sequences it got: they are
+    /// readable at once, but a crash before the next [`Log::sync`] (or a roll, a
+    /// floor jump, [`Log::close`]) may lose them — never records synced before them.
+    /// A segment roll on the way syncs the segment it seals. Errors as
+    /// [`Log::append`].
+    pub fn append_unsynced(&mut self, batch: &[NewRecord<'_>]) -> Result<Range<u64>, StoreError> {
+        self.append_with(batch, false)
+    }
+
+    /// Makes every record appended so far durable (one `fdatasync`, none when nothing
+    /// is pending). An error fails the log for good: what was not synced may be lost,
+    /// and the log acknowledges nothing more.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        let result = self.sync_active();
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    /// Syncs what is pending and closes the log: the clean shutdown of the unsynced
+    /// modes.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.sync()
+    }
+
+    fn append_with(
+        &mut self,
+        batch: &[NewRecord<'_>],
+        sync: bool,
+    ) -> Result<Range<u64>, StoreError> {
         if self.failed {
             return Err(StoreError::Failed);
         }
@@ -187,7 +296,7 @@ impl<D: Directory> Log<D> {
             check_limits(new)?;
         }
         let first = self.next_seq();
-        let result = self.append_checked(batch);
+        let result = self.append_checked(batch, sync);
         if let Err(StoreError::Io { .. }) = &result {
             self.failed = true;
         }
@@ -195,17 +304,15 @@ impl<D: Directory> Log<D> {
         Ok(first..self.next_seq())
     }
 
-    fn append_checked(&mut self, batch: &[NewRecord<'_>]) -> Result<(), StoreError> {
+    fn append_checked(&mut self, batch: &[NewRecord<'_>], sync: bool) -> Result<(), StoreError> {
         self.scratch.clear();
         for (seq, new) in (self.next_seq()..).zip(batch) {
             let len = record::encoded_len(new.subject, new.headers, new.payload);
             let active = self.active();
-            let pending = active.unsynced_bytes() + self.scratch.len() as u64;
-            let fits = active.end() + pending + len as u64 <= self.config.segment_bytes_max;
-            let empty = active.is_empty() && pending == 0;
-            if !fits && !empty {
+            let written = active.written_end() + self.scratch.len() as u64;
+            let fits = written + len as u64 <= self.config.segment_bytes_max;
+            if !fits && written > 0 {
                 self.write_scratch()?;
-                self.sync_active()?;
                 self.roll(seq)?;
             } else if self.scratch.len() + len > WRITE_BYTES_MAX {
                 self.write_scratch()?;
@@ -220,7 +327,12 @@ impl<D: Directory> Log<D> {
             record::encode(&mut self.scratch, &record).expect("limits checked before");
         }
         self.write_scratch()?;
-        self.sync_active()
+        if sync {
+            self.sync_active()
+        } else {
+            self.segments.back_mut().expect("never empty").publish();
+            Ok(())
+        }
     }
 
     fn write_scratch(&mut self) -> Result<(), StoreError> {
@@ -240,8 +352,11 @@ impl<D: Directory> Log<D> {
         Ok(())
     }
 
-    /// Seals the active segment and starts a new one at `first_seq`.
+    /// Syncs and seals the active segment and starts a new one at `first_seq`: every
+    /// record of a segment is durable before its successor exists (recovery relies on
+    /// it), in every durability mode.
     fn roll(&mut self, first_seq: u64) -> Result<(), StoreError> {
+        self.sync_active()?;
         let active = self.segments.back_mut().expect("never empty");
         assert_eq!(active.next_seq(), first_seq);
         active.seal()?;
@@ -271,7 +386,10 @@ impl<D: Directory> Log<D> {
         if self.failed {
             return Err(StoreError::Failed);
         }
-        let result = self.purge_below_unchecked(seq);
+        let result = self.purge_below_unchecked(seq).and_then(|removed| {
+            self.compact_deletes_if_due()?;
+            Ok(removed)
+        });
         if result.is_err() {
             self.failed = true;
         }
@@ -310,11 +428,91 @@ impl<D: Directory> Log<D> {
         if seq <= self.first_seq() {
             return Ok(());
         }
-        let result = self.raise_floor_unchecked(seq);
+        let result = self
+            .raise_floor_unchecked(seq)
+            .and_then(|()| self.compact_deletes_if_due());
         if result.is_err() {
             self.failed = true;
         }
         result
+    }
+
+    /// Deletes the records with the sequences in `runs` (in any order, overlapping or
+    /// not) durably: one batch of entries appended to the `deletes` file with one
+    /// write and one `fdatasync`. Sequences that are not stored (below
+    /// [`Log::first_seq`], at or past [`Log::next_seq`]) or already deleted are
+    /// ignored; returns how many were deleted now. When this returns `Ok` a crash
+    /// keeps every one of them deleted; before, a crash keeps all or none of them. The
+    /// records' bytes stay in their segment until it is removed, but no read returns
+    /// them again. Appends that are not synced yet stay so (a crash that loses a
+    /// deleted record also drops its deletion, at open). An I/O error fails the log.
+    pub fn delete(&mut self, runs: &[Range<u64>]) -> Result<u64, StoreError> {
+        if self.failed {
+            return Err(StoreError::Failed);
+        }
+        let stored = self.first_seq()..self.next_seq();
+        let mut new = RunSet::new();
+        for run in runs {
+            let clipped = run.start.max(stored.start)..run.end.min(stored.end);
+            for gap in self.deleted.gaps(clipped) {
+                new.insert(gap);
+            }
+        }
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let result = self.write_deletes(&new).and_then(|()| {
+            for run in new.iter() {
+                self.deleted.insert(run);
+            }
+            self.compact_deletes_if_due()
+        });
+        if result.is_err() {
+            self.failed = true;
+        }
+        result?;
+        Ok(new.len())
+    }
+
+    /// Appends `runs` to the `deletes` file as one batch, synced.
+    fn write_deletes(&mut self, runs: &RunSet) -> Result<(), StoreError> {
+        self.scratch.clear();
+        deletes::encode_batch(&mut self.scratch, runs.iter());
+        deletes::append_batch(
+            &self.dir,
+            &mut self.deletes_file,
+            self.deletes_end,
+            &self.scratch,
+        )?;
+        self.deletes_end += self.scratch.len() as u64;
+        self.deletes_entries += runs.run_count() as u64;
+        self.scratch.clear();
+        Ok(())
+    }
+
+    /// Forgets the runs below the first sequence and rewrites the `deletes` file when
+    /// most of its entries are stale or merged (or all of them are stale).
+    fn compact_deletes_if_due(&mut self) -> Result<(), StoreError> {
+        self.deleted.remove_below(self.first_seq());
+        if self.deletes_compaction_due() {
+            self.rewrite_deletes()?;
+        }
+        Ok(())
+    }
+
+    fn deletes_compaction_due(&self) -> bool {
+        let runs = self.deleted.run_count() as u64;
+        let nothing_left = runs == 0 && self.deletes_file.is_some();
+        nothing_left || self.deletes_entries > DELETES_COMPACT_ENTRIES_MIN.max(2 * runs)
+    }
+
+    /// Replaces the `deletes` file with the runs still above the first sequence.
+    fn rewrite_deletes(&mut self) -> Result<(), StoreError> {
+        let (file, len) = deletes::rewrite(&self.dir, self.deletes_file.take(), &self.deleted)?;
+        self.deletes_file = file;
+        self.deletes_end = len;
+        self.deletes_entries = self.deleted.run_count() as u64;
+        Ok(())
     }
 
     fn raise_floor_unchecked(&mut self, seq: u64) -> Result<(), StoreError> {
@@ -332,6 +530,7 @@ impl<D: Directory> Log<D> {
     /// Seals the active segment, which ends below the durable floor `floor_seq`, starts
     /// an empty one at the floor and removes every segment before it.
     fn jump_to(&mut self, floor_seq: u64) -> Result<(), StoreError> {
+        self.sync_active()?;
         let active = self.segments.back_mut().expect("never empty");
         assert!(active.next_seq() < floor_seq && active.unsynced_bytes() == 0);
         active.seal()?;
@@ -356,12 +555,15 @@ impl<D: Directory> Log<D> {
         Some(index)
     }
 
-    /// Reads record `seq` into `buf`; `None` if it is not in the log.
+    /// Reads record `seq` into `buf`; `None` if it is not in the log or deleted.
     pub fn read<'b>(
         &self,
         seq: u64,
         buf: &'b mut Vec<u8>,
     ) -> Result<Option<Record<'b>>, StoreError> {
+        if self.deleted.contains(seq) {
+            return Ok(None);
+        }
         let Some(index) = self.segment_index(seq) else {
             return Ok(None);
         };
@@ -379,12 +581,34 @@ impl<D: Directory> Log<D> {
     }
 
     /// Reads the record at `cursor` into `buf` and moves the cursor past it; `None` at
-    /// the end of the log. A cursor below the first sequence skips what was purged.
+    /// the end of the log. A cursor below the first sequence skips what was purged,
+    /// and deleted records are skipped.
     pub fn next<'b>(
         &self,
         cursor: &mut Cursor,
         buf: &'b mut Vec<u8>,
     ) -> Result<Option<Record<'b>>, StoreError> {
+        if cursor.seq < self.first_seq() {
+            *cursor = self.cursor(self.first_seq());
+        }
+        if let Some(run) = self.deleted.run_containing(cursor.seq) {
+            *cursor = self.cursor(run.end);
+        }
+        let next = self.next_with_deleted(cursor, buf)?;
+        Ok(next.map(|(record, deleted)| {
+            assert!(!deleted, "runs are merged, so a run's end is not deleted");
+            record
+        }))
+    }
+
+    /// Like [`Log::next`], but returns deleted records too, flagged `true`: for the
+    /// owner rebuilding its state at open (the last sequence, its timestamp, dedupe
+    /// ids). A deleted record's contents must never be delivered.
+    pub fn next_with_deleted<'b>(
+        &self,
+        cursor: &mut Cursor,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<Option<(Record<'b>, bool)>, StoreError> {
         if cursor.seq < self.first_seq() {
             *cursor = self.cursor(self.first_seq());
         }
@@ -401,7 +625,8 @@ impl<D: Directory> Log<D> {
         cursor.seq += 1;
         cursor.position =
             (next_offset < segment.end()).then_some((segment.first_seq(), next_offset));
-        Ok(Some(record))
+        let deleted = self.deleted.contains(record.seq);
+        Ok(Some((record, deleted)))
     }
 }
 
@@ -415,17 +640,18 @@ pub struct OpenedSegments<F> {
     /// The durable purge floor ([`floor::FLOOR_NONE`] when none was written).
     pub floor_seq: u64,
     /// Files a crash left behind that are not part of the log: segments wholly below
-    /// the floor (an interrupted purge) and an unrenamed floor temp file.
+    /// the floor (an interrupted purge) and unrenamed floor and `deletes` temp files.
     pub leftovers: Vec<String>,
 }
 
 /// Reads the purge floor, then opens and scans every segment in `dir` that is not
 /// wholly below it (its successor starts at or below the floor), oldest first,
 /// checking each one's records and that the segments are contiguous. Returns them
-/// with the torn tail of the last one, if any, unrepaired: changes nothing on disk, so `perch store verify` judges
-/// a log exactly as [`Log::open`] would without touching it. A torn tail anywhere
-/// but in the last segment is corruption (its records were synced before the next
-/// segment was created).
+/// with the torn tail of the last one, if any, unrepaired: changes nothing on disk,
+/// so `perch store verify` judges a log exactly as [`Log::open`] would without
+/// touching it. A torn tail anywhere but in the last segment is corruption (its
+/// records were synced before the next segment was created). The `deletes` file is
+/// read apart, by [`deletes::read_deletes`].
 pub fn open_segments<D: Directory>(
     dir: &D,
     index_interval_records: u32,
@@ -435,7 +661,7 @@ pub fn open_segments<D: Directory>(
     let floor_seq = floor::read_floor(dir, &names)?;
     let mut leftovers: Vec<String> = names
         .iter()
-        .filter(|name| *name == FLOOR_TEMP_FILE_NAME)
+        .filter(|name| *name == FLOOR_TEMP_FILE_NAME || *name == DELETES_TEMP_FILE_NAME)
         .cloned()
         .collect();
     let mut named: Vec<(u64, String)> = names

@@ -3,8 +3,9 @@
 //! every Nth record's offset, rebuilt by scanning at open.
 //!
 //! Owns: creating and naming segments, recovery of one segment (torn tail versus
-//! corruption, see docs/store-format.md), appending whole encoded records and syncing
-//! them, and reading a record back by sequence or offset with its CRC checked.
+//! corruption, see docs/store-format.md), appending whole encoded records, making them
+//! readable (with or without syncing them first) and syncing them, and reading a
+//! record back by sequence or offset with its CRC checked.
 //!
 //! Deliberately does not: decide when to roll (the log does), encode records (the log
 //! encodes a batch into one buffer), retry failed I/O, or remember anything on disk
@@ -44,12 +45,15 @@ pub struct Segment<F> {
     first_seq: u64,
     /// The sequence the next record appended here gets.
     next_seq: u64,
-    /// The logical end: every byte before it is synced, valid records.
+    /// The logical end: every byte before it is valid records, readable (written,
+    /// and synced unless [`Segment::publish`] made them readable unsynced).
     end: u64,
-    /// Where unsynced writes end (`end` when nothing is pending).
+    /// Where durable bytes end: every byte before it is synced. At most `end`.
+    durable_end: u64,
+    /// Where writes end (`end` when nothing is pending).
     written_end: u64,
-    /// Lengths of the records written since the last sync, in order.
-    unsynced_lens: Vec<u32>,
+    /// Lengths of the records written but not yet readable, in order.
+    pending_lens: Vec<u32>,
     /// `index[i]` is the offset of record `first_seq + i * index_interval_records`.
     index: Vec<u64>,
     index_interval_records: u32,
@@ -123,8 +127,9 @@ impl<F: StorageFile> Segment<F> {
             first_seq,
             next_seq: first_seq,
             end: 0,
+            durable_end: 0,
             written_end: 0,
-            unsynced_lens: Vec::new(),
+            pending_lens: Vec::new(),
             index: Vec::new(),
             index_interval_records,
         }
@@ -199,6 +204,7 @@ impl<F: StorageFile> Segment<F> {
             offset += len as u64;
         };
         self.end = offset;
+        self.durable_end = offset;
         self.written_end = offset;
         let Some(bad) = bad else {
             return Ok(None);
@@ -280,14 +286,19 @@ impl<F: StorageFile> Segment<F> {
         self.next_seq
     }
 
-    /// The logical end in bytes: synced records only.
+    /// The logical end in bytes: readable records only.
     pub fn end(&self) -> u64 {
         self.end
     }
 
-    /// Bytes of records written but not yet synced.
+    /// Where everything written so far ends, readable or not.
+    pub fn written_end(&self) -> u64 {
+        self.written_end
+    }
+
+    /// Bytes of records written but not yet synced (readable or not).
     pub fn unsynced_bytes(&self) -> u64 {
-        self.written_end - self.end
+        self.written_end - self.durable_end
     }
 
     pub fn is_empty(&self) -> bool {
@@ -295,15 +306,16 @@ impl<F: StorageFile> Segment<F> {
     }
 
     /// Writes `records` (whole encoded records continuing this segment's sequence)
-    /// after everything written so far. Not visible or durable until [`Segment::sync`].
+    /// after everything written so far. Not readable until [`Segment::sync`] or
+    /// [`Segment::publish`], not durable until [`Segment::sync`].
     pub fn write(&mut self, records: &[u8]) -> Result<(), StoreError> {
-        let mut seq = self.next_seq + self.unsynced_lens.len() as u64;
+        let mut seq = self.next_seq + self.pending_lens.len() as u64;
         let mut at = 0;
         while at < records.len() {
             // Checking the CRC before the bytes reach the disk: a mismatch is our bug.
             let (record, len) = record::decode(&records[at..]).expect("encoded records are valid");
             assert_eq!(record.seq, seq, "records continue the segment");
-            self.unsynced_lens.push(len as u32);
+            self.pending_lens.push(len as u32);
             seq += 1;
             at += len;
         }
@@ -314,20 +326,27 @@ impl<F: StorageFile> Segment<F> {
         Ok(())
     }
 
-    /// Makes everything written durable (`fdatasync`), then visible to reads.
+    /// Makes everything written durable (`fdatasync`), then readable.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         self.file
             .sync_data()
             .map_err(StoreError::io("sync", &self.name))?;
-        let lens = std::mem::take(&mut self.unsynced_lens);
+        self.publish();
+        self.durable_end = self.end;
+        Ok(())
+    }
+
+    /// Makes everything written readable without syncing it: a crash may still lose
+    /// it (or tear it, which recovery truncates). For the unsynced durability modes.
+    pub fn publish(&mut self) {
+        let lens = std::mem::take(&mut self.pending_lens);
         for &len in &lens {
             self.push_record(self.end);
             self.end += u64::from(len);
         }
         assert_eq!(self.end, self.written_end);
-        self.unsynced_lens = lens;
-        self.unsynced_lens.clear();
-        Ok(())
+        self.pending_lens = lens;
+        self.pending_lens.clear();
     }
 
     /// Cuts the preallocated space off a segment that takes no more records.

@@ -1,22 +1,26 @@
 //! `perch store verify` and the read-only view of a log that `perch store dump` reads
 //! through: every segment of every stream is scanned exactly as recovery scans it
 //! ([`open_segments`]: each record's frame, CRC-32C and sequence number, segments
-//! contiguous), and the verdict is reported per stream.
+//! contiguous), and so is its `deletes` file ([`read_deletes`]: each entry's CRC, kind
+//! and run, batches whole); the verdict is reported per stream. Deleted records are
+//! counted apart and never read.
 //!
 //! Owns: [`ReadOnlyLog`] (a log's segments opened and checked, never repaired, read in
 //! order), the per-stream [`LogReport`] and the whole-store [`StoreReport`] with their
 //! operator-facing text, which names every bad file by its full path and offset.
 //!
 //! Deliberately does not: change anything on disk. A torn tail (an unacknowledged
-//! write that a crash cut short) is a warning here and left in place; `Log::open`
-//! zeroes it when the broker next opens the log. Opening goes through
-//! [`OsDirectory::open_read_only`], so files are not even opened for writing.
+//! write that a crash cut short, of a segment or of the `deletes` file) is a warning
+//! here and left in place; `Log::open` repairs it when the broker next opens the log.
+//! Opening goes through [`OsDirectory::open_read_only`], so files are not even opened
+//! for writing.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::deletes::{read_deletes, DeletesTornTail, RunSet, DELETES_FILE_NAME};
 use super::error::{BadRecord, StoreError};
 use super::file::{Directory, OsDirectory, StorageFile};
 use super::log::{open_segments, OpenedSegments, INDEX_INTERVAL_RECORDS_DEFAULT};
@@ -43,7 +47,10 @@ pub struct TornTailWarning {
 pub struct LogReport {
     /// Segment files, empty ones included.
     pub segments: usize,
+    /// Records between `first_seq` and `next_seq` that are not deleted.
     pub records: u64,
+    /// Records between `first_seq` and `next_seq` that the `deletes` file deletes.
+    pub deleted: u64,
     /// The oldest sequence stored (`next_seq` when there is none).
     pub first_seq: u64,
     /// The sequence the next record would get.
@@ -51,12 +58,20 @@ pub struct LogReport {
     /// Bytes of valid records (framing included), excluding preallocated space.
     pub record_bytes: u64,
     pub torn_tail: Option<TornTailWarning>,
+    /// The unrepaired torn tail of the `deletes` file: a batch of deletions that a
+    /// crash cut short, never acknowledged.
+    pub deletes_torn_tail: Option<DeletesTornTail>,
 }
 
 impl LogReport {
-    /// The newest sequence stored, if any record is.
+    /// The newest sequence stored (deleted or not), if any is.
     pub fn last_seq(&self) -> Option<u64> {
-        (self.records > 0).then(|| self.next_seq - 1)
+        (self.next_seq > self.first_seq).then(|| self.next_seq - 1)
+    }
+
+    /// Whether recovery will repair something (a warning, not a failure).
+    pub fn has_torn_tail(&self) -> bool {
+        self.torn_tail.is_some() || self.deletes_torn_tail.is_some()
     }
 }
 
@@ -70,6 +85,9 @@ pub struct ReadOnlyLog<F> {
     torn_tail: Option<TornTail>,
     /// The purge floor: records below it are deleted.
     floor_seq: u64,
+    /// The `deletes` file's runs between the first and the next sequence.
+    deleted: RunSet,
+    deletes_torn_tail: Option<DeletesTornTail>,
 }
 
 /// A position in a [`ReadOnlyLog`]; see [`ReadOnlyLog::next`].
@@ -97,15 +115,25 @@ impl<F: StorageFile> ReadOnlyLog<F> {
         if torn_tail.is_some() {
             assert!(!segments.is_empty(), "a tail belongs to a segment");
         }
-        Ok(Self {
+        let names = dir.list().map_err(StoreError::io("list", "directory"))?;
+        let deletes = read_deletes(dir, &names)?;
+        let mut log = Self {
             segments,
             torn_tail,
             floor_seq,
-        })
+            deleted: deletes.runs,
+            deletes_torn_tail: deletes.torn_tail,
+        };
+        // Runs below the first sequence are stale; runs at or past the end delete
+        // records a crash lost, and the broker drops them at open.
+        let (first_seq, next_seq) = log.bounds();
+        log.deleted.remove_below(first_seq);
+        log.deleted.remove_from(next_seq);
+        Ok(log)
     }
 
-    /// The log's shape and its torn tail, if any.
-    pub fn report(&self) -> LogReport {
+    /// The first and the next sequence, as the broker will see them.
+    fn bounds(&self) -> (u64, u64) {
         // A floor past the end (a purge a crash interrupted) is where the broker
         // will start its next segment.
         let next_seq = self
@@ -118,6 +146,17 @@ impl<F: StorageFile> ReadOnlyLog<F> {
             .front()
             .map_or(next_seq, |s| s.first_seq())
             .max(self.floor_seq);
+        (first_seq, next_seq)
+    }
+
+    /// Whether the `deletes` file deletes `seq`.
+    pub fn is_deleted(&self, seq: u64) -> bool {
+        self.deleted.contains(seq)
+    }
+
+    /// The log's shape and its torn tails, if any.
+    pub fn report(&self) -> LogReport {
+        let (first_seq, next_seq) = self.bounds();
         let torn_tail = self.torn_tail.map(|tail| TornTailWarning {
             file: self
                 .segments
@@ -129,20 +168,26 @@ impl<F: StorageFile> ReadOnlyLog<F> {
             garbage_end: tail.garbage_end,
             bad: tail.bad,
         });
+        let deleted = self.deleted.count_in(first_seq..next_seq);
         LogReport {
             segments: self.segments.len(),
-            records: next_seq - first_seq,
+            records: next_seq - first_seq - deleted,
+            deleted,
             first_seq,
             next_seq,
             record_bytes: self.segments.iter().map(|s| s.end()).sum(),
             torn_tail,
+            deletes_torn_tail: self.deletes_torn_tail,
         }
     }
 
     /// A cursor at `seq`, or at the oldest record if `seq` is below it.
     pub fn cursor(&self, seq: u64) -> Result<ReadCursor, StoreError> {
-        // Records below the purge floor are deleted.
-        let seq = seq.max(self.floor_seq);
+        // Records below the purge floor are deleted, and so are the `deletes` file's.
+        let mut seq = seq.max(self.floor_seq);
+        if let Some(run) = self.deleted.run_containing(seq) {
+            seq = run.end;
+        }
         let found = self
             .segments
             .iter()
@@ -168,13 +213,16 @@ impl<F: StorageFile> ReadOnlyLog<F> {
     }
 
     /// Reads the record at `cursor` into `buf`, checking its CRC again, and moves the
-    /// cursor past it; `None` at the end of the log.
+    /// cursor past it; `None` at the end of the log. Deleted records are skipped.
     pub fn next<'b>(
         &self,
         cursor: &mut ReadCursor,
         buf: &'b mut Vec<u8>,
     ) -> Result<Option<Record<'b>>, StoreError> {
         loop {
+            if self.deleted.contains(cursor.seq) {
+                *cursor = self.cursor(cursor.seq)?;
+            }
             let Some(segment) = self.segments.get(cursor.segment) else {
                 return Ok(None);
             };
@@ -269,7 +317,7 @@ impl StoreReport {
 
     /// Streams with a torn tail (a warning, not a failure).
     pub fn warned(&self) -> usize {
-        let torn = |s: &StreamVerdict| matches!(&s.result, Ok(r) if r.torn_tail.is_some());
+        let torn = |s: &StreamVerdict| matches!(&s.result, Ok(r) if r.has_torn_tail());
         self.streams.iter().filter(|s| torn(s)).count()
     }
 
@@ -313,6 +361,9 @@ impl fmt::Display for LogReport {
             Some(last) => write!(f, ", seq {}..={last}", self.first_seq)?,
             None => write!(f, ", next seq {}", self.next_seq)?,
         }
+        if self.deleted > 0 {
+            write!(f, " ({} deleted)", self.deleted)?;
+        }
         write!(f, ", {} bytes", self.record_bytes)
     }
 }
@@ -332,6 +383,18 @@ impl fmt::Display for StreamVerdict {
                         self.dir.join(&tail.file).display(),
                         tail.bad,
                         tail.garbage_end
+                    )?;
+                }
+                if let Some(tail) = &report.deletes_torn_tail {
+                    write!(
+                        f,
+                        "\n  warning: torn tail at offset {} of {} ({}), {} bytes long: a batch \
+                         of deletions cut short by a crash, never acknowledged; the broker cuts \
+                         it off when it opens the stream",
+                        tail.offset,
+                        self.dir.join(DELETES_FILE_NAME).display(),
+                        tail.reason,
+                        tail.file_len - tail.offset
                     )?;
                 }
                 Ok(())
@@ -360,6 +423,8 @@ impl fmt::Display for StoreReport {
 }
 
 #[cfg(test)]
+// Runs of sequences are ranges: a list of one run is what these tests mean.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::store::file::SimDirectory;
@@ -556,6 +621,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn deletes_are_verified_counted_and_never_read() {
+        let dir = sim_log(10);
+        let mut log = Log::open(dir.clone(), CONFIG).unwrap();
+        log.delete(&[3..5, 10..11]).unwrap();
+        log.delete(&[7..8]).unwrap();
+        drop(log);
+        let read_only = ReadOnlyLog::open(&dir).unwrap();
+        let mut buf = Vec::new();
+        for (from, want) in [
+            (0, vec![1, 2, 5, 6, 8, 9]),
+            (3, vec![5, 6, 8, 9]),
+            (10, vec![]),
+        ] {
+            let mut cursor = read_only.cursor(from).unwrap();
+            let mut seqs = Vec::new();
+            while let Some(record) = read_only.next(&mut cursor, &mut buf).unwrap() {
+                seqs.push(record.seq);
+            }
+            assert_eq!(seqs, want, "from {from}");
+        }
+        assert!(read_only.is_deleted(4) && !read_only.is_deleted(5));
+        let report = verify_log(&dir).unwrap();
+        assert_eq!(
+            report.to_string(),
+            "3 segments, 6 records, seq 1..=10 (4 deleted), 550 bytes"
+        );
+        let before = snapshot(&dir);
+        // A batch cut short: a warning, and the file stays as it was.
+        let good = dir.live_bytes("deletes").unwrap();
+        let mut torn = good.clone();
+        torn.truncate(good.len() - 5);
+        dir.replace_durably("deletes", torn);
+        let report = verify_log(&dir).unwrap();
+        assert_eq!(report.deleted, 3, "the torn batch deleted 7");
+        let tail = report.deletes_torn_tail.unwrap();
+        assert_eq!(
+            (tail.offset, tail.file_len, tail.reason),
+            (48, 67, "partial entry")
+        );
+        assert!(report.has_torn_tail());
+        // Damage before a valid entry: corruption, named with its offsets.
+        let mut damaged = good;
+        damaged[2] ^= 0x40;
+        dir.replace_durably("deletes", damaged);
+        assert_eq!(
+            verify_log(&dir).unwrap_err().to_string(),
+            "corrupt deletes: bad deletes entry at offset 0 (crc mismatch) followed by a \
+             valid entry at offset 24"
+        );
+        let after: Vec<String> = snapshot(&dir).into_iter().map(|(name, _)| name).collect();
+        let names: Vec<String> = before.into_iter().map(|(name, _)| name).collect();
+        assert_eq!(after, names, "verify added or removed nothing");
+    }
+
     /// A store at a fresh temporary path, removed on drop.
     struct TempStore(PathBuf);
 
@@ -666,5 +786,28 @@ mod tests {
             before.len(),
             "no file added or removed"
         );
+
+        // Deletions: counted apart, and a torn batch is a warning.
+        let events = store.stream("EVENTS", 6);
+        let mut log = Log::open(OsDirectory::open(&events).unwrap(), CONFIG).unwrap();
+        log.delete(&[2..4]).unwrap();
+        log.delete(&[5..6]).unwrap();
+        drop(log);
+        let deletes = events.join("deletes");
+        let mut bytes = std::fs::read(&deletes).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        std::fs::write(&deletes, bytes).unwrap();
+        let report = verify_store(&store.0).unwrap();
+        assert_eq!(
+            report.streams[1].to_string(),
+            format!(
+                "stream EVENTS: ok: 2 segments, 4 records, seq 1..=6 (2 deleted), 330 bytes\n  \
+                 warning: torn tail at offset 24 of {} (partial entry), 23 bytes long: a \
+                 batch of deletions cut short by a crash, never acknowledged; the broker \
+                 cuts it off when it opens the stream",
+                deletes.display()
+            )
+        );
+        assert_eq!(report.warned(), 1);
     }
 }

@@ -22,7 +22,18 @@ const SEGMENT_BYTES: u64 = 256 * 1024;
 const FILE_BYTES_LIMIT: u64 = 128 * 1024;
 const EXIT_STORE_FAILED: i32 = 74;
 
-fn spawn_perch(port: u16, store: &std::path::Path, file_limit: Option<u64>) -> Child {
+/// The broker process, killed when the test ends (also by a failing assertion:
+/// a leaked child would keep the test harness's output open).
+struct Perch(Child);
+
+impl Drop for Perch {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_perch(port: u16, store: &std::path::Path, file_limit: Option<u64>) -> Perch {
     let io = std::env::var("PERCH_IO").unwrap_or_else(|_| "auto".into());
     let mut command = Command::new(env!("CARGO_BIN_EXE_perch"));
     command
@@ -69,7 +80,7 @@ fn spawn_perch(port: u16, store: &std::path::Path, file_limit: Option<u64>) -> C
                 .ok();
             let mut line = String::new();
             if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ") {
-                return child;
+                return Perch(child);
             }
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -83,7 +94,7 @@ fn spawn_perch(port: u16, store: &std::path::Path, file_limit: Option<u64>) -> C
     }
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+fn wait_exit(Perch(child): &mut Perch, within: Duration) -> std::process::ExitStatus {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("wait perch") {
@@ -104,7 +115,7 @@ async fn full_disk_stops_acks_and_exits_nonzero_keeping_every_acked_message() {
     let url = format!("nats://127.0.0.1:{port}");
 
     // Create the stream (and its first segment) with room to spare.
-    let mut child = spawn_perch(port, &store.path, None);
+    let child = spawn_perch(port, &store.path, None);
     {
         let client = async_nats::connect(&url).await.expect("connect");
         let js = async_nats::jetstream::new(client);
@@ -116,8 +127,7 @@ async fn full_disk_stops_acks_and_exits_nonzero_keeping_every_acked_message() {
         .await
         .expect("create stream");
     }
-    child.kill().expect("stop perch");
-    child.wait().expect("reap perch");
+    drop(child);
 
     // Restart with the disk "full" for any new file: publish until the roll fails.
     let mut child = spawn_perch(port, &store.path, Some(FILE_BYTES_LIMIT));
@@ -152,7 +162,7 @@ async fn full_disk_stops_acks_and_exits_nonzero_keeping_every_acked_message() {
     assert_eq!(status.code(), Some(EXIT_STORE_FAILED), "{status}");
 
     // Without the limit: every acknowledged message is there, in order.
-    let mut child = spawn_perch(port, &store.path, None);
+    let child = spawn_perch(port, &store.path, None);
     let client = async_nats::connect(&url).await.expect("connect");
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream("F").await.expect("stream F");
@@ -171,6 +181,5 @@ async fn full_disk_stops_acks_and_exits_nonzero_keeping_every_acked_message() {
         .await
         .expect("ack");
     assert!(ack.sequence > last_acked);
-    child.kill().expect("stop perch");
-    child.wait().expect("reap perch");
+    drop(child);
 }

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,10 @@ impl Server {
     /// Starts perch with round-robin placement (so consecutive connections land on
     /// different shards), 2 shards unless `extra` says `--shards`, plus `extra`.
     pub fn perch(extra: &[&str]) -> Server {
+        Server::perch_with_log(extra, None)
+    }
+
+    fn perch_with_log(extra: &[&str], log: Option<&Path>) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let io = std::env::var("PERCH_IO").unwrap_or_else(|_| "auto".into());
@@ -41,15 +45,18 @@ impl Server {
             args.extend(["--shards".into(), "2".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_perch"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_perch"));
+        command
             .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("PERCH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn perch");
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            command.stdout(append_log(log)).stderr(append_log(log));
+        }
+        let child = command.spawn().expect("spawn perch");
         Server::wait_ready(child, port, "perch", None)
     }
 
@@ -122,6 +129,61 @@ impl Server {
         status
     }
 
+    /// Sends SIGTERM and waits for the exit status, keeping the Server (so its
+    /// temp dir is still removed on drop).
+    pub fn sigterm_and_wait(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait for server")
+    }
+
+    /// The server process's id (for signals sent by the tests).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the server and reaps it: no shutdown code runs, only what the
+    /// kernel already has survives (a crash, not a power cut).
+    pub fn kill9(mut self) {
+        // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let status = self.child.wait().expect("wait for killed server");
+        assert!(
+            !status.success(),
+            "{} exited successfully instead of being killed",
+            self.name
+        );
+    }
+
+    /// nats-server with JetStream on (`-js`), its store in `store_dir`, plus the
+    /// nats-server config text `extra_config` (may be empty). stdout and stderr
+    /// go to `log` (appended), so a failing test can show them.
+    pub fn jetstream_reference(store_dir: &Path, extra_config: &str, log: &Path) -> Server {
+        let port = free_port();
+        let dir = TempDir::new("nats-server-js");
+        let conf = dir.path.join("nats.conf");
+        std::fs::write(&conf, extra_config).expect("write nats-server config");
+        let child = Command::new(nats_server_path())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store_dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(append_log(log))
+            .stderr(append_log(log))
+            .spawn()
+            .expect("nats-server is not installed: run `bash tests/run.sh`, which installs it");
+        Server::wait_ready(child, port, "nats-server -js", Some(dir))
+    }
+
+    /// perch with JetStream on: `--store-dir store_dir`, plus what
+    /// [`Server::perch`] always passes (2 shards, round-robin placement, the
+    /// backend from `PERCH_IO`). Its stderr goes to `log` (appended).
+    pub fn perch_js(store_dir: &Path, log: &Path) -> Server {
+        let store = store_dir.to_str().expect("utf-8 store dir");
+        Server::perch_with_log(&["--store-dir", store], Some(log))
+    }
+
     /// The server's resident set size in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
@@ -132,6 +194,136 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn append_log(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open log {}: {e}", path.display()))
+}
+
+/// The broker a JetStream test runs against: every JetStream test is written
+/// once, taking this, and instantiated per broker (see `js_tests!` in
+/// jetstream.rs and the switch in main.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Js {
+    /// Debian's nats-server with `-js`: the reference the tests are proven on.
+    Reference,
+    /// perch with `--store-dir`. Only the perch variants construct it, and they
+    /// exist only while main.rs's `perch_js_ready!` switch is on.
+    #[allow(dead_code)]
+    Perch,
+}
+
+/// A JetStream broker with its own store directory, which outlives the broker
+/// process: stop or kill it and start it again on the same store. Each start
+/// picks a fresh port (so reconnect through [`JsBroker::url`]); the store and
+/// the logs of every start live in one temp dir removed on drop.
+pub struct JsBroker {
+    pub kind: Js,
+    root: TempDir,
+    server: Option<Server>,
+    starts: u32,
+    /// nats-server config text for the reference (ignored for perch).
+    reference_config: String,
+}
+
+impl JsBroker {
+    pub fn start(kind: Js) -> JsBroker {
+        JsBroker::start_with(kind, "")
+    }
+
+    /// Starts with extra nats-server config text for the reference (e.g. a
+    /// `jetstream { ... }` block); perch ignores it.
+    pub fn start_with(kind: Js, reference_config: &str) -> JsBroker {
+        let root = TempDir::new(match kind {
+            Js::Reference => "js-ref",
+            Js::Perch => "js-perch",
+        });
+        std::fs::create_dir_all(root.path.join("store")).expect("create store dir");
+        let mut broker = JsBroker {
+            kind,
+            root,
+            server: None,
+            starts: 0,
+            reference_config: reference_config.to_string(),
+        };
+        broker.boot();
+        broker
+    }
+
+    fn boot(&mut self) {
+        assert!(self.server.is_none(), "broker already running");
+        self.starts += 1;
+        let log = self.log_path();
+        let store = self.store_dir();
+        self.server = Some(match self.kind {
+            Js::Reference => Server::jetstream_reference(&store, &self.reference_config, &log),
+            Js::Perch => Server::perch_js(&store, &log),
+        });
+    }
+
+    /// The store directory every start of this broker uses.
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.path.join("store")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path.join(format!("server-{}.log", self.starts))
+    }
+
+    /// The log of the current (or last) start, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let cut = text.len().saturating_sub(4000);
+        let cut = (cut..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[cut..].to_string()
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("broker is not running")
+    }
+
+    pub fn url(&self) -> String {
+        self.server().url()
+    }
+
+    /// Graceful stop (SIGTERM), requiring exit status 0.
+    pub fn stop(&mut self) {
+        let mut server = self.server.take().expect("broker is not running");
+        let name = server.name;
+        let status = server.sigterm_and_wait();
+        // nats-server exits 1 after a clean SIGTERM shutdown; perch must exit 0.
+        let clean = match self.kind {
+            Js::Reference => status.code() == Some(1),
+            Js::Perch => status.success(),
+        };
+        assert!(
+            clean,
+            "{name} exited with {status} on SIGTERM; log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// SIGKILL: the process dies wherever it is.
+    pub fn kill9(&mut self) {
+        self.server.take().expect("broker is not running").kill9();
+    }
+
+    /// Starts again on the same store directory (after `stop` or `kill9`).
+    pub fn start_again(&mut self) {
+        self.boot();
+    }
+
+    /// `stop` then `start_again`.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
     }
 }
 

@@ -8,6 +8,12 @@ nats-server instead, to check the tests themselves against the reference.
 
 The tests are plain functions that run one coroutine each through `run()`,
 which bounds it in time: no pytest-asyncio needed.
+
+JetStream tests (test_jetstream.py) use the `js_server_url` fixture instead: the
+same server with a store directory of its own (nats-server `-js -sd DIR`, perch
+`--store-dir DIR`). Against perch they exist only once PERCH_JS_READY below is
+True; until then pytest does not collect them (so they are neither run nor
+counted as skipped) unless NATS_REFERENCE=1.
 """
 
 import asyncio
@@ -20,6 +26,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+# THE SWITCH for the JetStream suite against perch (like `perch_js_ready!` in
+# tests/it/main.rs): set to True once `perch serve --store-dir DIR` serves
+# JetStream. While False, test_jetstream.py runs only with NATS_REFERENCE=1.
+PERCH_JS_READY = True
+
+REFERENCE = os.environ.get("NATS_REFERENCE") == "1"
+collect_ignore = [] if (REFERENCE or PERCH_JS_READY) else ["test_jetstream.py"]
+
+
+def pytest_report_header(config):
+    if collect_ignore:
+        return ["JetStream tests: not collected (perch not ready: PERCH_JS_READY is False "
+                "in tests/py/conftest.py; NATS_REFERENCE=1 runs them against nats-server)"]
+    return []
 STARTUP_TIMEOUT_S = 10.0
 # Default bound for one test's coroutine; tests may pass a larger one.
 TEST_TIMEOUT_S = 30.0
@@ -36,21 +57,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _server_command(port):
-    if os.environ.get("NATS_REFERENCE") == "1":
-        return "nats-server", ["nats-server", "-a", "127.0.0.1", "-p", str(port)]
+def _server_command(port, store_dir=None):
+    """The server's name and command line; with `store_dir`, JetStream on."""
+    if REFERENCE:
+        cmd = ["nats-server", "-a", "127.0.0.1", "-p", str(port)]
+        if store_dir is not None:
+            cmd += ["-js", "-sd", str(store_dir)]
+        return "nats-server", cmd
     binary = Path(os.environ.get("PERCH_BIN", REPO / "target" / "debug" / "perch"))
     if not binary.is_file():
         # Fail, never skip: a suite that silently tests nothing must not pass.
         pytest.fail(f"perch binary {binary} not found: run `cargo build` (tests/run.sh does)")
     io = os.environ.get("PERCH_IO", "auto")
-    return f"perch --io {io}", [
+    cmd = [
         str(binary), "serve",
         "--listen", f"127.0.0.1:{port}",
         "--io", io,
         "--shards", "2",
         "--placement", "round-robin",
     ]
+    if store_dir is not None:
+        cmd += ["--store-dir", str(store_dir)]
+    return f"perch --io {io}", cmd
 
 
 def _tail(path, chars=3000):
@@ -83,8 +111,19 @@ def server_url(tmp_path_factory):
     A server that dies while the module runs fails the module's teardown, so a
     crash is never hidden behind client-side timeouts alone.
     """
+    yield from _serve(tmp_path_factory, store_dir=None)
+
+
+@pytest.fixture
+def js_server_url(tmp_path_factory):
+    """Like `server_url`, with JetStream on, but one server per test, each over
+    a store directory (and port) of its own: no test sees another's streams."""
+    yield from _serve(tmp_path_factory, store_dir=tmp_path_factory.mktemp("store"))
+
+
+def _serve(tmp_path_factory, store_dir):
     port = _free_port()
-    name, cmd = _server_command(port)
+    name, cmd = _server_command(port, store_dir)
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")

@@ -58,14 +58,3 @@ impl<D: Directory> Stream<D> {
         below.min(self.first_seq())
     }
 }
-
-// TEMPORARY until the durable delete lands (helper work in progress).
-impl<D: Directory> Stream<D> {
-    pub fn delete_msg(
-        &mut self,
-        seq: u64,
-        _no_erase: bool,
-    ) -> Result<bool, crate::store::StoreError> {
-        Ok(self.remove(seq))
-    }
-}
