@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::runtime::io::IoMode;
+use crate::store::Durability;
 
 /// nats-server's defaults, kept so that clients tuned for it behave the same.
 pub const PAYLOAD_BYTES_MAX_DEFAULT: usize = 1 << 20;
@@ -21,6 +22,8 @@ pub const PINGS_OUTSTANDING_MAX_DEFAULT: u32 = 2;
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 2_000;
 /// Busy-polling longer than this after activity only burns CPU.
 pub const SPIN_US_MAX: u64 = 10_000;
+/// `interval` durability: how often unsynced writes are made durable.
+pub const STORE_SYNC_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Smaller segments would mean a file (and a directory sync) every few messages.
 pub const STORE_SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 /// Shards are addressed by bit in 64-bit interest masks.
@@ -64,6 +67,14 @@ pub struct Config {
     pub store_dir: Option<std::path::PathBuf>,
     /// Size of each stream segment file, preallocated when it is created.
     pub store_segment_bytes: u64,
+    /// When a stream's writes reach the disk before they are acknowledged:
+    /// `always` (fdatasync before every ack, group-committed), `interval`
+    /// (acked at once, synced every `store_sync_interval_ms`), `none` (synced
+    /// only at segment rolls, deletions and a clean shutdown).
+    pub store_durability: Durability,
+    pub store_sync_interval_ms: u64,
+    /// Per-stream exceptions to `store_durability`, by stream name.
+    pub store_stream_durability: std::collections::BTreeMap<String, Durability>,
 }
 
 impl Default for Config {
@@ -86,6 +97,9 @@ impl Default for Config {
             spin_us: 0,
             store_dir: None,
             store_segment_bytes: crate::store::log::SEGMENT_BYTES_MAX_DEFAULT,
+            store_durability: Durability::Always,
+            store_sync_interval_ms: STORE_SYNC_INTERVAL_MS_DEFAULT,
+            store_stream_durability: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -158,6 +172,9 @@ impl Config {
             return invalid(format!(
                 "store_segment_bytes must be at least {STORE_SEGMENT_BYTES_MIN}"
             ));
+        }
+        if self.store_sync_interval_ms == 0 {
+            return invalid("store_sync_interval_ms must be positive".into());
         }
         if self.connect_timeout_ms == 0 {
             return invalid("connect_timeout_ms must be positive".into());

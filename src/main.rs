@@ -185,6 +185,14 @@ struct ServeArgs {
     /// Size of each stream segment file, preallocated [default: 67108864].
     #[arg(long)]
     store_segment_bytes: Option<u64>,
+    /// always: fdatasync before every ack (group commit); interval: ack at once,
+    /// sync every --store-sync-interval-ms; none: sync only at rolls, deletions and
+    /// shutdown [default: always].
+    #[arg(long)]
+    store_durability: Option<perch::store::Durability>,
+    /// interval durability: time between syncs, in ms [default: 1000].
+    #[arg(long)]
+    store_sync_interval_ms: Option<u64>,
     /// Name reported in INFO [default: perch].
     #[arg(long)]
     server_name: Option<String>,
@@ -215,7 +223,9 @@ impl ServeArgs {
             ping_interval_ms,
             ping_max_outstanding,
             spin_us,
-            store_segment_bytes
+            store_segment_bytes,
+            store_durability,
+            store_sync_interval_ms
         );
         if self.shards.is_some() {
             config.shards = self.shards;

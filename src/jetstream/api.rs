@@ -157,6 +157,8 @@ pub mod errors {
 
     /// err_codes whose description is a template (see the `ApiError` constructors).
     pub const CONSUMER_CREATE_FAILED_ERR_CODE: u16 = 10012;
+    /// Message delete of a sequence already deleted ("sequence N not found").
+    pub const SEQUENCE_NOT_FOUND_ERR_CODE: u16 = 10043;
     /// A stream the store could not create (description: the store's error).
     pub const STREAM_CREATE_FAILED_ERR_CODE: u16 = 10049;
     pub const STREAM_INVALID_CONFIG_ERR_CODE: u16 = 10052;
@@ -492,13 +494,28 @@ pub fn decode_request<T: DeserializeOwned + Default>(body: &[u8]) -> serde_json:
     if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    decode_required_request(body)
+}
+
+/// Drops `"key": null` members at every depth: clients (async-nats) send null for
+/// "not set", which the reference reads as the field's zero value.
+fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(members) => {
+            members.retain(|_, member| !member.is_null());
+            members.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
 }
 
 /// Decodes the body of a request that must have one (stream create/update,
 /// message get/delete, consumer create).
 pub fn decode_required_request<T: DeserializeOwned>(body: &[u8]) -> serde_json::Result<T> {
-    serde_json::from_slice(body)
+    let mut value: serde_json::Value = serde_json::from_slice(body)?;
+    strip_nulls(&mut value);
+    serde_json::from_value(value)
 }
 
 // ---------------------------------------------------------------------------

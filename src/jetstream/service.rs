@@ -32,9 +32,9 @@ use super::api::{
     StreamNamesBody, StreamPurgeBody, StreamPurgeRequest, StreamUpdateBody, SuccessBody, Timestamp,
 };
 use super::consumer::{check_create_subject, Consumer, CreateSubject, StateError};
-use super::stream::{PlannedMessage, ReadError, Stream};
+use super::stream::{PlannedMessage, ReadError, Stream, StreamOptions};
 use crate::store::streams::{list_streams, stream_dir, validate_stream_name};
-use crate::store::{Directory, LogConfig, OsDirectory, StorageFile, StoreError};
+use crate::store::{Directory, Durability, LogConfig, OsDirectory, StorageFile, StoreError};
 
 /// Push consumers' flow-control replies come back on `$JS.FC.<stream>.<consumer>.…`.
 pub const FLOW_CONTROL_PREFIX: &str = "$JS.FC.";
@@ -285,12 +285,43 @@ struct Hosted<D: Directory> {
     consumers: BTreeMap<String, Consumer>,
 }
 
+/// What an API call may consult besides the host: the clock, the catalog, and
+/// whether a subject has subscribers (a push consumer is bound when its deliver
+/// subject has one).
+pub struct ApiContext<'a> {
+    pub now_ns: i64,
+    pub catalog: &'a Mutex<Catalog>,
+    pub interest: &'a dyn Fn(&[u8]) -> bool,
+}
+
+/// How the streams' logs are laid out and synced.
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    pub log: LogConfig,
+    pub durability: Durability,
+    /// Exceptions to `durability` by stream name.
+    pub per_stream: BTreeMap<String, Durability>,
+}
+
+impl HostOptions {
+    pub fn for_stream(&self, name: &str) -> StreamOptions {
+        StreamOptions {
+            log: self.log,
+            durability: self
+                .per_stream
+                .get(name)
+                .copied()
+                .unwrap_or(self.durability),
+        }
+    }
+}
+
 /// The streams one shard owns.
 pub struct Host<R: StoreRoot> {
     /// A consumer stopped at its byte budget with more to deliver.
     more: bool,
     root: R,
-    log_config: LogConfig,
+    options: HostOptions,
     shard: usize,
     shard_count: usize,
     streams: BTreeMap<String, Hosted<R::Dir>>,
@@ -322,7 +353,7 @@ impl<R: StoreRoot> Host<R> {
     /// Opens the streams of `root` that `shard` owns and enters them in `catalog`.
     pub fn open(
         root: R,
-        log_config: LogConfig,
+        options: HostOptions,
         shard: usize,
         shard_count: usize,
         now_ns: i64,
@@ -331,7 +362,7 @@ impl<R: StoreRoot> Host<R> {
         let mut host = Host {
             more: false,
             root,
-            log_config,
+            options,
             shard,
             shard_count,
             streams: BTreeMap::new(),
@@ -352,8 +383,12 @@ impl<R: StoreRoot> Host<R> {
                 tracing::warn!(stream = %name, "no {STREAM_META_FILE}: not a stream, skipped");
                 continue;
             };
-            let stream =
-                Stream::open_with_log_config(dir.clone(), meta.config, log_config, now_ns)?;
+            let stream = Stream::open_with_options(
+                dir.clone(),
+                meta.config,
+                host.options.for_stream(&name),
+                now_ns,
+            )?;
             tracing::info!(stream = %name, shard, messages = stream.state().messages, "stream opened");
             host.streams.insert(
                 name,
@@ -473,6 +508,24 @@ impl<R: StoreRoot> Host<R> {
         Ok(())
     }
 
+    /// Makes every `interval` stream's acknowledged writes durable.
+    pub fn sync_interval_streams(&mut self) -> Result<(), StoreError> {
+        for hosted in self.streams.values_mut() {
+            if hosted.stream.durability() == Durability::Interval {
+                hosted.stream.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs every stream (clean shutdown: `interval` and `none` lose nothing).
+    pub fn sync_all(&mut self) -> Result<(), StoreError> {
+        for hosted in self.streams.values_mut() {
+            hosted.stream.sync()?;
+        }
+        Ok(())
+    }
+
     /// Applies the limits that depend on time (max_age).
     pub fn expire(&mut self, now_ns: i64, catalog: &Mutex<Catalog>) -> Result<(), StoreError> {
         let names: Vec<String> = self
@@ -523,10 +576,10 @@ impl<R: StoreRoot> Host<R> {
         subject: &str,
         reply: &[u8],
         body: &[u8],
-        now_ns: i64,
-        catalog: &Mutex<Catalog>,
+        cx: &ApiContext<'_>,
         out: &mut Vec<Outbound>,
     ) -> Result<(), StoreError> {
+        let (now_ns, catalog) = (cx.now_ns, cx.catalog);
         let Some(call) = parse_call(subject) else {
             return Ok(());
         };
@@ -538,7 +591,7 @@ impl<R: StoreRoot> Host<R> {
         {
             return self.pull(stream, rest, reply, body, now_ns, out);
         }
-        let (payload, failed) = self.dispatch(call, body, now_ns, catalog, out)?;
+        let (payload, failed) = self.dispatch(call, body, cx, out)?;
         if let Ok(mut catalog) = catalog.lock() {
             catalog.api_total += 1;
             catalog.api_errors += u64::from(failed);
@@ -554,10 +607,10 @@ impl<R: StoreRoot> Host<R> {
         &mut self,
         call: Call<'_>,
         body: &[u8],
-        now_ns: i64,
-        catalog: &Mutex<Catalog>,
+        cx: &ApiContext<'_>,
         out: &mut Vec<Outbound>,
     ) -> Result<(Vec<u8>, bool), StoreError> {
+        let (now_ns, catalog) = (cx.now_ns, cx.catalog);
         fn reply<B: Serialize>(response: ApiResponse<B>) -> (Vec<u8>, bool) {
             let failed = response.error.is_some();
             (encode(&response), failed)
@@ -683,7 +736,7 @@ impl<R: StoreRoot> Host<R> {
                 }
             }
             Call::Consumer { verb, stream, rest } => {
-                let result = self.consumer_call(verb, stream, &rest, body, now_ns, out)?;
+                let result = self.consumer_call(verb, stream, &rest, body, cx, out)?;
                 self.refresh_catalog(stream, catalog);
                 result
             }
@@ -698,9 +751,10 @@ impl<R: StoreRoot> Host<R> {
         stream_name: &str,
         rest: &[&str],
         body: &[u8],
-        now_ns: i64,
+        cx: &ApiContext<'_>,
         out: &mut Vec<Outbound>,
     ) -> Result<(Vec<u8>, bool), StoreError> {
+        let now_ns = cx.now_ns;
         fn reply<B: Serialize>(response: ApiResponse<B>) -> (Vec<u8>, bool) {
             let failed = response.error.is_some();
             (encode(&response), failed)
@@ -725,7 +779,7 @@ impl<R: StoreRoot> Host<R> {
                         )))
                     }
                 };
-                match self.create_consumer(stream_name, subject, rest, body, now_ns, out)? {
+                match self.create_consumer(stream_name, subject, rest, body, cx, out)? {
                     Ok(info) => reply(ApiResponse::ok(t, ConsumerInfoBody { info: Some(info) })),
                     Err(error) => reply(ApiResponse::failed(t, error, ConsumerInfoBody::default())),
                 }
@@ -858,9 +912,10 @@ impl<R: StoreRoot> Host<R> {
         subject: CreateSubject<'_>,
         rest: &[&str],
         body: &[u8],
-        now_ns: i64,
+        cx: &ApiContext<'_>,
         out: &mut Vec<Outbound>,
     ) -> Result<Result<ConsumerInfo, ApiError>, StoreError> {
+        let (now_ns, interest) = (cx.now_ns, cx.interest);
         let request: ConsumerCreateRequest = match api::decode_required_request(body) {
             Ok(request) => request,
             Err(_) => return Ok(Err(errors::INVALID_JSON.into())),
@@ -931,6 +986,10 @@ impl<R: StoreRoot> Host<R> {
         let Some(consumer) = hosted.consumers.get_mut(&name) else {
             return Ok(Err(errors::CONSUMER_NOT_FOUND.into()));
         };
+        if !consumer.config().is_pull() {
+            let deliver = consumer.config().deliver_subject.clone();
+            consumer.set_push_active(interest(deliver.as_bytes()), now_ns);
+        }
         if consumer.config().is_durable() && consumer.needs_save() {
             consumer.save_state(&hosted.dir, &consumer_file(&name))?;
         }
@@ -1132,8 +1191,12 @@ impl<R: StoreRoot> Host<R> {
                     created,
                 };
                 write_meta(&dir, &meta)?;
-                let stream =
-                    Stream::open_with_log_config(dir.clone(), config, self.log_config, now_ns)?;
+                let stream = Stream::open_with_options(
+                    dir.clone(),
+                    config,
+                    self.options.for_stream(name),
+                    now_ns,
+                )?;
                 Ok((dir, stream))
             });
         let (dir, stream) = match opened {
@@ -1205,7 +1268,8 @@ impl<R: StoreRoot> Host<R> {
             .remove(name)
             .map(|old| old.consumers)
             .unwrap_or_default();
-        let stream = Stream::open_with_log_config(dir.clone(), config, self.log_config, now_ns)?;
+        let stream =
+            Stream::open_with_options(dir.clone(), config, self.options.for_stream(name), now_ns)?;
         let hosted = Hosted {
             stream,
             created,
@@ -1256,6 +1320,10 @@ impl<R: StoreRoot> Host<R> {
         let Ok(request) = api::decode_request::<StreamPurgeRequest>(body) else {
             return Ok(Err(errors::INVALID_JSON.into()));
         };
+        if request.keep > 0 && request.seq > 0 {
+            // Both is ambiguous; the reference refuses it.
+            return Ok(Err(errors::BAD_REQUEST.into()));
+        }
         let filter = (!request.filter.is_empty()).then_some(request.filter.as_bytes());
         let mut up_to = (request.seq > 0).then_some(request.seq);
         if request.keep > 0 {
@@ -1321,8 +1389,17 @@ impl<R: StoreRoot> Host<R> {
                 errors::MSG_DELETE_PAST_END_REASON,
             )));
         }
-        if !hosted.stream.delete_msg(request.seq, request.no_erase)? {
+        if request.seq < hosted.stream.state().first_seq {
+            // Below the first message: the reference's store says "no message found".
             return Ok(Err(ApiError::stream_msg_delete_failed("no message found")));
+        }
+        if !hosted.stream.delete_msg(request.seq, request.no_erase)? {
+            // Already deleted (or purged): nats-server's JSSequenceNotFoundErrF.
+            return Ok(Err(ApiError {
+                code: 400,
+                err_code: errors::SEQUENCE_NOT_FOUND_ERR_CODE,
+                description: format!("sequence {} not found", request.seq),
+            }));
         }
         Ok(Ok(()))
     }

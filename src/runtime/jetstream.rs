@@ -29,11 +29,12 @@ use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::jetstream::api;
 use crate::jetstream::service::{
-    api_target, owner_of, ApiTarget, Catalog, Host, OsRoot, Outbound, FLOW_CONTROL_PREFIX,
+    api_target, owner_of, ApiContext, ApiTarget, Catalog, Host, HostOptions, OsRoot, Outbound,
+    FLOW_CONTROL_PREFIX,
 };
 use crate::nats::parser::{parse_op, ParseLimits, Parsed};
 use crate::nats::session::{Effect, Message, Session, SessionLimits, Subscription};
-use crate::store::{LogConfig, StoreError};
+use crate::store::StoreError;
 
 /// The queue group every shard's internal session joins on `$JS.API.>`.
 const API_QUEUE: &str = "perch-jetstream";
@@ -50,7 +51,7 @@ const INTERNAL_PENDING_BYTES_MAX: usize = 1 << 30;
 /// What all shards share for JetStream: the catalog and where the store lives.
 pub(crate) struct JsShared {
     pub root: OsRoot,
-    pub log_config: LogConfig,
+    pub options: HostOptions,
     pub catalog: Mutex<Catalog>,
 }
 
@@ -96,7 +97,7 @@ impl JsRuntime {
     ) -> Result<Rc<JsRuntime>, StoreError> {
         let host = Host::open(
             js.root.clone(),
-            js.log_config,
+            js.options.clone(),
             shard.id,
             shard.shared.shard_count,
             now_ns(),
@@ -185,6 +186,14 @@ impl JsRuntime {
         }
     }
 
+    /// Clean shutdown: whatever `interval`/`none` streams have not synced yet is made
+    /// durable now.
+    pub(crate) fn sync_all(&self, shard: usize) {
+        if let Err(e) = self.host.borrow_mut().sync_all() {
+            fail_store(shard, &e);
+        }
+    }
+
     /// Queues a request forwarded by another shard.
     pub(crate) fn forward_in(&self, request: Forwarded) {
         self.forwarded.borrow_mut().push_back(request);
@@ -248,12 +257,14 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
     let mut outgoing = Outgoing::new();
     let mut out: Vec<Outbound> = Vec::new();
     let mut next_expire = now_ns();
+    let sync_interval_ns = shard.config().store_sync_interval_ms as i64 * 1_000_000;
+    let mut next_sync = now_ns() + sync_interval_ns;
     let mut push_active: HashMap<(String, String), bool> = HashMap::new();
     let mut push_waiting = false;
     let mut again = false;
     let mut deadline: Option<i64> = None;
     loop {
-        let mut idle_ms = EXPIRE_TICK_MS;
+        let mut idle_ms = EXPIRE_TICK_MS.min(shard.config().store_sync_interval_ms);
         if push_waiting {
             idle_ms = idle_ms.min(PUSH_INTEREST_POLL_MS);
         }
@@ -273,6 +284,12 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
         let frames = runtime.session.take_output(Vec::new());
         runtime.session.written();
         let now = now_ns();
+        let interest = |subject: &[u8]| shard.router.borrow().has_interest(subject);
+        let cx = ApiContext {
+            now_ns: now,
+            catalog: &js.catalog,
+            interest: &interest,
+        };
         let mut resubscribe = false;
         {
             let mut host = runtime.host.borrow_mut();
@@ -307,14 +324,9 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                                     fail_store(shard.id, &e);
                                 }
                             }
-                            if let Err(e) = host.handle_api(
-                                &subject,
-                                msg.reply,
-                                msg.payload,
-                                now,
-                                &js.catalog,
-                                &mut out,
-                            ) {
+                            if let Err(e) =
+                                host.handle_api(&subject, msg.reply, msg.payload, &cx, &mut out)
+                            {
                                 fail_store(shard.id, &e);
                             }
                             resubscribe = true;
@@ -350,8 +362,7 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                     &request.subject,
                     &request.reply,
                     &request.body,
-                    now,
-                    &js.catalog,
+                    &cx,
                     &mut out,
                 ) {
                     fail_store(shard.id, &e);
@@ -381,6 +392,12 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                 Err(e) => fail_store(shard.id, &e),
             }
             deadline = host.next_deadline();
+            if now >= next_sync {
+                next_sync = now + sync_interval_ns;
+                if let Err(e) = host.sync_interval_streams() {
+                    fail_store(shard.id, &e);
+                }
+            }
             if now >= next_expire {
                 next_expire = now + EXPIRE_TICK_MS as i64 * 1_000_000;
                 if let Err(e) = host.expire(now, &js.catalog) {

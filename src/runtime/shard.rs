@@ -20,7 +20,7 @@ use super::io::{self, Backend};
 use super::jetstream::{JsRuntime, JsShared};
 use super::mailbox::{Batch, BatchPool, Control, Inbox, Peers};
 use crate::config::{Config, Placement};
-use crate::jetstream::service::{Catalog, OsRoot};
+use crate::jetstream::service::{Catalog, HostOptions, OsRoot};
 use crate::nats::encode::ServerInfo;
 use crate::nats::parser::ParseLimits;
 use crate::nats::session::{CloseReason, Session, SessionLimits, State};
@@ -69,9 +69,13 @@ impl Shared {
                 .collect(),
             js: config.store_dir.clone().map(|path| JsShared {
                 root: OsRoot { path },
-                log_config: LogConfig {
-                    segment_bytes_max: config.store_segment_bytes,
-                    ..LogConfig::default()
+                options: HostOptions {
+                    log: LogConfig {
+                        segment_bytes_max: config.store_segment_bytes,
+                        ..LogConfig::default()
+                    },
+                    durability: config.store_durability,
+                    per_stream: config.store_stream_durability.clone(),
                 },
                 catalog: Mutex::new(Catalog::default()),
             }),
@@ -341,6 +345,9 @@ impl Shard {
     }
 
     fn begin_shutdown(&self) {
+        if let Some(js) = self.js.get() {
+            js.sync_all(self.id);
+        }
         self.shutting_down.set(true);
         self.stop_accepting.notify_one();
         for entry in self.connections.borrow().iter() {

@@ -71,6 +71,9 @@ pub struct TornTail {
 }
 
 /// Reads a file through one reusable window.
+/// How far ahead recovery looks for the end of a run of zeros in one step.
+const ZERO_PROBE_BYTES: usize = 4096;
+
 struct ScanWindow {
     buf: Vec<u8>,
     start: u64,
@@ -216,6 +219,21 @@ impl<F: StorageFile> Segment<F> {
         let mut garbage_end = offset;
         let mut at = offset;
         while at < file_len {
+            // A record starts with its length (at least HEADER_BYTES), so none starts
+            // where four zero bytes do: skip zero runs (the preallocated tail) a probe
+            // at a time instead of a header at a time.
+            let probe = window.get(&self.file, &self.name, at, ZERO_PROBE_BYTES)?;
+            match probe.iter().position(|&b| b != 0) {
+                None => {
+                    at += probe.len().saturating_sub(3).max(1) as u64;
+                    continue;
+                }
+                Some(first) if first > 3 => {
+                    at += (first - 3) as u64;
+                    continue;
+                }
+                Some(_) => {}
+            }
             let header = window.get(&self.file, &self.name, at, HEADER_BYTES)?;
             if header[0] != 0 {
                 garbage_end = at + 1;
