@@ -11,6 +11,7 @@
 //! encodes a batch into one buffer), retry failed I/O, or remember anything on disk
 //! besides the records themselves.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use super::error::{BadRecord, Corruption, StoreError};
@@ -57,6 +58,9 @@ pub struct Segment<F> {
     /// `index[i]` is the offset of record `first_seq + i * index_interval_records`.
     index: Vec<u64>,
     index_interval_records: u32,
+    /// `(seq, offset)` of the record after the last one read: consumers read in
+    /// order, and this spares each read the walk from the nearest index entry.
+    next_read: Cell<(u64, u64)>,
 }
 
 /// What recovery found at the end of a segment's valid data, if not just zeros.
@@ -71,6 +75,9 @@ pub struct TornTail {
 }
 
 /// Reads a file through one reusable window.
+/// A read by sequence fetches this much at once (most device messages fit).
+const READ_AHEAD_BYTES: usize = 512;
+
 /// How far ahead recovery looks for the end of a run of zeros in one step.
 const ZERO_PROBE_BYTES: usize = 4096;
 
@@ -135,6 +142,7 @@ impl<F: StorageFile> Segment<F> {
             pending_lens: Vec::new(),
             index: Vec::new(),
             index_interval_records,
+            next_read: Cell::new((0, 0)),
         }
     }
 
@@ -382,6 +390,10 @@ impl<F: StorageFile> Segment<F> {
     /// index entry at or before it, hop over the records in between by their lengths.
     pub fn locate(&self, seq: u64) -> Result<u64, StoreError> {
         assert!((self.first_seq..self.next_seq).contains(&seq));
+        let (hint_seq, hint_offset) = self.next_read.get();
+        if hint_seq == seq && hint_offset < self.end {
+            return Ok(hint_offset);
+        }
         let ordinal = seq - self.first_seq;
         let slot = ordinal / u64::from(self.index_interval_records);
         let mut offset = self.index[slot as usize];
@@ -411,10 +423,12 @@ impl<F: StorageFile> Segment<F> {
         buf: &'b mut Vec<u8>,
     ) -> Result<(Record<'b>, usize), StoreError> {
         assert!(offset < self.end);
-        let mut len_bytes = [0u8; 4];
-        self.read_exact(&mut len_bytes, offset)?;
-        let len =
-            record::frame_len(&len_bytes).map_err(|error| self.corrupt(offset, error.into()))?;
+        // One read for a small record: its length and its bytes together.
+        let first = (self.end - offset).min(READ_AHEAD_BYTES as u64) as usize;
+        buf.clear();
+        buf.resize(first, 0);
+        self.read_exact(buf, offset)?;
+        let len = record::frame_len(buf).map_err(|error| self.corrupt(offset, error.into()))?;
         if offset + len as u64 > self.end {
             let bad = record::RecordError::Truncated {
                 needed: len,
@@ -423,11 +437,16 @@ impl<F: StorageFile> Segment<F> {
             return Err(self.corrupt(offset, bad.into()));
         }
         assert!(len <= RECORD_BYTES_MAX);
-        buf.clear();
-        buf.resize(len, 0);
-        self.read_exact(buf, offset)?;
+        if len > first {
+            buf.resize(len, 0);
+            self.read_exact(&mut buf[first..], offset + first as u64)?;
+        }
+        buf.truncate(len);
         match record::decode(buf) {
-            Ok((record, len)) if record.seq == seq => Ok((record, len)),
+            Ok((record, len)) if record.seq == seq => {
+                self.next_read.set((seq + 1, offset + len as u64));
+                Ok((record, len))
+            }
             Ok((record, _)) => Err(self.corrupt(
                 offset,
                 BadRecord::WrongSeq {
