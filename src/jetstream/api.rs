@@ -171,6 +171,9 @@ pub mod errors {
         "stream name is required and can not contain '.', '*', '>'";
     pub const NEGATIVE_DUPLICATE_WINDOW_REASON: &str = "duplicates window can not be negative";
     pub const ROLLUP_NEEDS_PURGE_REASON: &str = "roll-ups require the purge permission";
+    /// (sic: "then") A duplicate window longer than a max_age that is set.
+    pub const DUPLICATE_WINDOW_OVER_MAX_AGE_REASON: &str =
+        "duplicates window can not be larger then max age";
     pub const ACK_POLICY_UPDATE_REASON: &str = "ack policy can not be updated";
     pub const MSG_DELETE_NOT_PERMITTED_REASON: &str = "message delete not permitted";
     /// What the reference says when deleting a sequence past the end of the stream.

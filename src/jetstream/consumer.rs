@@ -642,7 +642,7 @@ impl SeqRuns {
 /// A delivered message not yet acknowledged, by stream sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PendingMsg {
-    /// The consumer sequence of its latest delivery.
+    /// The consumer sequence of its first delivery (redeliveries keep it).
     consumer_seq: u64,
     /// When it is redelivered; `None` while it waits in the redelivery queue.
     deadline_ns: Option<i64>,
@@ -1355,13 +1355,16 @@ impl Consumer {
         if self.config.ack_policy == AckPolicy::None {
             self.ack_floor = (consumer_seq, seq);
         } else {
-            self.pending.insert(
-                seq,
-                PendingMsg {
+            // A redelivery keeps the consumer sequence of the first delivery (the ack
+            // floor moves by it, as nats-server's `trackPending` does); the `$JS.ACK`
+            // reply still carries the new one.
+            self.pending
+                .entry(seq)
+                .or_insert(PendingMsg {
                     consumer_seq,
                     deadline_ns: None,
-                },
-            );
+                })
+                .deadline_ns = None;
             let wait = self.ack_wait(count);
             self.set_deadline(seq, now_ns.saturating_add(wait));
         }
@@ -1886,8 +1889,10 @@ impl Consumer {
         Ok(())
     }
 
-    /// Loads the consumer saved as `file_name` in `dir` (see [`Consumer::decode_state`]);
-    /// `None` when there is no such file. A leftover temporary file is never read.
+    /// Loads the consumer saved as `file_name` in `dir` (see [`Consumer::decode_state`])
+    /// after a restart, without the times of its last delivery and ack (as the
+    /// reference); `None` when there is no such file. A leftover temporary file is
+    /// never read.
     pub fn load<D: Directory, S: Directory>(
         stream: &Stream<S>,
         dir: &D,
@@ -1908,7 +1913,12 @@ impl Consumer {
         let mut bytes = vec![0u8; len];
         file.read_exact_at(&mut bytes, 0)
             .map_err(StoreError::io("read", file_name))?;
-        Consumer::decode_state(stream, &bytes, now_ns).map(Some)
+        let mut consumer = Consumer::decode_state(stream, &bytes, now_ns)?;
+        // nats-server 2.9 does not keep the last delivery and ack times across a
+        // restart: its consumer info then has no `last_active` until the next one.
+        consumer.last_delivered_ns = None;
+        consumer.last_ack_ns = None;
+        Ok(Some(consumer))
     }
 }
 
@@ -2621,6 +2631,52 @@ mod tests {
         assert_eq!(c.info(t).num_waiting, 1);
     }
 
+    /// The ack floor moves by the consumer sequence of a message's first delivery, as
+    /// the reference's does (its differential `consumers_pull`): a redelivered message
+    /// settled at its original place lets the floor reach the next pending one.
+    #[test]
+    fn ack_floor_follows_first_deliveries() {
+        let mut s = stream(r#"{"name":"P","subjects":["p.>"]}"#);
+        for (i, subject) in ["p.a", "p.b", "p.a", "p.b", "p.a"].into_iter().enumerate() {
+            publish(&mut s, subject, "", "x", T0 + i as i64 * MS);
+        }
+        let mut c = consumer(
+            &s,
+            r#"{"durable_name":"d","ack_policy":"explicit","ack_wait":500000000,"max_deliver":3}"#,
+        );
+        let t = T0 + S;
+        let floor = |c: &Consumer| {
+            let info = c.info(t);
+            (info.ack_floor.consumer_seq, info.ack_floor.stream_seq)
+        };
+        let first = pull(&mut c, &s, "in", r#"{"batch":2,"no_wait":true}"#, t);
+        assert_eq!(deliveries(&first), [(1, 1, 1), (2, 1, 2)]);
+        ack(&mut c, &first[0], "+ACK", t);
+        ack(&mut c, &first[1], "-NAK", t);
+        assert_eq!(floor(&c), (1, 1));
+        let second = pull(&mut c, &s, "in", r#"{"batch":3,"no_wait":true}"#, t);
+        assert_eq!(deliveries(&second), [(2, 2, 3), (3, 1, 4), (4, 1, 5)]);
+        assert_eq!(
+            c.pending[&2].consumer_seq, 2,
+            "a redelivery keeps the first one"
+        );
+        // 2 settles as consumer seq 2 (first delivery): the floor passes it and stops
+        // before 3, pending since consumer seq 4.
+        ack(&mut c, &second[0], "+TERM", t);
+        assert_eq!(floor(&c), (3, 2));
+        ack(&mut c, &second[1], "+WPI", t);
+        ack(&mut c, &second[2], "+ACK", t);
+        assert_eq!(floor(&c), (3, 2), "4 is past a gap");
+        let info = c.info(t);
+        assert_eq!((info.num_ack_pending, info.num_pending), (1, 1));
+        ack(&mut c, &second[1], "+ACK", t);
+        assert_eq!(
+            floor(&c),
+            (5, 4),
+            "nothing pending: the floor is the cursor"
+        );
+    }
+
     #[test]
     fn nak_progress_and_term() {
         let s = stream_t();
@@ -2769,9 +2825,11 @@ mod tests {
         assert!(poll(&mut c, &s, t + S).is_empty());
         let info = c.info(t + S);
         assert_eq!(info.num_ack_pending, 1);
+        // The purged 1 and 3 lift the floor to their first deliveries' consumer
+        // sequences (1 and 3), not to their redeliveries' (5 and 6).
         assert_eq!(
             (info.ack_floor.consumer_seq, info.ack_floor.stream_seq),
-            (6, 3)
+            (3, 3)
         );
         s.purge(None, None).unwrap();
         poll(&mut c, &s, t + S);
@@ -3074,8 +3132,13 @@ mod tests {
             Some(later + 10 * S),
             "ack_wait restarts at load"
         );
+        assert!(
+            info.delivered.last_active.is_none() && info.ack_floor.last_active.is_none(),
+            "no last_active after a restart, as from the reference"
+        );
         let wait = r#"{"batch":9,"expires":60000000000}"#;
         assert_eq!(seqs(&pull(&mut c, &s, "in", wait, later + S)), [3, 4, 5, 6]);
+        assert!(c.info(later + S).delivered.last_active.is_some());
         assert_eq!(deliveries(&poll(&mut c, &s, later + 10 * S)), [(2, 2, 7)]);
     }
 
@@ -3087,6 +3150,10 @@ mod tests {
         let mut new = busy_consumer(&s, t);
         let out = pull(&mut new, &s, "in", "1", t);
         ack(&mut new, &out[0], "", t);
+        // `load` forgets these (as after a restart); the rest must come back whole.
+        for c in [&mut old, &mut new] {
+            (c.last_delivered_ns, c.last_ack_ns) = (None, None);
+        }
         let (old_bytes, new_bytes) = (old.encode_state(), new.encode_state());
         assert_ne!(old_bytes, new_bytes);
         let mut outcomes = std::collections::BTreeSet::new();

@@ -383,12 +383,13 @@ impl<R: StoreRoot> Host<R> {
                 tracing::warn!(stream = %name, "no {STREAM_META_FILE}: not a stream, skipped");
                 continue;
             };
-            let stream = Stream::open_with_options(
+            let mut stream = Stream::open_with_options(
                 dir.clone(),
                 meta.config,
                 host.options.for_stream(&name),
                 now_ns,
             )?;
+            stream.note_restart();
             tracing::info!(stream = %name, shard, messages = stream.state().messages, "stream opened");
             host.streams.insert(
                 name,
@@ -993,8 +994,11 @@ impl<R: StoreRoot> Host<R> {
         if consumer.config().is_durable() && consumer.needs_save() {
             consumer.save_state(&hosted.dir, &consumer_file(&name))?;
         }
+        // The reply shows the consumer as created, before this first poll delivers
+        // anything (nats-server starts delivering after it has answered).
+        let info = consumer.info(now_ns);
         consumer.poll(&hosted.stream, now_ns, out)?;
-        Ok(Ok(consumer.info(now_ns)))
+        Ok(Ok(info))
     }
 
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`: queued on the consumer (which
@@ -1263,13 +1267,16 @@ impl<R: StoreRoot> Host<R> {
         )?;
         // Reopen under the new config: its limits apply from now on (a rare
         // operation; reopening rescans the log).
-        let consumers = self
-            .streams
-            .remove(name)
-            .map(|old| old.consumers)
-            .unwrap_or_default();
-        let stream =
+        let (consumers, memory) = match self.streams.remove(name) {
+            Some(old) => (old.consumers, Some(old.stream.memory())),
+            None => Default::default(),
+        };
+        let mut stream =
             Stream::open_with_options(dir.clone(), config, self.options.for_stream(name), now_ns)?;
+        // An update is no restart: the stream keeps what its log does not record.
+        if let Some(memory) = memory {
+            stream.carry_over(memory);
+        }
         let hosted = Hosted {
             stream,
             created,
@@ -1324,7 +1331,9 @@ impl<R: StoreRoot> Host<R> {
             // Both is ambiguous; the reference refuses it.
             return Ok(Err(errors::BAD_REQUEST.into()));
         }
-        let filter = (!request.filter.is_empty()).then_some(request.filter.as_bytes());
+        // `>` is every subject: the reference purges as without a filter.
+        let filter = (!request.filter.is_empty() && request.filter != ">")
+            .then_some(request.filter.as_bytes());
         let mut up_to = (request.seq > 0).then_some(request.seq);
         if request.keep > 0 {
             up_to = Some(hosted.stream.seq_keeping_newest(filter, request.keep));
@@ -1424,6 +1433,11 @@ fn validated_config(name: &str, body: &[u8]) -> Result<StreamConfig, ApiError> {
     if config.duplicate_window_ns < 0 {
         return Err(ApiError::stream_invalid_config(
             errors::NEGATIVE_DUPLICATE_WINDOW_REASON,
+        ));
+    }
+    if config.max_age_ns != 0 && config.duplicate_window_ns > config.max_age_ns {
+        return Err(ApiError::stream_invalid_config(
+            errors::DUPLICATE_WINDOW_OVER_MAX_AGE_REASON,
         ));
     }
     if config.allow_rollup_hdrs && config.deny_purge {
@@ -1596,4 +1610,40 @@ fn write_meta<D: Directory>(dir: &D, meta: &StreamMeta) -> Result<(), StoreError
         .map_err(io("rename"))?;
     dir.sync().map_err(io("sync dir"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference refuses a duplicate window longer than a max_age that is set
+    /// (after the defaults: an unset window follows a shorter max_age).
+    #[test]
+    fn duplicate_window_within_max_age() {
+        let refused = validated_config(
+            "LX",
+            br#"{"name":"LX","subjects":["lx"],"max_age":1000000000,"duplicate_window":2000000000}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (refused.code, refused.err_code, refused.description.as_str()),
+            (
+                500,
+                10052,
+                "duplicates window can not be larger then max age"
+            )
+        );
+        let defaulted = validated_config(
+            "LA",
+            br#"{"name":"LA","subjects":["la"],"max_age":500000000}"#,
+        )
+        .unwrap();
+        assert_eq!(defaulted.duplicate_window_ns, 500_000_000);
+        let no_age = validated_config(
+            "LD",
+            br#"{"name":"LD","subjects":["ld"],"duplicate_window":2000000000}"#,
+        )
+        .unwrap();
+        assert_eq!(no_age.duplicate_window_ns, 2_000_000_000);
+    }
 }

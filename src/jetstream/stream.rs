@@ -37,6 +37,7 @@ mod crash_tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
+use std::rc::Rc;
 
 use super::api::{
     errors, headers, ApiError, DiscardPolicy, PubAck, StreamConfig, StreamState, Timestamp,
@@ -149,7 +150,9 @@ impl ReadError {
 /// A live message's bookkeeping, kept in memory so limits never read the disk.
 #[derive(Debug, Clone)]
 struct MessageMeta {
-    subject: Box<[u8]>,
+    /// Shared with the per-subject map's key: one allocation per subject, not per
+    /// message (a 1 GiB stream of small messages holds millions).
+    subject: Rc<[u8]>,
     bytes: u64,
     timestamp_ns: i64,
 }
@@ -174,6 +177,30 @@ struct Pending {
     msg_ids: HashMap<Vec<u8>, u64>,
 }
 
+/// What an empty stream reports as its start, as nats-server 2.9's file store does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmptyStart {
+    /// Never held a message nor was purged: `first_seq` 0.
+    #[default]
+    Untouched,
+    /// Emptied by a purge of every subject: `first_ts` is Go's zero time.
+    Purged,
+    /// Emptied by removing its last messages one by one (delete, max_age or another
+    /// limit, a purge by subject), or reopened empty after a restart: `first_ts` is
+    /// the Unix epoch (the store's empty block has a first timestamp of 0), and a
+    /// stream that never held a message starts at 1.
+    Removed,
+}
+
+/// What a stream knew beyond its log, handed to the stream an update reopens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamMemory {
+    last_seq: u64,
+    last_timestamp_ns: i64,
+    empty: bool,
+    empty_start: EmptyStart,
+}
+
 /// How a stream stores its log: the segment layout and when appends are synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamOptions {
@@ -194,7 +221,7 @@ pub struct Stream<D: Directory> {
     live: BTreeMap<u64, MessageMeta>,
     bytes: u64,
     /// Live sequences per subject, oldest first.
-    subjects: HashMap<Box<[u8]>, VecDeque<u64>>,
+    subjects: HashMap<Rc<[u8]>, VecDeque<u64>>,
     /// The last sequence ever stored (0 if none) and its timestamp.
     last_seq: u64,
     last_timestamp_ns: i64,
@@ -205,6 +232,8 @@ pub struct Stream<D: Directory> {
     msg_id_order: VecDeque<(i64, Vec<u8>)>,
     /// Where the logical stream starts when it holds no message (after a purge).
     first_seq_when_empty: u64,
+    /// How it became empty, for the `first_ts` (and `first_seq`) it then reports.
+    empty_start: EmptyStart,
 }
 
 impl<D: Directory> Stream<D> {
@@ -241,6 +270,7 @@ impl<D: Directory> Stream<D> {
             durability: options.durability,
             unrecorded: RunSet::new(),
             first_seq_when_empty: log.first_seq(),
+            empty_start: EmptyStart::Untouched,
             // Scanning inserts from the log's first record on.
             last_seq: log.first_seq() - 1,
             log,
@@ -258,12 +288,10 @@ impl<D: Directory> Stream<D> {
         // their dedupe ids stay in the window, as before the restart.
         while let Some((record, deleted)) = stream.log.next_with_deleted(&mut cursor, &mut buf)? {
             let (seq, timestamp_ns) = (record.seq, record.timestamp_ns);
-            let subject = record.subject.to_vec();
-            let headers = record.headers.to_vec();
-            let payload_len = record.payload.len();
-            stream.note_stored(seq, &headers, timestamp_ns);
+            stream.note_stored(seq, record.headers, timestamp_ns);
             if !deleted {
-                stream.insert_live(seq, &subject, headers.len(), payload_len, timestamp_ns);
+                let (headers_len, payload_len) = (record.headers.len(), record.payload.len());
+                stream.insert_live(seq, record.subject, headers_len, payload_len, timestamp_ns);
             }
         }
         assert_eq!(
@@ -538,19 +566,27 @@ impl<D: Directory> Stream<D> {
             "live sequences only grow"
         );
         let bytes = stored_bytes(subject.len(), headers_len, payload_len);
+        let shared = match self.subjects.get_key_value(subject) {
+            Some((key, _)) => Rc::clone(key),
+            None => {
+                let key: Rc<[u8]> = subject.into();
+                self.subjects.insert(Rc::clone(&key), VecDeque::new());
+                key
+            }
+        };
+        self.subjects
+            .get_mut(subject)
+            .expect("just looked up or inserted")
+            .push_back(seq);
         self.live.insert(
             seq,
             MessageMeta {
-                subject: subject.into(),
+                subject: shared,
                 bytes,
                 timestamp_ns,
             },
         );
         self.bytes += bytes;
-        self.subjects
-            .entry(subject.into())
-            .or_default()
-            .push_back(seq);
     }
 
     /// Removes a live message from the in-memory state; returns whether it was live.
@@ -572,6 +608,7 @@ impl<D: Directory> Stream<D> {
         }
         if self.live.is_empty() {
             self.first_seq_when_empty = self.last_seq + 1;
+            self.empty_start = EmptyStart::Removed;
         }
         true
     }
@@ -773,6 +810,9 @@ impl<D: Directory> Stream<D> {
                 _ => 0,
             };
             self.first_seq_when_empty = past_end.max(self.last_seq + 1);
+            if subject.is_none() {
+                self.empty_start = EmptyStart::Purged;
+            }
         }
         self.log.raise_floor(self.first_seq())?;
         if self.log.last_seq() > self.last_seq {
@@ -787,21 +827,63 @@ impl<D: Directory> Stream<D> {
         Ok(doomed.len() as u64)
     }
 
+    /// The stream was just reopened after a restart (not by an update): an empty
+    /// stream now reports what nats-server 2.9's file store recovers for it, the
+    /// Unix epoch as `first_ts` and, if it never held a message, `first_seq` 1.
+    pub fn note_restart(&mut self) {
+        if self.live.is_empty() {
+            self.empty_start = EmptyStart::Removed;
+        }
+    }
+
+    /// What the log alone does not tell, for [`Stream::carry_over`].
+    pub fn memory(&self) -> StreamMemory {
+        StreamMemory {
+            last_seq: self.last_seq,
+            last_timestamp_ns: self.last_timestamp_ns,
+            empty: self.live.is_empty(),
+            empty_start: self.empty_start,
+        }
+    }
+
+    /// The stream was reopened by an update (no restart): keeps the last message's
+    /// time when a purge left no record of it, and how an empty stream got empty.
+    pub fn carry_over(&mut self, old: StreamMemory) {
+        if self.last_seq == old.last_seq && self.last_timestamp_ns == 0 {
+            self.last_timestamp_ns = old.last_timestamp_ns;
+        }
+        if self.live.is_empty() && old.empty {
+            self.empty_start = old.empty_start;
+        }
+    }
+
     /// The stream's state as a stream info reply shows it (no consumers counted, no
     /// subject or deleted details).
     pub fn state(&self) -> StreamState {
         let mut state = StreamState::empty();
-        if self.last_seq == 0 {
+        if self.last_seq == 0 && self.empty_start == EmptyStart::Untouched {
             return state;
         }
         state.messages = self.live.len() as u64;
         state.bytes = self.bytes;
         state.first_seq = self.first_seq();
         state.last_seq = self.last_seq;
-        state.last_ts = Timestamp::from_unix_nanos(self.last_timestamp_ns);
-        if let Some((_, meta)) = self.live.first_key_value() {
-            state.first_ts = Timestamp::from_unix_nanos(meta.timestamp_ns);
-            state.num_deleted = self.last_seq - state.first_seq + 1 - state.messages;
+        // A purge past the end of a stream that never stored a message moves the
+        // last sequence but leaves Go's zero time, until a restart (the epoch then).
+        let stored_or_reopened =
+            self.last_timestamp_ns != 0 || self.empty_start == EmptyStart::Removed;
+        if self.last_seq > 0 && stored_or_reopened {
+            state.last_ts = Timestamp::from_unix_nanos(self.last_timestamp_ns);
+        }
+        match self.live.first_key_value() {
+            Some((_, meta)) => {
+                state.first_ts = Timestamp::from_unix_nanos(meta.timestamp_ns);
+                state.num_deleted = self.last_seq - state.first_seq + 1 - state.messages;
+            }
+            None if self.empty_start == EmptyStart::Removed => {
+                state.first_ts = Timestamp::from_unix_nanos(0);
+            }
+            None => {}
         }
         state.num_subjects = self.subjects.len() as u64;
         state
@@ -1215,6 +1297,88 @@ mod tests {
         assert_eq!(stream.state().last_seq, 4);
     }
 
+    /// What an empty stream reports, as nats-server 2.9.10's file store: Go's zero
+    /// time after a purge of every subject, the Unix epoch after its messages went one
+    /// by one (delete, max_age, a purge by subject) or a restart, and `first_seq` 0
+    /// only while it was never touched.
+    #[test]
+    fn empty_streams_report_their_start_as_the_reference() {
+        let epoch = Timestamp::from_unix_nanos(0);
+        let start = |stream: &Stream<SimDirectory>| {
+            let state = stream.state();
+            (state.first_seq, state.last_seq, state.first_ts)
+        };
+        let zero = Timestamp::GO_ZERO;
+        let config_for = |json: &str| config(json);
+
+        let dir = SimDirectory::new();
+        let plain = config_for(r#"{"name":"E","subjects":["e.*"]}"#);
+        let mut stream = open(&dir, &plain, T0_NS);
+        assert_eq!(start(&stream), (0, 0, zero), "never touched");
+        stream.purge(None, None).unwrap();
+        assert_eq!(start(&stream), (1, 0, zero), "purged while empty");
+        drop(stream);
+        let mut stream = open(&dir, &plain, T0_NS);
+        stream.note_restart();
+        assert_eq!(start(&stream), (1, 0, epoch), "reopened empty");
+        assert_eq!(stream.state().last_ts, zero);
+        stream.purge(None, Some(5)).unwrap();
+        assert_eq!(start(&stream), (5, 4, zero), "purged past the end");
+        assert_eq!(stream.state().last_ts, zero, "nothing was ever stored");
+        drop(stream);
+        let mut stream = open(&dir, &plain, T0_NS);
+        stream.note_restart();
+        assert_eq!(start(&stream), (5, 4, epoch));
+        assert_eq!(stream.state().last_ts, epoch);
+
+        let dir = SimDirectory::new();
+        let mut stream = open(&dir, &plain, T0_NS);
+        stream.note_restart();
+        assert_eq!(start(&stream), (1, 0, epoch), "reopened never touched");
+        publish(&mut stream, "e.a", "", b"1", T0_NS);
+        publish(&mut stream, "e.b", "", b"2", T0_NS + 1);
+        assert_eq!(start(&stream).2, Timestamp::from_unix_nanos(T0_NS));
+        assert!(stream.delete_msg(1, false).unwrap());
+        assert!(stream.delete_msg(2, false).unwrap());
+        assert_eq!(start(&stream), (3, 2, epoch), "deleted one by one");
+        publish(&mut stream, "e.a", "", b"3", T0_NS + 2);
+        stream.purge(Some(b"e.*"), None).unwrap();
+        assert_eq!(start(&stream), (4, 3, epoch), "purged by subject");
+        publish(&mut stream, "e.a", "", b"4", T0_NS + 3);
+        stream.purge(None, Some(9)).unwrap();
+        assert_eq!(start(&stream), (9, 8, zero), "purged below a sequence");
+        assert_ne!(stream.state().last_ts, zero);
+        drop(stream);
+        let mut stream = open(&dir, &plain, T0_NS);
+        stream.note_restart();
+        assert_eq!(start(&stream), (9, 8, epoch), "purged, then reopened");
+        publish(&mut stream, "e.a", "", b"5", T0_NS + 4);
+        stream.purge(None, None).unwrap();
+        assert_eq!(start(&stream), (10, 9, zero), "purged");
+
+        let aging = config_for(r#"{"name":"A","subjects":["a"],"max_age":1000000000}"#);
+        let mut stream = open(&SimDirectory::new(), &aging, T0_NS);
+        publish(&mut stream, "a", "", b"1", T0_NS);
+        stream.expire(T0_NS + 2 * SECOND_NS).unwrap();
+        assert_eq!(start(&stream), (2, 1, epoch), "expired");
+
+        // An update reopens the stream: no restart, nothing forgotten.
+        let dir = SimDirectory::new();
+        let mut stream = open(&dir, &plain, T0_NS);
+        publish(&mut stream, "e.a", "", b"1", T0_NS + 7);
+        stream.purge(None, None).unwrap();
+        let memory = stream.memory();
+        drop(stream);
+        let mut stream = open(&dir, &plain, T0_NS);
+        assert_eq!(stream.state().last_ts, zero, "the log has no record left");
+        stream.carry_over(memory);
+        assert_eq!(start(&stream), (2, 1, zero), "still purged");
+        assert_eq!(
+            stream.state().last_ts,
+            Timestamp::from_unix_nanos(T0_NS + 7)
+        );
+    }
+
     #[test]
     fn purges_survive_a_restart() {
         let dir = SimDirectory::new();
@@ -1375,7 +1539,7 @@ mod tests {
             }
             let before = stream.state();
             let live_before: Vec<u64> = stream.live.keys().copied().collect();
-            let subjects_before: Vec<(u64, Box<[u8]>)> = stream
+            let subjects_before: Vec<(u64, Rc<[u8]>)> = stream
                 .live
                 .iter()
                 .map(|(&seq, meta)| (seq, meta.subject.clone()))
@@ -1402,7 +1566,7 @@ mod tests {
                 match reopened.get(seq) {
                     Ok(message) => assert_eq!(message.subject, subject.as_ref(), "seed {seed}"),
                     Err(_) => {
-                        let newer = &reopened.subjects[&subject];
+                        let newer = &reopened.subjects[&*subject];
                         assert!(
                             newer.len() == 3 && newer[0] > seq && newer[2] > acked,
                             "seed {seed}: lost {seq}"

@@ -78,12 +78,19 @@ pub struct NewRecord<'a> {
 }
 
 /// A position for reading the log in order; see [`Log::next`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     seq: u64,
     /// The first sequence of the segment `offset` is in, and the offset of `seq`.
     position: Option<(u64, u64)>,
+    /// Bytes read ahead from that segment: (its first sequence, the window's
+    /// offset, the bytes). A scan reads the segment in large chunks instead of a
+    /// read per record.
+    window: (u64, u64, Vec<u8>),
 }
+
+/// How much a cursor reads ahead at once.
+const CURSOR_WINDOW_BYTES: usize = 256 * 1024;
 
 impl Cursor {
     /// The sequence the next read returns (or a later one, if it was purged).
@@ -577,6 +584,7 @@ impl<D: Directory> Log<D> {
         Cursor {
             seq,
             position: None,
+            window: (0, 0, Vec::new()),
         }
     }
 
@@ -620,7 +628,32 @@ impl<D: Directory> Log<D> {
             Some((first_seq, offset)) if first_seq == segment.first_seq() => offset,
             _ => segment.locate(cursor.seq)?,
         };
-        let (record, len) = segment.read_at(offset, cursor.seq, buf)?;
+        let (window_segment, window_at, window) = &mut cursor.window;
+        let in_window = *window_segment == segment.first_seq()
+            && offset >= *window_at
+            && offset + 4 <= *window_at + window.len() as u64;
+        let frame = in_window
+            .then(|| {
+                let from = (offset - *window_at) as usize;
+                let len = record::frame_len(&window[from..]).ok()?;
+                window.get(from..from + len)
+            })
+            .flatten();
+        let (record, len) = match frame {
+            // The window holds the whole frame: checked like any read.
+            Some(frame) if offset + frame.len() as u64 <= segment.end() => {
+                buf.clear();
+                buf.extend_from_slice(frame);
+                segment.check_read(offset, cursor.seq, buf)?
+            }
+            _ => {
+                let ahead = (segment.end() - offset).min(CURSOR_WINDOW_BYTES as u64) as usize;
+                segment.read_bytes(offset, ahead, window)?;
+                *window_segment = segment.first_seq();
+                *window_at = offset;
+                segment.read_at(offset, cursor.seq, buf)?
+            }
+        };
         let next_offset = offset + len as u64;
         cursor.seq += 1;
         cursor.position =

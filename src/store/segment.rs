@@ -442,6 +442,17 @@ impl<F: StorageFile> Segment<F> {
             self.read_exact(&mut buf[first..], offset + first as u64)?;
         }
         buf.truncate(len);
+        self.check_read(offset, seq, buf)
+    }
+
+    /// Checks that `buf`, read from `offset`, is exactly record `seq` (CRC, frame,
+    /// sequence) and returns it with its length.
+    pub fn check_read<'b>(
+        &self,
+        offset: u64,
+        seq: u64,
+        buf: &'b [u8],
+    ) -> Result<(Record<'b>, usize), StoreError> {
         match record::decode(buf) {
             Ok((record, len)) if record.seq == seq => {
                 self.next_read.set((seq + 1, offset + len as u64));
@@ -456,6 +467,14 @@ impl<F: StorageFile> Segment<F> {
             )),
             Err(error) => Err(self.corrupt(offset, error.into())),
         }
+    }
+
+    /// Reads up to `len` bytes from `offset` (not past the logical end) into `buf`.
+    pub fn read_bytes(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let len = (self.end.saturating_sub(offset)).min(len as u64) as usize;
+        buf.clear();
+        buf.resize(len, 0);
+        self.read_exact(buf, offset)
     }
 
     /// The sequence numbers this segment holds.

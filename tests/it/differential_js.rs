@@ -70,6 +70,36 @@ const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// Headers whose values are timestamps.
 const TIME_HEADERS: [&str; 1] = ["Nats-Time-Stamp"];
 
+/// One field of one reply that perch may answer differently from the reference:
+/// a nats-server 2.9.10 accident perch deliberately does not copy. Applies only
+/// when comparing the reference with perch, only at this step, only to this JSON
+/// pointer of a reply's body, and is printed whenever it hides a difference. Every
+/// entry is listed in docs/jetstream-tests.md under "Deliberate differences".
+struct Allowance {
+    script: &'static str,
+    step: usize,
+    pointer: &'static str,
+    reason: &'static str,
+}
+
+const ALLOWANCES: &[Allowance] = &[
+    Allowance {
+        script: "limits",
+        step: 47,
+        pointer: "/storage",
+        reason: "nats-server 2.9.10 never subtracts from the account's storage the message \
+                 that a stream update's lower max_msgs_per_subject removes (36 bytes here)",
+    },
+    Allowance {
+        script: "persistence",
+        step: 25,
+        pointer: "/ack_floor/stream_seq",
+        reason: "nats-server 2.9.10 restores the ack floor its consumer store computed, which \
+                 does not skip the deleted/purged sequences 3-4 that its in-memory floor (and \
+                 perch's, before and after a restart) skips: 2 vs 4",
+    },
+];
+
 #[test]
 fn differential_js_reference_is_deterministic() {
     let scripts = load_scripts();
@@ -162,6 +192,12 @@ fn run_all(scripts: &[Script], a: Js, b: Js) -> Vec<String> {
                     }
                     check_expectations(script, &reference)?;
                     let other = play(script, b)?;
+                    let allowances: Vec<&Allowance> = ALLOWANCES
+                        .iter()
+                        .filter(|allowance| b == Js::Perch && allowance.script == script.name)
+                        .collect();
+                    let (reference, other) =
+                        apply_allowances(&script.name, &allowances, reference, other);
                     compare(&reference, &other).map_err(|diff| {
                         format!(
                             "--- script {} ({:?} vs {:?}) — {}\n{diff}",
@@ -237,6 +273,42 @@ fn render(transcript: &[Record]) -> String {
         .map(render_record)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Masks, in both transcripts, each allowed field that differs (printing it), so
+/// that `compare` sees only the differences no allowance names.
+fn apply_allowances(
+    script: &str,
+    allowances: &[&Allowance],
+    mut a: Vec<Record>,
+    mut b: Vec<Record>,
+) -> (Vec<Record>, Vec<Record>) {
+    for allowance in allowances {
+        let (Some(ra), Some(rb)) = (a.get_mut(allowance.step), b.get_mut(allowance.step)) else {
+            continue;
+        };
+        for (x, y) in ra.replies.iter_mut().zip(&mut rb.replies) {
+            let (Body::Json(x), Body::Json(y)) = (&mut x.body, &mut y.body) else {
+                continue;
+            };
+            let (Some(vx), Some(vy)) = (
+                x.pointer_mut(allowance.pointer),
+                y.pointer_mut(allowance.pointer),
+            ) else {
+                continue;
+            };
+            if vx != vy {
+                eprintln!(
+                    "differential_js: allowed difference in {script} step {} at {}: {} vs {} ({})",
+                    allowance.step, allowance.pointer, vx, vy, allowance.reason
+                );
+                let masked = Value::String("<allowed difference>".into());
+                *vx = masked.clone();
+                *vy = masked;
+            }
+        }
+    }
+    (a, b)
 }
 
 /// Equal, or the first differing step with both sides (and, for JSON bodies,
@@ -937,5 +1009,47 @@ fn differential_js_normalizer_masks_only_volatile_fields() {
     assert!(
         report.contains("/state/first_seq: Some(Number(1)) vs None"),
         "{report}"
+    );
+}
+
+/// An allowance hides a difference at its own step and pointer only.
+#[test]
+fn differential_js_allowances_mask_only_their_field() {
+    let norm = Normalizer {
+        captured: Vec::new(),
+    };
+    let rec = |body: &[u8]| Record {
+        step: "req x".into(),
+        replies: vec![Reply {
+            subject: "_INBOX.diffjs.0".into(),
+            reply: String::new(),
+            headers: None,
+            body: norm.body(body),
+        }],
+    };
+    let allowance = Allowance {
+        script: "s",
+        step: 1,
+        pointer: "/floor/stream_seq",
+        reason: "test",
+    };
+    let allowed = [&allowance];
+    let a = br#"{"floor":{"stream_seq":2,"consumer_seq":2}}"#;
+    let b = br#"{"floor":{"stream_seq":4,"consumer_seq":2}}"#;
+    let c = br#"{"floor":{"stream_seq":4,"consumer_seq":3}}"#;
+    let masked = |x: &[u8], y: &[u8], z: &[u8], w: &[u8]| {
+        let (p, q) = apply_allowances("s", &allowed, vec![rec(x), rec(y)], vec![rec(z), rec(w)]);
+        compare(&p, &q)
+    };
+    assert!(masked(a, a, a, b).is_ok(), "the allowed field at its step");
+    assert!(
+        masked(a, a, b, a).is_err(),
+        "the same field at another step"
+    );
+    assert!(masked(a, a, a, c).is_err(), "another field at its step");
+    let (_, none) = apply_allowances("s", &[], vec![rec(a), rec(a)], vec![rec(a), rec(b)]);
+    assert!(
+        compare(&[rec(a), rec(a)], &none).is_err(),
+        "no allowance, no masking"
     );
 }
