@@ -34,7 +34,9 @@ use super::api::{
 use super::consumer::{check_create_subject, Consumer, CreateSubject, StateError};
 use super::stream::{PlannedMessage, ReadError, Stream, StreamOptions};
 use crate::store::streams::{list_streams, stream_dir, validate_stream_name};
-use crate::store::{Directory, Durability, LogConfig, OsDirectory, StorageFile, StoreError};
+use crate::store::{
+    Directory, Durability, LogConfig, OsDirectory, StorageFile, StoreError, SyncTicket,
+};
 
 /// Push consumers' flow-control replies come back on `$JS.FC.<stream>.<consumer>.…`.
 pub const FLOW_CONTROL_PREFIX: &str = "$JS.FC.";
@@ -294,6 +296,14 @@ pub struct ApiContext<'a> {
     pub interest: &'a dyn Fn(&[u8]) -> bool,
 }
 
+/// Replies held until out-of-line syncs return (see [`Host::commit_holding_acks`]).
+#[derive(Debug, Default)]
+pub struct HeldAcks {
+    /// Per stream: what the sync covers, and the file to `fdatasync`.
+    pub syncs: Vec<(String, SyncTicket, std::fs::File)>,
+    pub replies: Vec<Outbound>,
+}
+
 /// How the streams' logs are laid out and synced.
 #[derive(Debug, Clone, Default)]
 pub struct HostOptions {
@@ -525,6 +535,80 @@ impl<R: StoreRoot> Host<R> {
             hosted.stream.sync()?;
         }
         Ok(())
+    }
+
+    /// [`Host::commit`] for the bulk of a pass, with the `always` streams' fsync
+    /// taken off the shard's thread: their batches are written unsynced and their
+    /// replies held in `held` with the syncs that must return first; the caller
+    /// runs those (elsewhere), then calls [`Host::finish_syncs`] and sends the held
+    /// replies. Nothing may use the host in between (no API call, no consumer
+    /// poll), so nothing reads a message before it is durable. Streams of the other
+    /// modes, and streams whose files have no sync handle, commit as usual.
+    pub fn commit_holding_acks(
+        &mut self,
+        catalog: &Mutex<Catalog>,
+        out: &mut Vec<Outbound>,
+        held: &mut HeldAcks,
+    ) -> Result<(), StoreError> {
+        let names: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, h)| !h.pending.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let Some(hosted) = self.streams.get_mut(&name) else {
+                continue;
+            };
+            let always = hosted.stream.durability() == Durability::Always;
+            let pending = std::mem::take(&mut hosted.pending);
+            let (messages, replies): (Vec<PlannedMessage>, Vec<Vec<u8>>) =
+                pending.into_iter().unzip();
+            let results = if always {
+                hosted.stream.commit_unsynced(&messages)?
+            } else {
+                hosted.stream.commit(&messages)?
+            };
+            let mut deferred = false;
+            if always {
+                if let Some(ticket) = hosted.stream.sync_ticket() {
+                    match hosted.stream.sync_handle()? {
+                        Some(file) => {
+                            held.syncs.push((name.clone(), ticket, file));
+                            deferred = true;
+                        }
+                        None => hosted.stream.sync()?,
+                    }
+                }
+            }
+            let sink = if deferred {
+                &mut held.replies
+            } else {
+                &mut *out
+            };
+            for (result, reply) in results.into_iter().zip(replies) {
+                if reply.is_empty() {
+                    continue;
+                }
+                let response = match result {
+                    Ok(ack) => PubAckResponse { error: None, ack },
+                    Err(error) => PubAckResponse::failed(&name, error),
+                };
+                sink.push(reply_to(&reply, response.encode().into_bytes()));
+            }
+            self.refresh_catalog(&name, catalog);
+            self.more = true;
+        }
+        Ok(())
+    }
+
+    /// The held syncs returned `Ok` (see [`Host::commit_holding_acks`]).
+    pub fn finish_syncs(&mut self, syncs: &[(String, SyncTicket)]) {
+        for (name, ticket) in syncs {
+            if let Some(hosted) = self.streams.get_mut(name) {
+                hosted.stream.finish_sync(*ticket);
+            }
+        }
     }
 
     /// Applies the limits that depend on time (max_age).
@@ -1645,5 +1729,69 @@ mod tests {
         )
         .unwrap();
         assert_eq!(no_age.duplicate_window_ns, 2_000_000_000);
+    }
+
+    fn temp_root(tag: &str) -> OsRoot {
+        let path = std::env::temp_dir().join(format!(
+            "perch-service-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        OsRoot { path }
+    }
+
+    /// `always` streams: the acks of a batch are held until the out-of-line
+    /// fdatasync of its bytes returned, and only then is the log durable.
+    #[test]
+    fn held_acks_wait_for_the_out_of_line_sync() {
+        let root = temp_root("held");
+        let path = root.path.clone();
+        let catalog = Mutex::new(Catalog::default());
+        let mut host =
+            Host::open(root, HostOptions::default(), 0, 1, 1_000, &catalog).expect("open host");
+        let no_interest = |_: &[u8]| false;
+        let cx = ApiContext {
+            now_ns: 1_000,
+            catalog: &catalog,
+            interest: &no_interest,
+        };
+        let mut out = Vec::new();
+        host.handle_api(
+            "$JS.API.STREAM.CREATE.H",
+            b"_INBOX.1",
+            br#"{"name":"H","subjects":["h"]}"#,
+            &cx,
+            &mut out,
+        )
+        .expect("create");
+        assert_eq!(out.len(), 1, "the create reply");
+        out.clear();
+        for i in 0..3u8 {
+            host.publish(b"h", b"_INBOX.ack", b"", &[i], 2_000, &mut out);
+        }
+        let mut held = HeldAcks::default();
+        host.commit_holding_acks(&catalog, &mut out, &mut held)
+            .expect("commit");
+        assert!(out.is_empty(), "no ack before the sync: {out:?}");
+        assert_eq!(held.replies.len(), 3);
+        assert_eq!(held.syncs.len(), 1);
+        let (name, ticket, file) = held.syncs.pop().expect("one sync");
+        let stream = &host.streams[&name].stream;
+        assert_eq!(stream.sync_ticket(), Some(ticket), "not durable yet");
+        file.sync_data().expect("fdatasync");
+        host.finish_syncs(&[(name.clone(), ticket)]);
+        assert_eq!(
+            host.streams[&name].stream.sync_ticket(),
+            None,
+            "durable now"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&held.replies[2].payload),
+            r#"{"stream":"H", "seq":3}"#
+        );
+        let _ = std::fs::remove_dir_all(path);
     }
 }

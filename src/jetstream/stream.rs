@@ -43,7 +43,9 @@ use super::api::{
     errors, headers, ApiError, DiscardPolicy, PubAck, StreamConfig, StreamState, Timestamp,
 };
 use crate::nats::subject::subject_matches;
-use crate::store::{Directory, Durability, Log, LogConfig, NewRecord, RunSet, StoreError};
+use crate::store::{
+    Directory, Durability, Log, LogConfig, NewRecord, RunSet, StoreError, SyncTicket,
+};
 
 /// What nats-server's store errors become in a PubAck (`NewJSStreamStoreFailedError`):
 /// code 503, err_code 10077, the store error's text as the description.
@@ -463,6 +465,46 @@ impl<D: Directory> Stream<D> {
         &mut self,
         batch: &[PlannedMessage],
     ) -> Result<Vec<Result<PubAck, ApiError>>, StoreError> {
+        let sync = self.durability.syncs_every_append();
+        self.commit_with(batch, sync)
+    }
+
+    /// [`Stream::commit`] that writes without syncing, whatever the mode: the caller
+    /// syncs the log out of line ([`Stream::sync_ticket`], [`Stream::sync_handle`],
+    /// then [`Stream::finish_sync`]) and, in the `always` mode, sends none of the
+    /// replies, and lets nothing read the new messages, until that sync returned.
+    pub fn commit_unsynced(
+        &mut self,
+        batch: &[PlannedMessage],
+    ) -> Result<Vec<Result<PubAck, ApiError>>, StoreError> {
+        self.commit_with(batch, false)
+    }
+
+    /// What an out-of-line sync must cover; `None` when all is durable.
+    pub fn sync_ticket(&self) -> Option<SyncTicket> {
+        self.log.sync_ticket()
+    }
+
+    /// A handle another thread can `fdatasync`; `None` on the simulated disk.
+    pub fn sync_handle(&self) -> Result<Option<std::fs::File>, StoreError> {
+        self.log.sync_handle()
+    }
+
+    /// The out-of-line sync of `ticket` returned `Ok`.
+    pub fn finish_sync(&mut self, ticket: SyncTicket) {
+        self.log.finish_sync(ticket)
+    }
+
+    /// The out-of-line sync failed: the stream acknowledges nothing more.
+    pub fn fail(&mut self) {
+        self.log.fail()
+    }
+
+    fn commit_with(
+        &mut self,
+        batch: &[PlannedMessage],
+        sync: bool,
+    ) -> Result<Vec<Result<PubAck, ApiError>>, StoreError> {
         let mut pending = Pending::default();
         let mut replies = Vec::with_capacity(batch.len());
         let mut accepted = Vec::with_capacity(batch.len());
@@ -513,7 +555,7 @@ impl<D: Directory> Stream<D> {
                 payload: &message.payload,
             })
             .collect();
-        let seqs = if self.durability.syncs_every_append() {
+        let seqs = if sync {
             self.log.append(&records)?
         } else {
             self.log.append_unsynced(&records)?

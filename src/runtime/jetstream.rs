@@ -29,12 +29,12 @@ use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::jetstream::api;
 use crate::jetstream::service::{
-    api_target, owner_of, ApiContext, ApiTarget, Catalog, Host, HostOptions, OsRoot, Outbound,
-    FLOW_CONTROL_PREFIX,
+    api_target, owner_of, ApiContext, ApiTarget, Catalog, HeldAcks, Host, HostOptions, OsRoot,
+    Outbound, FLOW_CONTROL_PREFIX,
 };
 use crate::nats::parser::{parse_op, ParseLimits, Parsed};
 use crate::nats::session::{Effect, Message, Session, SessionLimits, Subscription};
-use crate::store::StoreError;
+use crate::store::{StoreError, SyncTicket};
 
 /// The queue group every shard's internal session joins on `$JS.API.>`.
 const API_QUEUE: &str = "perch-jetstream";
@@ -71,6 +71,44 @@ pub(crate) struct JsRuntime {
     /// The internal session's subscriptions by subject.
     subscribed: RefCell<HashMap<String, Rc<Subscription>>>,
     next_sid: std::cell::Cell<u64>,
+    syncer: Syncer,
+}
+
+/// A thread that runs `fdatasync`s for one shard, so the shard is not blocked
+/// while the disk syncs (the one blocking call on the message path).
+struct Syncer {
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+}
+
+type SyncJob = (
+    Vec<std::fs::File>,
+    tokio::sync::oneshot::Sender<std::io::Result<()>>,
+);
+
+impl Syncer {
+    fn spawn(shard: usize) -> std::io::Result<Syncer> {
+        let (jobs, queue) = std::sync::mpsc::channel::<SyncJob>();
+        std::thread::Builder::new()
+            .name(format!("perch-sync-{shard}"))
+            .spawn(move || {
+                for (files, done) in queue {
+                    let result = files.iter().try_for_each(std::fs::File::sync_data);
+                    let _ = done.send(result);
+                }
+            })?;
+        Ok(Syncer { jobs })
+    }
+
+    /// `fdatasync`s every file on the sync thread; resolves when all returned.
+    async fn sync(&self, files: Vec<std::fs::File>) -> std::io::Result<()> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        if self.jobs.send((files, done)).is_err() {
+            return Err(std::io::Error::other("the sync thread is gone"));
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread is gone")))
+    }
 }
 
 fn now_ns() -> i64 {
@@ -117,6 +155,8 @@ impl JsRuntime {
             wake: Notify::new(),
             subscribed: RefCell::new(HashMap::new()),
             next_sid: std::cell::Cell::new(1),
+            syncer: Syncer::spawn(shard.id)
+                .map_err(StoreError::io("start the sync thread for", "the store"))?,
         });
         runtime.op(
             shard,
@@ -263,6 +303,7 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
     let mut push_waiting = false;
     let mut again = false;
     let mut deadline: Option<i64> = None;
+    let mut held = HeldAcks::default();
     loop {
         let mut idle_ms = EXPIRE_TICK_MS.min(shard.config().store_sync_interval_ms);
         if push_waiting {
@@ -370,10 +411,34 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                 resubscribe = true;
             }
             if host.has_pending() {
-                if let Err(e) = host.commit(&js.catalog, &mut out) {
+                if let Err(e) = host.commit_holding_acks(&js.catalog, &mut out, &mut held) {
                     fail_store(shard.id, &e);
                 }
             }
+        }
+        // The fdatasync of the pass's batches runs on the sync thread while this
+        // shard keeps serving its clients (whose publishes gather for the next
+        // batch); the acks go out once it returned, and nothing reads the host
+        // before then.
+        if !held.syncs.is_empty() {
+            let (tickets, files): (Vec<(String, SyncTicket)>, Vec<std::fs::File>) = held
+                .syncs
+                .drain(..)
+                .map(|(name, ticket, file)| ((name, ticket), file))
+                .unzip();
+            if let Err(e) = runtime.syncer.sync(files).await {
+                let e = StoreError::Io {
+                    op: "sync",
+                    file: "a stream segment".into(),
+                    source: e,
+                };
+                fail_store(shard.id, &e);
+            }
+            runtime.host.borrow_mut().finish_syncs(&tickets);
+            out.append(&mut held.replies);
+        }
+        {
+            let mut host = runtime.host.borrow_mut();
             // Push consumers deliver only while someone listens on their subject.
             let router = shard.router.borrow();
             push_waiting = false;

@@ -36,6 +36,12 @@ pub trait StorageFile {
     fn len(&self) -> io::Result<u64>;
     /// Grows (zero-filled) or shrinks the file. Not durable until `sync_data`.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// A handle another thread can `fdatasync` this file through, so a caller can
+    /// keep working while the disk syncs; `None` when the file has no such handle
+    /// (the simulated disk), in which case the caller syncs in place.
+    fn sync_handle(&self) -> io::Result<Option<fs::File>> {
+        Ok(None)
+    }
 }
 
 /// A directory holding one log's files, addressed by plain names (no separators).
@@ -126,6 +132,12 @@ pub struct OsFile {
 impl StorageFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn sync_handle(&self) -> io::Result<Option<fs::File>> {
+        // A duplicate descriptor of the same open file: its fdatasync covers every
+        // write made through this one before the call.
+        self.file.try_clone().map(Some)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -28,7 +28,7 @@ use std::ops::Range;
 
 use super::deletes::{self, RunSet, DELETES_TEMP_FILE_NAME};
 use super::error::{Corruption, StoreError};
-use super::file::Directory;
+use super::file::{Directory, StorageFile};
 use super::floor::{self, FLOOR_TEMP_FILE_NAME};
 use super::record::{self, EncodeError, Record, RECORD_BYTES_MAX};
 use super::segment::{parse_segment_name, Segment, TornTail};
@@ -75,6 +75,13 @@ pub struct NewRecord<'a> {
     pub subject: &'a [u8],
     pub headers: &'a [u8],
     pub payload: &'a [u8],
+}
+
+/// What an out-of-line sync covers (see [`Log::sync_ticket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncTicket {
+    segment_first_seq: u64,
+    upto: u64,
 }
 
 /// A position for reading the log in order; see [`Log::next`].
@@ -282,6 +289,45 @@ impl<D: Directory> Log<D> {
             self.failed = true;
         }
         result
+    }
+
+    /// What a sync started now must cover: the active segment (every sealed one is
+    /// synced when it is sealed) up to what has been written. `None` when
+    /// everything is durable. For syncing on another thread: obtain the file's
+    /// [`StorageFile::sync_handle`] through [`Log::sync_handle`], `fdatasync` it,
+    /// then [`Log::finish_sync`].
+    pub fn sync_ticket(&self) -> Option<SyncTicket> {
+        let active = self.segments.back().expect("never empty");
+        (active.unsynced_bytes() > 0).then(|| SyncTicket {
+            segment_first_seq: active.first_seq(),
+            upto: active.written_end(),
+        })
+    }
+
+    /// A handle to the active segment's file that another thread can sync.
+    pub fn sync_handle(&self) -> Result<Option<std::fs::File>, StoreError> {
+        let active = self.segments.back().expect("never empty");
+        active
+            .file()
+            .sync_handle()
+            .map_err(StoreError::io("duplicate the handle of", active.name()))
+    }
+
+    /// The sync `ticket` describes returned `Ok`: those bytes are durable.
+    pub fn finish_sync(&mut self, ticket: SyncTicket) {
+        if let Some(segment) = self
+            .segments
+            .iter_mut()
+            .find(|s| s.first_seq() == ticket.segment_first_seq)
+        {
+            segment.mark_synced(ticket.upto);
+        }
+    }
+
+    /// A sync done elsewhere failed: like a failed [`Log::sync`], the log
+    /// acknowledges nothing more.
+    pub fn fail(&mut self) {
+        self.failed = true;
     }
 
     /// Syncs what is pending and closes the log: the clean shutdown of the unsynced

@@ -33,4 +33,4 @@ pub use deletes::RunSet;
 pub use durability::Durability;
 pub use error::{BadRecord, Corruption, StoreError};
 pub use file::{Directory, OsDirectory, SimDirectory, StorageFile};
-pub use log::{Cursor, Log, LogConfig, NewRecord};
+pub use log::{Cursor, Log, LogConfig, NewRecord, SyncTicket};

@@ -362,6 +362,18 @@ impl<F: StorageFile> Segment<F> {
         Ok(())
     }
 
+    /// The file, for [`StorageFile::sync_handle`].
+    pub fn file(&self) -> &F {
+        &self.file
+    }
+
+    /// Records that an `fdatasync` of this file, started after everything up to
+    /// `upto` was written and published, has returned `Ok`.
+    pub fn mark_synced(&mut self, upto: u64) {
+        assert!(upto <= self.end, "only published bytes were synced");
+        self.durable_end = self.durable_end.max(upto);
+    }
+
     /// Makes everything written readable without syncing it: a crash may still lose
     /// it (or tear it, which recovery truncates). For the unsynced durability modes.
     pub fn publish(&mut self) {

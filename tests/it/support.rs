@@ -88,7 +88,11 @@ impl Server {
                     .set_read_timeout(Some(Duration::from_millis(500)))
                     .ok();
                 let mut line = String::new();
-                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ")
+                // Our child must still be running: an INFO from a port another
+                // process holds is not our server's.
+                if BufReader::new(stream).read_line(&mut line).is_ok()
+                    && line.starts_with("INFO ")
+                    && matches!(child.try_wait(), Ok(None))
                 {
                     return Server {
                         child,
@@ -342,10 +346,24 @@ pub fn nats_server_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
-/// A port that was free a moment ago (bind to :0, read it, release it).
+/// A port that was free a moment ago and that no other test of this process got.
+/// (Binding :0 and releasing it can hand two parallel tests the same port; the
+/// second server then fails to bind and the test talks to the first one.) Ports
+/// come from a per-process counter starting at a pid-derived base, skipping any
+/// that cannot be bound.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 40_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = (std::process::id() % 400) * 100;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (base + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A raw protocol connection for byte-level tests.
