@@ -30,12 +30,15 @@
 //! shards, keep a sync timer, or persist anything but the log (its segments, its
 //! purge floor and its `deletes` file).
 
+mod live;
 mod queries;
 
 #[cfg(test)]
 mod crash_tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+
+use live::LiveMessages;
 use std::ops::Range;
 use std::rc::Rc;
 
@@ -220,7 +223,7 @@ pub struct Stream<D: Directory> {
     unrecorded: RunSet,
     /// Live messages by sequence; sequences between the first and last live ones that
     /// are missing here are the interior deletes.
-    live: BTreeMap<u64, MessageMeta>,
+    live: LiveMessages,
     bytes: u64,
     /// Live sequences per subject, oldest first.
     subjects: HashMap<Rc<[u8]>, VecDeque<u64>>,
@@ -276,7 +279,7 @@ impl<D: Directory> Stream<D> {
             // Scanning inserts from the log's first record on.
             last_seq: log.first_seq() - 1,
             log,
-            live: BTreeMap::new(),
+            live: LiveMessages::new(),
             bytes: 0,
             subjects: HashMap::new(),
             last_timestamp_ns: 0,
