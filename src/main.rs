@@ -113,6 +113,14 @@ fn run_store_command(command: StoreCommand) -> ExitCode {
                             tail.bad
                         );
                     }
+                    if let Some(tail) = summary.deletes_torn_tail {
+                        eprintln!(
+                            "perch: warning: stream {stream}'s deletes file ends in an \
+                             interrupted deletion at offset {} of {} bytes ({}), never \
+                             acknowledged and not applied; see `perch store verify`",
+                            tail.offset, tail.file_len, tail.reason
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 // The reader went away (`| head`): not an error of the dump.

@@ -196,3 +196,45 @@ fn verify_warns_of_a_torn_tail_and_fails_on_a_flipped_byte() {
     assert_eq!((code, stdout.as_str()), (1, ""));
     assert!(stderr.contains(&first.display().to_string()), "{stderr}");
 }
+
+/// Deleted messages are not dumped; an interrupted deletion at the end of the
+/// `deletes` file (a torn last entry) is a warning that names it, is not applied,
+/// and is left in place for the broker to cut.
+#[test]
+fn dump_skips_deleted_and_warns_of_a_torn_deletion() {
+    let root = TempDir::new("store-cli-deletes");
+    let dir = write_stream(&root.path, "DEL", 6);
+    {
+        let mut log = Log::open(OsDirectory::open(&dir).unwrap(), CONFIG).unwrap();
+        let runs = [2..3, 3..4];
+        assert_eq!(log.delete(&runs).unwrap(), 2);
+    }
+    let (code, out, err) = run(&["dump", root.path.to_str().unwrap(), "--stream", "DEL"]);
+    assert_eq!(code, 0, "{err}");
+    let seqs: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(seqs, ["seq=1", "seq=4", "seq=5", "seq=6"], "{out}");
+    assert!(err.is_empty(), "no warning yet: {err}");
+
+    // Tear the deletes file: append half an entry, as a power cut mid-write would.
+    let deletes = dir.join("deletes");
+    let mut bytes = std::fs::read(&deletes).unwrap();
+    let whole = bytes.len();
+    bytes.extend_from_slice(&[0xAB; 10]);
+    std::fs::write(&deletes, &bytes).unwrap();
+    let (code, out_again, err) = run(&["dump", root.path.to_str().unwrap(), "--stream", "DEL"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out_again, out, "the torn entry deletes nothing");
+    assert!(
+        err.contains("deletes file ends in an interrupted deletion")
+            && err.contains(&format!("at offset {whole} of {} bytes", whole + 10)),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&deletes).unwrap().len(),
+        whole + 10,
+        "left as it was"
+    );
+}

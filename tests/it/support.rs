@@ -302,9 +302,10 @@ impl JsBroker {
         let mut server = self.server.take().expect("broker is not running");
         let name = server.name;
         let status = server.sigterm_and_wait();
-        // nats-server exits 1 after a clean SIGTERM shutdown; perch must exit 0.
+        // nats-server 2.9.10 exits 1 after a clean SIGTERM shutdown, or 0 when the
+        // signal lands early in its shutdown (seen under CI load); perch must exit 0.
         let clean = match self.kind {
-            Js::Reference => status.code() == Some(1),
+            Js::Reference => matches!(status.code(), Some(0 | 1)),
             Js::Perch => status.success(),
         };
         assert!(
