@@ -162,6 +162,28 @@ struct MessageMeta {
     timestamp_ns: i64,
 }
 
+/// A subject's live sequences, oldest first, with the subject's shared name (the
+/// map's key again, so a message can take a reference to it in the same lookup).
+#[derive(Debug)]
+struct SubjectSeqs {
+    name: Rc<[u8]>,
+    seqs: VecDeque<u64>,
+}
+
+impl std::ops::Deref for SubjectSeqs {
+    type Target = VecDeque<u64>;
+
+    fn deref(&self) -> &VecDeque<u64> {
+        &self.seqs
+    }
+}
+
+impl std::ops::DerefMut for SubjectSeqs {
+    fn deref_mut(&mut self) -> &mut VecDeque<u64> {
+        &mut self.seqs
+    }
+}
+
 /// A message id seen within the duplicate window.
 #[derive(Debug, Clone, Copy)]
 struct SeenId {
@@ -226,7 +248,7 @@ pub struct Stream<D: Directory> {
     live: LiveMessages,
     bytes: u64,
     /// Live sequences per subject, oldest first.
-    subjects: HashMap<Rc<[u8]>, VecDeque<u64>>,
+    subjects: HashMap<Rc<[u8]>, SubjectSeqs>,
     /// The last sequence ever stored (0 if none) and its timestamp.
     last_seq: u64,
     last_timestamp_ns: i64,
@@ -287,6 +309,8 @@ impl<D: Directory> Stream<D> {
             msg_ids: HashMap::new(),
             msg_id_order: VecDeque::new(),
         };
+        let records = stream.log.next_seq() - stream.log.first_seq();
+        stream.live.reserve(usize::try_from(records).unwrap_or(0));
         let mut cursor = stream.log.cursor(stream.log.first_seq());
         let mut buf = Vec::new();
         // Deleted records still count for the last sequence and its timestamp, and
@@ -611,18 +635,22 @@ impl<D: Directory> Stream<D> {
             "live sequences only grow"
         );
         let bytes = stored_bytes(subject.len(), headers_len, payload_len);
-        let shared = match self.subjects.get_key_value(subject) {
-            Some((key, _)) => Rc::clone(key),
+        // One lookup per message on the common path (a subject seen before).
+        let shared = match self.subjects.get_mut(subject) {
+            Some(entry) => {
+                entry.seqs.push_back(seq);
+                Rc::clone(&entry.name)
+            }
             None => {
-                let key: Rc<[u8]> = subject.into();
-                self.subjects.insert(Rc::clone(&key), VecDeque::new());
-                key
+                let name: Rc<[u8]> = subject.into();
+                let entry = SubjectSeqs {
+                    name: Rc::clone(&name),
+                    seqs: VecDeque::from([seq]),
+                };
+                self.subjects.insert(Rc::clone(&name), entry);
+                name
             }
         };
-        self.subjects
-            .get_mut(subject)
-            .expect("just looked up or inserted")
-            .push_back(seq);
         self.live.insert(
             seq,
             MessageMeta {

@@ -27,6 +27,12 @@ impl LiveMessages {
         Self::default()
     }
 
+    /// Makes room for `additional` more slots at once (reopening a stream knows
+    /// how many records it is about to read: no reallocation while it does).
+    pub fn reserve(&mut self, additional: usize) {
+        self.slots.reserve(additional);
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
