@@ -235,14 +235,10 @@ pub struct StreamOptions {
     pub durability: Durability,
 }
 
-/// A stream: its config, its log and the state rebuilt from the log.
-pub struct Stream<D: Directory> {
-    config: StreamConfig,
-    log: Log<D>,
-    durability: Durability,
-    /// Sequences that the limits removed (in memory) and the log's `deletes` file does
-    /// not record yet: written with the next durable deletion (see the module doc).
-    unrecorded: RunSet,
+/// What a stream knows of its messages, rebuilt from the log at open (in the same
+/// pass as the log's recovery) and kept current by every commit and removal.
+#[derive(Debug, Default)]
+struct Index {
     /// Live messages by sequence; sequences between the first and last live ones that
     /// are missing here are the interior deletes.
     live: LiveMessages,
@@ -257,6 +253,92 @@ pub struct Stream<D: Directory> {
     msg_ids: HashMap<Vec<u8>, SeenId>,
     /// The same ids in the order they were stored, for pruning the window.
     msg_id_order: VecDeque<(i64, Vec<u8>)>,
+}
+
+impl Index {
+    /// Records that message `seq` was stored (live or since deleted): the last
+    /// sequence, its timestamp and its dedupe id.
+    fn note_stored(&mut self, seq: u64, headers: &[u8], timestamp_ns: i64) {
+        assert!(seq > self.last_seq, "sequences only grow");
+        self.last_seq = seq;
+        self.last_timestamp_ns = timestamp_ns;
+        let id = header_value(headers, headers::MSG_ID).unwrap_or(&[]);
+        self.last_msg_id.clear();
+        self.last_msg_id.extend_from_slice(id);
+        if !id.is_empty() {
+            self.msg_ids
+                .insert(id.to_vec(), SeenId { seq, timestamp_ns });
+            self.msg_id_order.push_back((timestamp_ns, id.to_vec()));
+        }
+    }
+
+    /// Adds stored message `seq` to the live messages.
+    fn insert_live(
+        &mut self,
+        seq: u64,
+        subject: &[u8],
+        headers_len: usize,
+        payload_len: usize,
+        timestamp_ns: i64,
+    ) {
+        let bytes = stored_bytes(subject.len(), headers_len, payload_len);
+        // One lookup per message on the common path (a subject seen before).
+        let shared = match self.subjects.get_mut(subject) {
+            Some(entry) => {
+                entry.seqs.push_back(seq);
+                Rc::clone(&entry.name)
+            }
+            None => {
+                let name: Rc<[u8]> = subject.into();
+                let entry = SubjectSeqs {
+                    name: Rc::clone(&name),
+                    seqs: VecDeque::from([seq]),
+                };
+                self.subjects.insert(Rc::clone(&name), entry);
+                name
+            }
+        };
+        self.live.insert(
+            seq,
+            MessageMeta {
+                subject: shared,
+                bytes,
+                timestamp_ns,
+            },
+        );
+        self.bytes += bytes;
+    }
+
+    /// Removes a live message; returns whether it was live.
+    fn remove_live(&mut self, seq: u64) -> bool {
+        let Some(meta) = self.live.remove(&seq) else {
+            return false;
+        };
+        self.bytes -= meta.bytes;
+        let seqs = self
+            .subjects
+            .get_mut(&meta.subject)
+            .expect("a live message's subject is counted");
+        let index = seqs
+            .binary_search(&seq)
+            .expect("a live message is in its subject's list");
+        seqs.remove(index);
+        if seqs.is_empty() {
+            self.subjects.remove(&meta.subject);
+        }
+        true
+    }
+}
+
+/// A stream: its config, its log and the state rebuilt from the log.
+pub struct Stream<D: Directory> {
+    config: StreamConfig,
+    log: Log<D>,
+    durability: Durability,
+    /// Sequences that the limits removed (in memory) and the log's `deletes` file does
+    /// not record yet: written with the next durable deletion (see the module doc).
+    unrecorded: RunSet,
+    index: Index,
     /// Where the logical stream starts when it holds no message (after a purge).
     first_seq_when_empty: u64,
     /// How it became empty, for the `first_ts` (and `first_seq`) it then reports.
@@ -291,43 +373,45 @@ impl<D: Directory> Stream<D> {
         options: StreamOptions,
         now_ns: i64,
     ) -> Result<Self, StoreError> {
-        let log = Log::open(dir, options.log)?;
+        // One pass: the stream's index is built from the records the log's recovery
+        // reads and checks anyway (records below the purge floor are not shown).
+        let mut index = Index::default();
+        let log = Log::open_visiting(dir, options.log, &mut |record| {
+            index.note_stored(record.seq, record.headers, record.timestamp_ns);
+            let (headers_len, payload_len) = (record.headers.len(), record.payload.len());
+            index.insert_live(
+                record.seq,
+                record.subject,
+                headers_len,
+                payload_len,
+                record.timestamp_ns,
+            );
+        })?;
+        // Deleted records still count for the last sequence and its timestamp, and
+        // their dedupe ids stay in the window, as before the restart; they are just
+        // not live.
+        let last_live = index.live.last_key_value().map_or(0, |(&seq, _)| seq);
+        for run in log.deleted().iter() {
+            for seq in run.start..run.end.min(last_live + 1) {
+                index.remove_live(seq);
+            }
+        }
+        // A log whose records all lie below its floor starts after them.
+        index.last_seq = index.last_seq.max(log.first_seq() - 1);
+        assert_eq!(
+            index.last_seq,
+            log.last_seq(),
+            "recovery visited every record"
+        );
         let mut stream = Stream {
             config,
             durability: options.durability,
             unrecorded: RunSet::new(),
             first_seq_when_empty: log.first_seq(),
             empty_start: EmptyStart::Untouched,
-            // Scanning inserts from the log's first record on.
-            last_seq: log.first_seq() - 1,
             log,
-            live: LiveMessages::new(),
-            bytes: 0,
-            subjects: HashMap::new(),
-            last_timestamp_ns: 0,
-            last_msg_id: Vec::new(),
-            msg_ids: HashMap::new(),
-            msg_id_order: VecDeque::new(),
+            index,
         };
-        let records = stream.log.next_seq() - stream.log.first_seq();
-        stream.live.reserve(usize::try_from(records).unwrap_or(0));
-        let mut cursor = stream.log.cursor(stream.log.first_seq());
-        let mut buf = Vec::new();
-        // Deleted records still count for the last sequence and its timestamp, and
-        // their dedupe ids stay in the window, as before the restart.
-        while let Some((record, deleted)) = stream.log.next_with_deleted(&mut cursor, &mut buf)? {
-            let (seq, timestamp_ns) = (record.seq, record.timestamp_ns);
-            stream.note_stored(seq, record.headers, timestamp_ns);
-            if !deleted {
-                let (headers_len, payload_len) = (record.headers.len(), record.payload.len());
-                stream.insert_live(seq, record.subject, headers_len, payload_len, timestamp_ns);
-            }
-        }
-        assert_eq!(
-            stream.last_seq,
-            stream.log.last_seq(),
-            "the scan read every record"
-        );
         stream.enforce_limits(now_ns)?;
         Ok(stream)
     }
@@ -406,7 +490,7 @@ impl<D: Directory> Stream<D> {
             if let Some(&seq) = pending.msg_ids.get(id) {
                 return Ok(PublishPlan::Duplicate(self.duplicate_ack(seq)));
             }
-            if let Some(seen) = self.msg_ids.get(id) {
+            if let Some(seen) = self.index.msg_ids.get(id) {
                 if !self.outside_window(seen.timestamp_ns, now_ns) {
                     return Ok(PublishPlan::Duplicate(self.duplicate_ack(seen.seq)));
                 }
@@ -418,6 +502,7 @@ impl<D: Directory> Stream<D> {
             let actual = match pending.subjects.get(subject) {
                 Some(&(_, last)) => last,
                 None => self
+                    .index
                     .subjects
                     .get(subject)
                     .and_then(|seqs| seqs.back().copied())
@@ -428,13 +513,16 @@ impl<D: Directory> Stream<D> {
             }
         }
         if let Some(value) = header(headers::EXPECTED_LAST_SEQUENCE).filter(|v| !v.is_empty()) {
-            let actual = pending.last_seq.unwrap_or(self.last_seq);
+            let actual = pending.last_seq.unwrap_or(self.index.last_seq);
             if header_seq(value) != actual {
                 return Err(ApiError::wrong_last_sequence(actual));
             }
         }
         if let Some(expected) = header(headers::EXPECTED_LAST_MSG_ID).filter(|v| !v.is_empty()) {
-            let actual = pending.last_msg_id.as_deref().unwrap_or(&self.last_msg_id);
+            let actual = pending
+                .last_msg_id
+                .as_deref()
+                .unwrap_or(&self.index.last_msg_id);
             if expected != actual {
                 return Err(ApiError::wrong_last_msg_id(&String::from_utf8_lossy(
                     actual,
@@ -446,8 +534,8 @@ impl<D: Directory> Stream<D> {
             return Err(errors::MESSAGE_SIZE_EXCEEDS_MAXIMUM.into());
         }
         if self.config.discard == DiscardPolicy::New {
-            let messages = self.live.len() as u64 + pending.messages;
-            let bytes = self.bytes + pending.bytes;
+            let messages = self.index.live.len() as u64 + pending.messages;
+            let bytes = self.index.bytes + pending.bytes;
             let size = stored_bytes(subject.len(), header_block.len(), payload_len);
             if self.config.max_msgs > 0 && messages + 1 > self.config.max_msgs as u64 {
                 return Err(store_failed(MAX_MSGS_EXCEEDED_REASON));
@@ -458,6 +546,7 @@ impl<D: Directory> Stream<D> {
             let per_subject = self.config.max_msgs_per_subject;
             if per_subject > 0 && self.config.discard_new_per_subject {
                 let stored = self
+                    .index
                     .subjects
                     .get(subject)
                     .map_or(0, |seqs| seqs.len() as u64);
@@ -604,22 +693,10 @@ impl<D: Directory> Stream<D> {
         Ok(replies)
     }
 
-    /// Records that message `seq` was stored (live or since deleted): the last
-    /// sequence, its timestamp and its dedupe id.
     fn note_stored(&mut self, seq: u64, headers: &[u8], timestamp_ns: i64) {
-        assert!(seq > self.last_seq, "sequences only grow");
-        self.last_seq = seq;
-        self.last_timestamp_ns = timestamp_ns;
-        let id = header_value(headers, headers::MSG_ID).unwrap_or(&[]);
-        self.last_msg_id = id.to_vec();
-        if !id.is_empty() {
-            self.msg_ids
-                .insert(id.to_vec(), SeenId { seq, timestamp_ns });
-            self.msg_id_order.push_back((timestamp_ns, id.to_vec()));
-        }
+        self.index.note_stored(seq, headers, timestamp_ns)
     }
 
-    /// Adds stored message `seq` to the live messages.
     fn insert_live(
         &mut self,
         seq: u64,
@@ -628,59 +705,17 @@ impl<D: Directory> Stream<D> {
         payload_len: usize,
         timestamp_ns: i64,
     ) {
-        assert!(
-            self.live
-                .last_key_value()
-                .map_or(true, |(&last, _)| last < seq),
-            "live sequences only grow"
-        );
-        let bytes = stored_bytes(subject.len(), headers_len, payload_len);
-        // One lookup per message on the common path (a subject seen before).
-        let shared = match self.subjects.get_mut(subject) {
-            Some(entry) => {
-                entry.seqs.push_back(seq);
-                Rc::clone(&entry.name)
-            }
-            None => {
-                let name: Rc<[u8]> = subject.into();
-                let entry = SubjectSeqs {
-                    name: Rc::clone(&name),
-                    seqs: VecDeque::from([seq]),
-                };
-                self.subjects.insert(Rc::clone(&name), entry);
-                name
-            }
-        };
-        self.live.insert(
-            seq,
-            MessageMeta {
-                subject: shared,
-                bytes,
-                timestamp_ns,
-            },
-        );
-        self.bytes += bytes;
+        self.index
+            .insert_live(seq, subject, headers_len, payload_len, timestamp_ns)
     }
 
     /// Removes a live message from the in-memory state; returns whether it was live.
     fn remove(&mut self, seq: u64) -> bool {
-        let Some(meta) = self.live.remove(&seq) else {
+        if !self.index.remove_live(seq) {
             return false;
-        };
-        self.bytes -= meta.bytes;
-        let seqs = self
-            .subjects
-            .get_mut(&meta.subject)
-            .expect("a live message's subject is counted");
-        let index = seqs
-            .binary_search(&seq)
-            .expect("a live message is in its subject's list");
-        seqs.remove(index);
-        if seqs.is_empty() {
-            self.subjects.remove(&meta.subject);
         }
-        if self.live.is_empty() {
-            self.first_seq_when_empty = self.last_seq + 1;
+        if self.index.live.is_empty() {
+            self.first_seq_when_empty = self.index.last_seq + 1;
             self.empty_start = EmptyStart::Removed;
         }
         true
@@ -700,7 +735,7 @@ impl<D: Directory> Stream<D> {
     fn enforce_limits(&mut self, now_ns: i64) -> Result<(), StoreError> {
         if self.config.max_age_ns > 0 {
             let oldest_kept_ns = now_ns.saturating_sub(self.config.max_age_ns);
-            while let Some((&seq, meta)) = self.live.first_key_value() {
+            while let Some((&seq, meta)) = self.index.live.first_key_value() {
                 if meta.timestamp_ns > oldest_kept_ns {
                     break;
                 }
@@ -708,18 +743,19 @@ impl<D: Directory> Stream<D> {
             }
         }
         if self.config.max_msgs > 0 {
-            while self.live.len() as u64 > self.config.max_msgs as u64 {
+            while self.index.live.len() as u64 > self.config.max_msgs as u64 {
                 self.remove_first();
             }
         }
         if self.config.max_bytes > 0 {
-            while self.bytes > self.config.max_bytes as u64 {
+            while self.index.bytes > self.config.max_bytes as u64 {
                 self.remove_first();
             }
         }
         let per_subject = self.config.max_msgs_per_subject;
         if per_subject > 0 {
             let over: Vec<u64> = self
+                .index
                 .subjects
                 .values()
                 .filter(|seqs| seqs.len() as u64 > per_subject as u64)
@@ -729,17 +765,18 @@ impl<D: Directory> Stream<D> {
                 self.trim(seq);
             }
         }
-        while let Some(&(timestamp_ns, _)) = self.msg_id_order.front() {
+        while let Some(&(timestamp_ns, _)) = self.index.msg_id_order.front() {
             if !self.outside_window(timestamp_ns, now_ns) {
                 break;
             }
-            let (_, id) = self.msg_id_order.pop_front().expect("front exists");
+            let (_, id) = self.index.msg_id_order.pop_front().expect("front exists");
             if self
+                .index
                 .msg_ids
                 .get(&id)
                 .is_some_and(|seen| seen.timestamp_ns == timestamp_ns)
             {
-                self.msg_ids.remove(&id);
+                self.index.msg_ids.remove(&id);
             }
         }
         self.drop_segments()
@@ -747,6 +784,7 @@ impl<D: Directory> Stream<D> {
 
     fn remove_first(&mut self) {
         let (&seq, _) = self
+            .index
             .live
             .first_key_value()
             .expect("over a limit means not empty");
@@ -786,7 +824,7 @@ impl<D: Directory> Stream<D> {
     /// their segment (unreadable through every API) until the segment is removed.
     pub fn delete_msg(&mut self, seq: u64, no_erase: bool) -> Result<bool, StoreError> {
         let _ = no_erase;
-        if !self.live.contains_key(&seq) {
+        if !self.index.live.contains_key(&seq) {
             return Ok(false);
         }
         self.persist_deletes(std::iter::once(seq..seq + 1))?;
@@ -802,15 +840,15 @@ impl<D: Directory> Stream<D> {
 
     /// The first live sequence, or where the stream starts when it holds none.
     fn first_seq(&self) -> u64 {
-        match self.live.first_key_value() {
+        match self.index.live.first_key_value() {
             Some((&seq, _)) => seq,
-            None => self.first_seq_when_empty.max(self.last_seq + 1),
+            None => self.first_seq_when_empty.max(self.index.last_seq + 1),
         }
     }
 
     /// Reads live message `seq`.
     pub fn get(&self, seq: u64) -> Result<StoredMessage, ReadError> {
-        if !self.live.contains_key(&seq) {
+        if !self.index.live.contains_key(&seq) {
             return Err(ReadError::NotFound);
         }
         let mut buf = Vec::new();
@@ -826,9 +864,10 @@ impl<D: Directory> Stream<D> {
 
     /// The newest live message whose subject matches `filter` (wildcards allowed).
     pub fn get_last_by_subject(&self, filter: &[u8]) -> Result<StoredMessage, ReadError> {
-        let last = match self.subjects.get(filter) {
+        let last = match self.index.subjects.get(filter) {
             Some(seqs) => seqs.back().copied(),
             None => self
+                .index
                 .subjects
                 .iter()
                 .filter(|(subject, _)| subject_matches(filter, subject))
@@ -851,6 +890,7 @@ impl<D: Directory> Stream<D> {
     ) -> Result<u64, StoreError> {
         let end = up_to_seq.unwrap_or(u64::MAX);
         let doomed: Vec<u64> = self
+            .index
             .live
             .range(..end)
             .filter(|(_, meta)| match subject {
@@ -864,6 +904,7 @@ impl<D: Directory> Stream<D> {
         // first ones, the purge floor says it all; if a live message stays before one
         // of them, the log's `deletes` file must say which.
         let prefix = self
+            .index
             .live
             .keys()
             .zip(&doomed)
@@ -875,25 +916,25 @@ impl<D: Directory> Stream<D> {
         for &seq in &doomed {
             self.remove(seq);
         }
-        if self.live.is_empty() {
+        if self.index.live.is_empty() {
             // nats-server compacts to `up_to_seq` when a purge of every subject
             // reaches past the end: the stream then starts (and continues) there.
             let past_end = match (subject, up_to_seq) {
                 (None, Some(seq)) => seq,
                 _ => 0,
             };
-            self.first_seq_when_empty = past_end.max(self.last_seq + 1);
+            self.first_seq_when_empty = past_end.max(self.index.last_seq + 1);
             if subject.is_none() {
                 self.empty_start = EmptyStart::Purged;
             }
         }
         self.log.raise_floor(self.first_seq())?;
-        if self.log.last_seq() > self.last_seq {
+        if self.log.last_seq() > self.index.last_seq {
             assert!(
-                self.live.is_empty(),
+                self.index.live.is_empty(),
                 "only a purge of everything moves the end"
             );
-            self.last_seq = self.log.last_seq();
+            self.index.last_seq = self.log.last_seq();
         }
         self.unrecorded.remove_below(self.log.first_seq());
         self.drop_segments()?;
@@ -904,7 +945,7 @@ impl<D: Directory> Stream<D> {
     /// stream now reports what nats-server 2.9's file store recovers for it, the
     /// Unix epoch as `first_ts` and, if it never held a message, `first_seq` 1.
     pub fn note_restart(&mut self) {
-        if self.live.is_empty() {
+        if self.index.live.is_empty() {
             self.empty_start = EmptyStart::Removed;
         }
     }
@@ -912,9 +953,9 @@ impl<D: Directory> Stream<D> {
     /// What the log alone does not tell, for [`Stream::carry_over`].
     pub fn memory(&self) -> StreamMemory {
         StreamMemory {
-            last_seq: self.last_seq,
-            last_timestamp_ns: self.last_timestamp_ns,
-            empty: self.live.is_empty(),
+            last_seq: self.index.last_seq,
+            last_timestamp_ns: self.index.last_timestamp_ns,
+            empty: self.index.live.is_empty(),
             empty_start: self.empty_start,
         }
     }
@@ -922,10 +963,10 @@ impl<D: Directory> Stream<D> {
     /// The stream was reopened by an update (no restart): keeps the last message's
     /// time when a purge left no record of it, and how an empty stream got empty.
     pub fn carry_over(&mut self, old: StreamMemory) {
-        if self.last_seq == old.last_seq && self.last_timestamp_ns == 0 {
-            self.last_timestamp_ns = old.last_timestamp_ns;
+        if self.index.last_seq == old.last_seq && self.index.last_timestamp_ns == 0 {
+            self.index.last_timestamp_ns = old.last_timestamp_ns;
         }
-        if self.live.is_empty() && old.empty {
+        if self.index.live.is_empty() && old.empty {
             self.empty_start = old.empty_start;
         }
     }
@@ -934,31 +975,31 @@ impl<D: Directory> Stream<D> {
     /// subject or deleted details).
     pub fn state(&self) -> StreamState {
         let mut state = StreamState::empty();
-        if self.last_seq == 0 && self.empty_start == EmptyStart::Untouched {
+        if self.index.last_seq == 0 && self.empty_start == EmptyStart::Untouched {
             return state;
         }
-        state.messages = self.live.len() as u64;
-        state.bytes = self.bytes;
+        state.messages = self.index.live.len() as u64;
+        state.bytes = self.index.bytes;
         state.first_seq = self.first_seq();
-        state.last_seq = self.last_seq;
+        state.last_seq = self.index.last_seq;
         // A purge past the end of a stream that never stored a message moves the
         // last sequence but leaves Go's zero time, until a restart (the epoch then).
         let stored_or_reopened =
-            self.last_timestamp_ns != 0 || self.empty_start == EmptyStart::Removed;
-        if self.last_seq > 0 && stored_or_reopened {
-            state.last_ts = Timestamp::from_unix_nanos(self.last_timestamp_ns);
+            self.index.last_timestamp_ns != 0 || self.empty_start == EmptyStart::Removed;
+        if self.index.last_seq > 0 && stored_or_reopened {
+            state.last_ts = Timestamp::from_unix_nanos(self.index.last_timestamp_ns);
         }
-        match self.live.first_key_value() {
+        match self.index.live.first_key_value() {
             Some((_, meta)) => {
                 state.first_ts = Timestamp::from_unix_nanos(meta.timestamp_ns);
-                state.num_deleted = self.last_seq - state.first_seq + 1 - state.messages;
+                state.num_deleted = self.index.last_seq - state.first_seq + 1 - state.messages;
             }
             None if self.empty_start == EmptyStart::Removed => {
                 state.first_ts = Timestamp::from_unix_nanos(0);
             }
             None => {}
         }
-        state.num_subjects = self.subjects.len() as u64;
+        state.num_subjects = self.index.subjects.len() as u64;
         state
     }
 
@@ -967,11 +1008,11 @@ impl<D: Directory> Stream<D> {
     pub fn deleted(&self) -> Vec<u64> {
         let mut deleted = Vec::new();
         let mut expected = self.first_seq();
-        for &seq in self.live.keys() {
+        for &seq in self.index.live.keys() {
             deleted.extend(expected..seq);
             expected = seq + 1;
         }
-        deleted.extend(expected..=self.last_seq);
+        deleted.extend(expected..=self.index.last_seq);
         deleted
     }
 
@@ -982,7 +1023,7 @@ impl<D: Directory> Stream<D> {
 
     /// Whether `seq` is a live message (consumers skip the rest).
     pub fn is_live(&self, seq: u64) -> bool {
-        self.live.contains_key(&seq)
+        self.index.live.contains_key(&seq)
     }
 }
 
@@ -1516,7 +1557,7 @@ mod tests {
                 if rng.chance(1, 4) {
                     let last = stream.state().last_seq;
                     let up_to = stream.first_seq() + rng.below(last + 4 - stream.first_seq());
-                    let live_before: Vec<u64> = stream.live.keys().copied().collect();
+                    let live_before: Vec<u64> = stream.index.live.keys().copied().collect();
                     match stream.purge(None, Some(up_to)) {
                         Ok(_) => {
                             acked_purges += 1;
@@ -1542,7 +1583,7 @@ mod tests {
             drop(stream);
             dir.crash(seed);
             let reopened = open(&dir, &config, T0_NS + 60);
-            let live: Vec<u64> = reopened.live.keys().copied().collect();
+            let live: Vec<u64> = reopened.index.live.keys().copied().collect();
             assert!(
                 reopened.first_seq() >= acked_first_seq,
                 "seed {seed}: acked purge undone"
@@ -1611,8 +1652,9 @@ mod tests {
                 }
             }
             let before = stream.state();
-            let live_before: Vec<u64> = stream.live.keys().copied().collect();
+            let live_before: Vec<u64> = stream.index.live.keys().copied().collect();
             let subjects_before: Vec<(u64, Rc<[u8]>)> = stream
+                .index
                 .live
                 .iter()
                 .map(|(&seq, meta)| (seq, meta.subject.clone()))
@@ -1629,7 +1671,7 @@ mod tests {
             if after.last_seq == before.last_seq {
                 assert_eq!(after, before, "seed {seed}");
                 identical += 1;
-                let live_after: Vec<u64> = reopened.live.keys().copied().collect();
+                let live_after: Vec<u64> = reopened.index.live.keys().copied().collect();
                 assert_eq!(live_after, live_before, "seed {seed}");
             }
             // Every acked message still live before the cut is back, unless messages
@@ -1639,7 +1681,7 @@ mod tests {
                 match reopened.get(seq) {
                     Ok(message) => assert_eq!(message.subject, subject.as_ref(), "seed {seed}"),
                     Err(_) => {
-                        let newer = &reopened.subjects[&*subject];
+                        let newer = &reopened.index.subjects[&*subject];
                         assert!(
                             newer.len() == 3 && newer[0] > seq && newer[2] > acked,
                             "seed {seed}: lost {seq}"
@@ -1730,12 +1772,12 @@ mod tests {
             publish(&mut stream, "l.a", "", b"x", T0_NS + i);
         }
         assert!(stream.delete_msg(5, false).unwrap());
-        let live: Vec<u64> = stream.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().copied().collect();
         assert_eq!(live, [3, 4]);
         drop(stream);
         dir.crash(1);
         let stream = open(&dir, &max_msgs, T0_NS);
-        let live: Vec<u64> = stream.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().copied().collect();
         assert_eq!(live, [3, 4]);
         // Per subject, in the middle: l.a 1 goes when l.a 3 comes; then l.a 3 is
         // deleted. At open, l.a 1 and 2 alone would fit the limit of 2.
@@ -1749,7 +1791,7 @@ mod tests {
         drop(stream);
         dir.crash(2);
         let stream = open(&dir, &per_subject, T0_NS);
-        let live: Vec<u64> = stream.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().copied().collect();
         assert_eq!(live, [2, 4]);
         // A purge by subject records them too.
         let dir = SimDirectory::new();
@@ -1758,12 +1800,12 @@ mod tests {
             publish(&mut stream, subject, "", b"x", T0_NS + i as i64);
         }
         assert_eq!(stream.purge(Some(b"l.a"), Some(4)).unwrap(), 1);
-        let live: Vec<u64> = stream.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().copied().collect();
         assert_eq!(live, [2, 4, 5]);
         drop(stream);
         dir.crash(3);
         let stream = open(&dir, &per_subject, T0_NS);
-        let live: Vec<u64> = stream.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().copied().collect();
         assert_eq!(live, [2, 4, 5]);
     }
 
@@ -1866,6 +1908,7 @@ mod tests {
         let report = crate::store::verify::verify_log(&dir).unwrap();
         assert!(!report.has_torn_tail(), "{durability} seed {seed}");
         run.recovered = stream
+            .index
             .live
             .keys()
             .map(|&seq| (seq, stream.get(seq).unwrap().payload))

@@ -138,13 +138,25 @@ impl<D: Directory> Log<D> {
     /// crash lost, in an unsynced durability mode) are dropped durably before any
     /// sequence can be assigned again.
     pub fn open(dir: D, config: LogConfig) -> Result<Self, StoreError> {
+        Self::open_visiting(dir, config, &mut |_| {})
+    }
+
+    /// [`Log::open`] showing `visit` every record recovery reads and keeps, in order
+    /// (none below the purge floor; deleted ones included: the `deletes` file is
+    /// applied after, see [`Log::is_deleted`]). A stream rebuilds its state from them
+    /// instead of reading the log a second time.
+    pub fn open_visiting(
+        dir: D,
+        config: LogConfig,
+        visit: &mut dyn FnMut(&Record<'_>),
+    ) -> Result<Self, StoreError> {
         assert!(config.segment_bytes_max >= SEGMENT_BYTES_MIN);
         let OpenedSegments {
             mut segments,
             torn_tail,
             floor_seq,
             leftovers,
-        } = open_segments(&dir, config.index_interval_records)?;
+        } = open_segments_visiting(&dir, config.index_interval_records, visit)?;
         if let Some(tail) = torn_tail {
             segments
                 .back_mut()
@@ -735,6 +747,16 @@ pub fn open_segments<D: Directory>(
     dir: &D,
     index_interval_records: u32,
 ) -> Result<OpenedSegments<D::File>, StoreError> {
+    open_segments_visiting(dir, index_interval_records, &mut |_| {})
+}
+
+/// [`open_segments`] showing `visit` every valid record at or above the purge floor,
+/// in order, as recovery reads and checks it.
+pub fn open_segments_visiting<D: Directory>(
+    dir: &D,
+    index_interval_records: u32,
+    visit: &mut dyn FnMut(&Record<'_>),
+) -> Result<OpenedSegments<D::File>, StoreError> {
     assert!(index_interval_records > 0);
     let names = dir.list().map_err(StoreError::io("list", "directory"))?;
     let floor_seq = floor::read_floor(dir, &names)?;
@@ -782,7 +804,18 @@ pub fn open_segments<D: Directory>(
                 });
             }
         }
-        let (segment, tail) = Segment::open(dir, &name, first_seq, index_interval_records)?;
+        let mut above_floor = |record: &Record<'_>| {
+            if record.seq >= floor_seq {
+                visit(record)
+            }
+        };
+        let (segment, tail) = Segment::open_visiting(
+            dir,
+            &name,
+            first_seq,
+            index_interval_records,
+            &mut above_floor,
+        )?;
         last_tail = tail;
         segments.push_back(segment);
     }

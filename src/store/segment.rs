@@ -156,11 +156,24 @@ impl<F: StorageFile> Segment<F> {
         first_seq: u64,
         index_interval_records: u32,
     ) -> Result<(Self, Option<TornTail>), StoreError> {
+        Self::open_visiting(dir, name, first_seq, index_interval_records, &mut |_| {})
+    }
+
+    /// [`Segment::open`] showing every valid record recovery accepts to `visit`, in
+    /// order (the records before a torn tail; on a corruption error, what it saw
+    /// means nothing).
+    pub fn open_visiting<D: Directory<File = F>>(
+        dir: &D,
+        name: &str,
+        first_seq: u64,
+        index_interval_records: u32,
+        visit: &mut dyn FnMut(&Record<'_>),
+    ) -> Result<(Self, Option<TornTail>), StoreError> {
         assert!(index_interval_records > 0);
         assert_eq!(parse_segment_name(name), Some(first_seq));
         let file = dir.open(name).map_err(StoreError::io("open", name))?;
         let mut segment = Self::empty(file, name.to_string(), first_seq, index_interval_records);
-        let tail = segment.recover()?;
+        let tail = segment.recover(visit)?;
         Ok((segment, tail))
     }
 
@@ -180,7 +193,10 @@ impl<F: StorageFile> Segment<F> {
 
     /// Scans from offset 0, accepting records while they are valid and in sequence;
     /// then classifies what follows.
-    fn recover(&mut self) -> Result<Option<TornTail>, StoreError> {
+    fn recover(
+        &mut self,
+        visit: &mut dyn FnMut(&Record<'_>),
+    ) -> Result<Option<TornTail>, StoreError> {
         let file_len = self
             .file
             .len()
@@ -202,7 +218,7 @@ impl<F: StorageFile> Segment<F> {
             };
             let bytes = window.get(&self.file, &self.name, offset, len)?;
             match record::decode(bytes) {
-                Ok((record, _)) if record.seq == self.next_seq => {}
+                Ok((record, _)) if record.seq == self.next_seq => visit(&record),
                 Ok((record, _)) => {
                     break Some(BadRecord::WrongSeq {
                         expected: self.next_seq,

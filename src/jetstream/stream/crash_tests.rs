@@ -60,7 +60,7 @@ fn options(durability: Durability, rng: &mut SimRng) -> StreamOptions {
 }
 
 fn live(stream: &Stream<SimDirectory>) -> BTreeSet<u64> {
-    stream.live.keys().copied().collect()
+    stream.index.live.keys().copied().collect()
 }
 
 /// One seed: a few rounds of random operations, each ended by a power cut.
@@ -217,6 +217,7 @@ fn purge(
         _ => Some(stream.first_seq() + rng.below(last + 4 - stream.first_seq())),
     };
     let doomed: BTreeSet<u64> = stream
+        .index
         .live
         .range(..up_to.unwrap_or(u64::MAX))
         .filter(|(_, meta)| subject.map_or(true, |s| subject_matches(s, &meta.subject)))

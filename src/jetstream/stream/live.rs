@@ -23,16 +23,6 @@ pub(super) struct LiveMessages {
 }
 
 impl LiveMessages {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Makes room for `additional` more slots at once (reopening a stream knows
-    /// how many records it is about to read: no reallocation while it does).
-    pub fn reserve(&mut self, additional: usize) {
-        self.slots.reserve(additional);
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -140,7 +130,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let mut live = LiveMessages::new();
+        let mut live = LiveMessages::default();
         let mut model: BTreeMap<u64, u64> = BTreeMap::new();
         let mut last = 0;
         for _ in 0..20_000 {

@@ -11,7 +11,8 @@ impl<D: Directory> Stream<D> {
     /// Live messages per subject for the subjects matching `filter`
     /// (stream info's `subjects_filter`).
     pub fn subject_counts(&self, filter: &[u8]) -> BTreeMap<String, u64> {
-        self.subjects
+        self.index
+            .subjects
             .iter()
             .filter(|(subject, seqs)| !seqs.is_empty() && subject_matches(filter, subject))
             .map(|(subject, seqs)| {
@@ -30,6 +31,7 @@ impl<D: Directory> Stream<D> {
         from_seq: u64,
     ) -> Result<StoredMessage, ReadError> {
         let seq = self
+            .index
             .live
             .range(from_seq..)
             .find(|(_, meta)| subject_matches(filter, &meta.subject))
@@ -42,6 +44,7 @@ impl<D: Directory> Stream<D> {
     /// messages matching `filter` (all subjects when `None`).
     pub fn seq_keeping_newest(&self, filter: Option<&[u8]>, keep: u64) -> u64 {
         let matching = self
+            .index
             .live
             .iter()
             .rev()
