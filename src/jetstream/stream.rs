@@ -390,7 +390,7 @@ impl<D: Directory> Stream<D> {
         // Deleted records still count for the last sequence and its timestamp, and
         // their dedupe ids stay in the window, as before the restart; they are just
         // not live.
-        let last_live = index.live.last_key_value().map_or(0, |(&seq, _)| seq);
+        let last_live = index.live.last_key_value().map_or(0, |(seq, _)| seq);
         for run in log.deleted().iter() {
             for seq in run.start..run.end.min(last_live + 1) {
                 index.remove_live(seq);
@@ -735,7 +735,7 @@ impl<D: Directory> Stream<D> {
     fn enforce_limits(&mut self, now_ns: i64) -> Result<(), StoreError> {
         if self.config.max_age_ns > 0 {
             let oldest_kept_ns = now_ns.saturating_sub(self.config.max_age_ns);
-            while let Some((&seq, meta)) = self.index.live.first_key_value() {
+            while let Some((seq, meta)) = self.index.live.first_key_value() {
                 if meta.timestamp_ns > oldest_kept_ns {
                     break;
                 }
@@ -783,7 +783,7 @@ impl<D: Directory> Stream<D> {
     }
 
     fn remove_first(&mut self) {
-        let (&seq, _) = self
+        let (seq, _) = self
             .index
             .live
             .first_key_value()
@@ -841,7 +841,7 @@ impl<D: Directory> Stream<D> {
     /// The first live sequence, or where the stream starts when it holds none.
     fn first_seq(&self) -> u64 {
         match self.index.live.first_key_value() {
-            Some((&seq, _)) => seq,
+            Some((seq, _)) => seq,
             None => self.first_seq_when_empty.max(self.index.last_seq + 1),
         }
     }
@@ -897,7 +897,7 @@ impl<D: Directory> Stream<D> {
                 None => true,
                 Some(filter) => subject_matches(filter, &meta.subject),
             })
-            .map(|(&seq, _)| seq)
+            .map(|(seq, _)| seq)
             .collect();
         self.log.sync()?;
         // The doomed messages are a subsequence of the live ones: if they are the
@@ -908,7 +908,7 @@ impl<D: Directory> Stream<D> {
             .live
             .keys()
             .zip(&doomed)
-            .take_while(|(a, b)| a == b)
+            .take_while(|(a, b)| a == *b)
             .count();
         if prefix < doomed.len() {
             self.persist_deletes(runs_of(&doomed))?;
@@ -1008,7 +1008,7 @@ impl<D: Directory> Stream<D> {
     pub fn deleted(&self) -> Vec<u64> {
         let mut deleted = Vec::new();
         let mut expected = self.first_seq();
-        for &seq in self.index.live.keys() {
+        for seq in self.index.live.keys() {
             deleted.extend(expected..seq);
             expected = seq + 1;
         }
@@ -1557,7 +1557,7 @@ mod tests {
                 if rng.chance(1, 4) {
                     let last = stream.state().last_seq;
                     let up_to = stream.first_seq() + rng.below(last + 4 - stream.first_seq());
-                    let live_before: Vec<u64> = stream.index.live.keys().copied().collect();
+                    let live_before: Vec<u64> = stream.index.live.keys().collect();
                     match stream.purge(None, Some(up_to)) {
                         Ok(_) => {
                             acked_purges += 1;
@@ -1583,7 +1583,7 @@ mod tests {
             drop(stream);
             dir.crash(seed);
             let reopened = open(&dir, &config, T0_NS + 60);
-            let live: Vec<u64> = reopened.index.live.keys().copied().collect();
+            let live: Vec<u64> = reopened.index.live.keys().collect();
             assert!(
                 reopened.first_seq() >= acked_first_seq,
                 "seed {seed}: acked purge undone"
@@ -1652,12 +1652,12 @@ mod tests {
                 }
             }
             let before = stream.state();
-            let live_before: Vec<u64> = stream.index.live.keys().copied().collect();
+            let live_before: Vec<u64> = stream.index.live.keys().collect();
             let subjects_before: Vec<(u64, Rc<[u8]>)> = stream
                 .index
                 .live
                 .iter()
-                .map(|(&seq, meta)| (seq, meta.subject.clone()))
+                .map(|(seq, meta)| (seq, meta.subject.clone()))
                 .collect();
             drop(stream);
             dir.crash(seed);
@@ -1671,7 +1671,7 @@ mod tests {
             if after.last_seq == before.last_seq {
                 assert_eq!(after, before, "seed {seed}");
                 identical += 1;
-                let live_after: Vec<u64> = reopened.index.live.keys().copied().collect();
+                let live_after: Vec<u64> = reopened.index.live.keys().collect();
                 assert_eq!(live_after, live_before, "seed {seed}");
             }
             // Every acked message still live before the cut is back, unless messages
@@ -1772,12 +1772,12 @@ mod tests {
             publish(&mut stream, "l.a", "", b"x", T0_NS + i);
         }
         assert!(stream.delete_msg(5, false).unwrap());
-        let live: Vec<u64> = stream.index.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().collect();
         assert_eq!(live, [3, 4]);
         drop(stream);
         dir.crash(1);
         let stream = open(&dir, &max_msgs, T0_NS);
-        let live: Vec<u64> = stream.index.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().collect();
         assert_eq!(live, [3, 4]);
         // Per subject, in the middle: l.a 1 goes when l.a 3 comes; then l.a 3 is
         // deleted. At open, l.a 1 and 2 alone would fit the limit of 2.
@@ -1791,7 +1791,7 @@ mod tests {
         drop(stream);
         dir.crash(2);
         let stream = open(&dir, &per_subject, T0_NS);
-        let live: Vec<u64> = stream.index.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().collect();
         assert_eq!(live, [2, 4]);
         // A purge by subject records them too.
         let dir = SimDirectory::new();
@@ -1800,12 +1800,12 @@ mod tests {
             publish(&mut stream, subject, "", b"x", T0_NS + i as i64);
         }
         assert_eq!(stream.purge(Some(b"l.a"), Some(4)).unwrap(), 1);
-        let live: Vec<u64> = stream.index.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().collect();
         assert_eq!(live, [2, 4, 5]);
         drop(stream);
         dir.crash(3);
         let stream = open(&dir, &per_subject, T0_NS);
-        let live: Vec<u64> = stream.index.live.keys().copied().collect();
+        let live: Vec<u64> = stream.index.live.keys().collect();
         assert_eq!(live, [2, 4, 5]);
     }
 
@@ -1911,7 +1911,7 @@ mod tests {
             .index
             .live
             .keys()
-            .map(|&seq| (seq, stream.get(seq).unwrap().payload))
+            .map(|seq| (seq, stream.get(seq).unwrap().payload))
             .collect();
         // Acked messages come back as a prefix, exactly as sent (a message written
         // but not acked may come back after them).

@@ -60,7 +60,7 @@ fn options(durability: Durability, rng: &mut SimRng) -> StreamOptions {
 }
 
 fn live(stream: &Stream<SimDirectory>) -> BTreeSet<u64> {
-    stream.index.live.keys().copied().collect()
+    stream.index.live.keys().collect()
 }
 
 /// One seed: a few rounds of random operations, each ended by a power cut.
@@ -221,7 +221,7 @@ fn purge(
         .live
         .range(..up_to.unwrap_or(u64::MAX))
         .filter(|(_, meta)| subject.map_or(true, |s| subject_matches(s, &meta.subject)))
-        .map(|(&seq, _)| seq)
+        .map(|(seq, _)| seq)
         .collect();
     match stream.purge(subject, up_to) {
         Ok(count) => {

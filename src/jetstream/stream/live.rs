@@ -4,7 +4,7 @@
 //! reopening a 1 GiB stream of small messages inserts millions of them.
 //!
 //! The interface is the subset of `BTreeMap<u64, MessageMeta>` the stream uses,
-//! with the same meaning, so the stream reads as if it held a map. The cost of the
+//! with the same meaning (keys by value: a slot's sequence is its position), so the stream reads as if it held a map. The cost of the
 //! layout: a deleted message between the first and the last live one keeps its
 //! (empty) slot until the front passes it.
 
@@ -17,7 +17,7 @@ use super::MessageMeta;
 pub(super) struct LiveMessages {
     /// `slots[i]` is sequence `base + i`, when live. Never starts or ends with an
     /// empty slot.
-    slots: VecDeque<Option<(u64, MessageMeta)>>,
+    slots: VecDeque<Option<MessageMeta>>,
     base: u64,
     len: usize,
 }
@@ -41,13 +41,13 @@ impl LiveMessages {
         for _ in end..seq {
             self.slots.push_back(None);
         }
-        self.slots.push_back(Some((seq, meta)));
+        self.slots.push_back(Some(meta));
         self.len += 1;
     }
 
     pub fn remove(&mut self, seq: &u64) -> Option<MessageMeta> {
         let index = usize::try_from(seq.checked_sub(self.base)?).ok()?;
-        let (_, meta) = self.slots.get_mut(index)?.take()?;
+        let meta = self.slots.get_mut(index)?.take()?;
         self.len -= 1;
         while matches!(self.slots.front(), Some(None)) {
             self.slots.pop_front();
@@ -65,29 +65,30 @@ impl LiveMessages {
 
     pub fn get(&self, seq: u64) -> Option<&MessageMeta> {
         let index = usize::try_from(seq.checked_sub(self.base)?).ok()?;
-        self.slots.get(index)?.as_ref().map(|(_, meta)| meta)
+        self.slots.get(index)?.as_ref()
     }
 
-    pub fn first_key_value(&self) -> Option<(&u64, &MessageMeta)> {
-        self.slots.front()?.as_ref().map(|(seq, meta)| (seq, meta))
+    pub fn first_key_value(&self) -> Option<(u64, &MessageMeta)> {
+        Some((self.base, self.slots.front()?.as_ref()?))
     }
 
-    pub fn last_key_value(&self) -> Option<(&u64, &MessageMeta)> {
-        self.slots.back()?.as_ref().map(|(seq, meta)| (seq, meta))
+    pub fn last_key_value(&self) -> Option<(u64, &MessageMeta)> {
+        let meta = self.slots.back()?.as_ref()?;
+        Some((self.base + self.slots.len() as u64 - 1, meta))
     }
 
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&u64, &MessageMeta)> {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, &MessageMeta)> {
         self.range(..)
     }
 
-    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &u64> {
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
         self.iter().map(|(seq, _)| seq)
     }
 
     pub fn range<R: RangeBounds<u64>>(
         &self,
         range: R,
-    ) -> impl DoubleEndedIterator<Item = (&u64, &MessageMeta)> {
+    ) -> impl DoubleEndedIterator<Item = (u64, &MessageMeta)> {
         let index = |seq: u64| seq.saturating_sub(self.base).min(self.slots.len() as u64) as usize;
         let start = match range.start_bound() {
             Bound::Included(&seq) => index(seq),
@@ -99,9 +100,10 @@ impl LiveMessages {
             Bound::Excluded(&seq) => index(seq),
             Bound::Unbounded => self.slots.len(),
         };
-        self.slots
-            .range(start..end.max(start))
-            .filter_map(|slot| slot.as_ref().map(|(seq, meta)| (seq, meta)))
+        let base = self.base;
+        (start..end.max(start))
+            .zip(self.slots.range(start..end.max(start)))
+            .filter_map(move |(index, slot)| slot.as_ref().map(|meta| (base + index as u64, meta)))
     }
 }
 
@@ -146,23 +148,23 @@ mod tests {
             }
             assert_eq!(live.len(), model.len());
             assert_eq!(
-                live.first_key_value().map(|(k, _)| *k),
+                live.first_key_value().map(|(k, _)| k),
                 model.keys().next().copied()
             );
             assert_eq!(
-                live.last_key_value().map(|(k, _)| *k),
+                live.last_key_value().map(|(k, _)| k),
                 model.keys().last().copied()
             );
             let probe = next() % (last + 2);
             assert_eq!(live.contains_key(&probe), model.contains_key(&probe));
             let (a, b) = (next() % (last + 2), next() % (last + 2));
-            let got: Vec<u64> = live.range(a.min(b)..a.max(b)).map(|(k, _)| *k).collect();
+            let got: Vec<u64> = live.range(a.min(b)..a.max(b)).map(|(k, _)| k).collect();
             let want: Vec<u64> = model.range(a.min(b)..a.max(b)).map(|(k, _)| *k).collect();
             assert_eq!(got, want);
-            let got: Vec<u64> = live.range(a..).rev().map(|(k, _)| *k).take(3).collect();
+            let got: Vec<u64> = live.range(a..).rev().map(|(k, _)| k).take(3).collect();
             let want: Vec<u64> = model.range(a..).rev().map(|(k, _)| *k).take(3).collect();
             assert_eq!(got, want);
-            let got: Vec<u64> = live.range(..=b).map(|(k, _)| *k).collect();
+            let got: Vec<u64> = live.range(..=b).map(|(k, _)| k).collect();
             let want: Vec<u64> = model.range(..=b).map(|(k, _)| *k).collect();
             assert_eq!(got, want);
         }

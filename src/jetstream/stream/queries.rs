@@ -35,7 +35,7 @@ impl<D: Directory> Stream<D> {
             .live
             .range(from_seq..)
             .find(|(_, meta)| subject_matches(filter, &meta.subject))
-            .map(|(&seq, _)| seq)
+            .map(|(seq, _)| seq)
             .ok_or(ReadError::NotFound)?;
         self.get(seq)
     }
@@ -51,7 +51,7 @@ impl<D: Directory> Stream<D> {
             .filter(|(_, meta)| filter.map_or(true, |f| subject_matches(f, &meta.subject)));
         let mut kept = 0;
         let mut below = self.first_seq();
-        for (&seq, _) in matching {
+        for (seq, _) in matching {
             kept += 1;
             below = seq;
             if kept == keep {
