@@ -11,7 +11,7 @@
 //! encodes a batch into one buffer), retry failed I/O, or remember anything on disk
 //! besides the records themselves.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 
 use super::error::{BadRecord, Corruption, StoreError};
@@ -61,6 +61,10 @@ pub struct Segment<F> {
     /// `(seq, offset)` of the record after the last one read: consumers read in
     /// order, and this spares each read the walk from the nearest index entry.
     next_read: Cell<(u64, u64)>,
+    /// Bytes read ahead for in-order reads (a consumer replaying): the offset they
+    /// start at, and the bytes (never past `end` when read, so never stale: the
+    /// records before `end` do not change).
+    read_window: RefCell<(u64, Vec<u8>)>,
 }
 
 /// What recovery found at the end of a segment's valid data, if not just zeros.
@@ -75,6 +79,8 @@ pub struct TornTail {
 }
 
 /// Reads a file through one reusable window.
+/// In-order reads by sequence fetch this much ahead at once.
+const IN_ORDER_WINDOW_BYTES: usize = 64 * 1024;
 /// A read by sequence fetches this much at once (most device messages fit).
 const READ_AHEAD_BYTES: usize = 512;
 
@@ -143,6 +149,7 @@ impl<F: StorageFile> Segment<F> {
             index: Vec::new(),
             index_interval_records,
             next_read: Cell::new((0, 0)),
+            read_window: RefCell::new((0, Vec::new())),
         }
     }
 
@@ -451,6 +458,23 @@ impl<F: StorageFile> Segment<F> {
         buf: &'b mut Vec<u8>,
     ) -> Result<(Record<'b>, usize), StoreError> {
         assert!(offset < self.end);
+        let in_order = self.next_read.get().0 == seq;
+        if self.copy_from_window(offset, buf) {
+            return self.check_read(offset, seq, buf);
+        }
+        if in_order {
+            // The previous read was the record before: read ahead a window.
+            let mut window = self.read_window.borrow_mut();
+            let len = (self.end - offset).min(IN_ORDER_WINDOW_BYTES as u64) as usize;
+            window.0 = offset;
+            window.1.clear();
+            window.1.resize(len, 0);
+            self.read_exact(&mut window.1, offset)?;
+            drop(window);
+            if self.copy_from_window(offset, buf) {
+                return self.check_read(offset, seq, buf);
+            }
+        }
         // One read for a small record: its length and its bytes together.
         let first = (self.end - offset).min(READ_AHEAD_BYTES as u64) as usize;
         buf.clear();
@@ -471,6 +495,26 @@ impl<F: StorageFile> Segment<F> {
         }
         buf.truncate(len);
         self.check_read(offset, seq, buf)
+    }
+
+    /// Copies the frame at `offset` into `buf` if the read-ahead window holds all
+    /// of it.
+    fn copy_from_window(&self, offset: u64, buf: &mut Vec<u8>) -> bool {
+        let window = self.read_window.borrow();
+        let (at, bytes) = (&window.0, &window.1);
+        if offset < *at || offset + 4 > at + bytes.len() as u64 {
+            return false;
+        }
+        let from = (offset - at) as usize;
+        let Ok(len) = record::frame_len(&bytes[from..]) else {
+            return false;
+        };
+        let Some(frame) = bytes.get(from..from + len) else {
+            return false;
+        };
+        buf.clear();
+        buf.extend_from_slice(frame);
+        true
     }
 
     /// Checks that `buf`, read from `offset`, is exactly record `seq` (CRC, frame,
