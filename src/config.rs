@@ -214,6 +214,42 @@ mod tests {
         assert!(Config::from_toml("max_paylod = 1").is_err());
     }
 
+    /// The store keys as README's example writes them.
+    #[test]
+    fn store_keys_parse() {
+        let config = Config::from_toml(
+            "store_dir = \"/var/lib/perch\"\nstore_durability = \"always\"\n\
+             store_sync_interval_ms = 250\nstore_segment_bytes = 1048576\n\
+             [store_stream_durability]\nDEBUG_TRACES = \"none\"\nTELEMETRY = \"interval\"\n",
+        )
+        .expect("parse");
+        config.validate().expect("valid");
+        assert_eq!(
+            config.store_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/perch"))
+        );
+        assert_eq!(config.store_durability, Durability::Always);
+        assert_eq!(config.store_sync_interval_ms, 250);
+        assert_eq!(config.store_segment_bytes, 1 << 20);
+        assert_eq!(
+            config.store_stream_durability.get("DEBUG_TRACES"),
+            Some(&Durability::None)
+        );
+        assert_eq!(
+            config.store_stream_durability.get("TELEMETRY"),
+            Some(&Durability::Interval)
+        );
+        assert!(Config::from_toml("store_durability = \"sometimes\"").is_err());
+        let tiny = Config {
+            store_segment_bytes: 4096,
+            ..Config::default()
+        };
+        assert!(
+            tiny.validate().is_err(),
+            "segments below 64 KiB are refused"
+        );
+    }
+
     #[test]
     fn payload_above_pending_is_rejected() {
         let config = Config {
