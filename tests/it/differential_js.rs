@@ -5,10 +5,9 @@
 //! legitimately differ per run or per server, and requires the two transcripts
 //! to be equal.
 //!
-//! Until perch serves JetStream (the switch in main.rs), only the reference
-//! runs, twice, on two fresh servers: equal transcripts prove the normalization
-//! masks every volatile field (and nothing but those is masked: see the unit
-//! tests at the bottom). Each step may also carry `expect` substrings that the
+//! The reference also runs against itself, twice, on two fresh servers: equal
+//! transcripts prove the normalization masks every volatile field (and nothing
+//! but those is masked: see the unit tests at the bottom). Each step may also carry `expect` substrings that the
 //! reference's rendered replies must contain, so a script cannot silently
 //! check nothing (e.g. a misspelt API subject answered by no responders on
 //! both sides).
@@ -114,19 +113,17 @@ fn differential_js_reference_is_deterministic() {
     );
 }
 
-perch_js_ready! {
-    #[test]
-    fn differential_js_against_perch() {
-        let scripts = load_scripts();
-        let failures = run_all(&scripts, Js::Reference, Js::Perch);
-        assert!(
-            failures.is_empty(),
-            "{} of {} JetStream scripts differ between nats-server and perch:\n{}",
-            failures.len(),
-            scripts.len(),
-            failures.join("\n")
-        );
-    }
+#[test]
+fn differential_js_against_perch() {
+    let scripts = load_scripts();
+    let failures = run_all(&scripts, Js::Reference, Js::Perch);
+    assert!(
+        failures.is_empty(),
+        "{} of {} JetStream scripts differ between nats-server and perch:\n{}",
+        failures.len(),
+        scripts.len(),
+        failures.join("\n")
+    );
 }
 
 // -------------------------------------------------------------------- scripts

@@ -6,8 +6,7 @@
 //! Every test is a function taking the broker kind ([`Js`]) and is instantiated
 //! by `js_tests!` once per broker: `jetstream::reference::<name>` runs against
 //! Debian's `nats-server -js` (which proves the test), `jetstream::perch::<name>`
-//! against perch `--store-dir`, and exists only once the switch in main.rs
-//! (`perch_js_ready!`) is on.
+//! against perch `--store-dir`.
 //!
 //! Rules kept here: every wait is bounded (`WAIT`) but generous, and no test
 //! asserts that something happened *quickly*; where a test needs something

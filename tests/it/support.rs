@@ -216,9 +216,7 @@ fn append_log(path: &Path) -> std::fs::File {
 pub enum Js {
     /// Debian's nats-server with `-js`: the reference the tests are proven on.
     Reference,
-    /// perch with `--store-dir`. Only the perch variants construct it, and they
-    /// exist only while main.rs's `perch_js_ready!` switch is on.
-    #[allow(dead_code)]
+    /// perch with `--store-dir`.
     Perch,
 }
 

@@ -11,9 +11,7 @@ which bounds it in time: no pytest-asyncio needed.
 
 JetStream tests (test_jetstream.py) use the `js_server_url` fixture instead: the
 same server with a store directory of its own (nats-server `-js -sd DIR`, perch
-`--store-dir DIR`). Against perch they exist only once PERCH_JS_READY below is
-True; until then pytest does not collect them (so they are neither run nor
-counted as skipped) unless NATS_REFERENCE=1.
+`--store-dir DIR`).
 """
 
 import asyncio
@@ -27,20 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# THE SWITCH for the JetStream suite against perch (like `perch_js_ready!` in
-# tests/it/main.rs): set to True once `perch serve --store-dir DIR` serves
-# JetStream. While False, test_jetstream.py runs only with NATS_REFERENCE=1.
-PERCH_JS_READY = True
-
 REFERENCE = os.environ.get("NATS_REFERENCE") == "1"
-collect_ignore = [] if (REFERENCE or PERCH_JS_READY) else ["test_jetstream.py"]
 
-
-def pytest_report_header(config):
-    if collect_ignore:
-        return ["JetStream tests: not collected (perch not ready: PERCH_JS_READY is False "
-                "in tests/py/conftest.py; NATS_REFERENCE=1 runs them against nats-server)"]
-    return []
 STARTUP_TIMEOUT_S = 10.0
 # Default bound for one test's coroutine; tests may pass a larger one.
 TEST_TIMEOUT_S = 30.0

@@ -3,9 +3,8 @@ with PubAcks, message get, pull consumers (fetch, ack, ack_wait redelivery,
 nak, term, in-progress), push subscriptions and consumer info.
 
 Each test gets a server of its own over a fresh store directory
-(`js_server_url`). Against perch these tests exist only once PERCH_JS_READY is
-True in conftest.py; `NATS_REFERENCE=1` runs them against `nats-server -js`,
-which is what proves them. No test asserts that something happened quickly:
+(`js_server_url`): perch with `--store-dir`, or with `NATS_REFERENCE=1`
+`nats-server -js`, which is what proves them. No test asserts that something happened quickly:
 waits are bounded, generously; where something must *not* happen (a
 redelivery), the test waits several ack_waits and then looks.
 """
