@@ -111,7 +111,7 @@ impl From<KnownError> for ApiError {
 pub mod errors {
     use super::KnownError;
 
-    const fn known(code: u16, err_code: u16, description: &'static str) -> KnownError {
+    pub(crate) const fn known(code: u16, err_code: u16, description: &'static str) -> KnownError {
         KnownError {
             code,
             err_code,

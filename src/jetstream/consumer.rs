@@ -40,15 +40,8 @@ use crate::store::{Directory, StorageFile, StoreError};
 /// nats-server 2.9.10's consumer-create errors that the captured fixtures do not show,
 /// with the texts of its `errors.json` (the observed ones live in `api::errors`).
 pub mod create_errors {
+    use crate::jetstream::api::errors::known;
     use crate::jetstream::api::KnownError;
-
-    const fn known(code: u16, err_code: u16, description: &'static str) -> KnownError {
-        KnownError {
-            code,
-            err_code,
-            description,
-        }
-    }
 
     pub const NAME_EXISTS: KnownError = known(400, 10013, "consumer name already in use");
     pub const MAX_CONSUMERS_REACHED: KnownError =

@@ -489,34 +489,7 @@ impl<R: StoreRoot> Host<R> {
         catalog: &Mutex<Catalog>,
         out: &mut Vec<Outbound>,
     ) -> Result<(), StoreError> {
-        let names: Vec<String> = self
-            .streams
-            .iter()
-            .filter(|(_, h)| !h.pending.is_empty())
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in names {
-            let Some(hosted) = self.streams.get_mut(&name) else {
-                continue;
-            };
-            let pending = std::mem::take(&mut hosted.pending);
-            let (messages, replies): (Vec<PlannedMessage>, Vec<Vec<u8>>) =
-                pending.into_iter().unzip();
-            let results = hosted.stream.commit(&messages)?;
-            for (result, reply) in results.into_iter().zip(replies) {
-                if reply.is_empty() {
-                    continue;
-                }
-                let response = match result {
-                    Ok(ack) => PubAckResponse { error: None, ack },
-                    Err(error) => PubAckResponse::failed(&name, error),
-                };
-                out.push(reply_to(&reply, response.encode().into_bytes()));
-            }
-            self.refresh_catalog(&name, catalog);
-            self.more = true;
-        }
-        Ok(())
+        self.commit_into(catalog, out, None)
     }
 
     /// Makes every `interval` stream's acknowledged writes durable.
@@ -550,6 +523,16 @@ impl<R: StoreRoot> Host<R> {
         out: &mut Vec<Outbound>,
         held: &mut HeldAcks,
     ) -> Result<(), StoreError> {
+        self.commit_into(catalog, out, Some(held))
+    }
+
+    /// [`Host::commit`], or with `held`, [`Host::commit_holding_acks`].
+    fn commit_into(
+        &mut self,
+        catalog: &Mutex<Catalog>,
+        out: &mut Vec<Outbound>,
+        mut held: Option<&mut HeldAcks>,
+    ) -> Result<(), StoreError> {
         let names: Vec<String> = self
             .streams
             .iter()
@@ -560,7 +543,7 @@ impl<R: StoreRoot> Host<R> {
             let Some(hosted) = self.streams.get_mut(&name) else {
                 continue;
             };
-            let always = hosted.stream.durability() == Durability::Always;
+            let always = held.is_some() && hosted.stream.durability() == Durability::Always;
             let pending = std::mem::take(&mut hosted.pending);
             let (messages, replies): (Vec<PlannedMessage>, Vec<Vec<u8>>) =
                 pending.into_iter().unzip();
@@ -569,23 +552,18 @@ impl<R: StoreRoot> Host<R> {
             } else {
                 hosted.stream.commit(&messages)?
             };
-            let mut deferred = false;
-            if always {
+            let mut sink = &mut *out;
+            if let (true, Some(held)) = (always, held.as_deref_mut()) {
                 if let Some(ticket) = hosted.stream.sync_ticket() {
                     match hosted.stream.sync_handle()? {
                         Some(file) => {
                             held.syncs.push((name.clone(), ticket, file));
-                            deferred = true;
+                            sink = &mut held.replies;
                         }
                         None => hosted.stream.sync()?,
                     }
                 }
             }
-            let sink = if deferred {
-                &mut held.replies
-            } else {
-                &mut *out
-            };
             for (result, reply) in results.into_iter().zip(replies) {
                 if reply.is_empty() {
                     continue;

@@ -866,12 +866,18 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-#[test]
-fn crash_at_thousands_of_points() {
-    let seeds: Vec<u64> = match env_u64("PERCH_STORE_SEED") {
+/// The seeds a crash test runs: `PERCH_STORE_SEED=n` replays one,
+/// `PERCH_STORE_SEEDS=n` runs the first n, 2000 by default.
+pub(crate) fn crash_seeds() -> Vec<u64> {
+    match env_u64("PERCH_STORE_SEED") {
         Some(seed) => vec![seed],
         None => (0..env_u64("PERCH_STORE_SEEDS").unwrap_or(2000)).collect(),
-    };
+    }
+}
+
+#[test]
+fn crash_at_thousands_of_points() {
+    let seeds = crash_seeds();
     let mut crashes = 0;
     for seed in seeds {
         crashes += crash_run(seed);

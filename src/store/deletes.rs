@@ -482,26 +482,9 @@ mod tests {
         assert_eq!(decode_entry(&bytes[..23]), Err("partial entry"));
     }
 
-    /// The bytes of the fenced ```hex block in docs/store-format.md after `marker`.
-    fn spec_example(marker: &str) -> Vec<u8> {
-        let spec = include_str!("../../docs/store-format.md");
-        let after = &spec[spec.find(marker).expect("marker in spec")..];
-        let block = &after[after.find("```hex\n").expect("hex block") + 7..];
-        let block = &block[..block.find("```").expect("block end")];
-        let digits: String = block
-            .lines()
-            .map(|line| line.split('#').next().unwrap_or(""))
-            .flat_map(|line| line.split_whitespace())
-            .collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex digits"))
-            .collect()
-    }
-
     #[test]
     fn spec_example_decodes() {
-        let spec = spec_example("Example deletes batch");
+        let spec = crate::store::record::tests::spec_example("Example deletes batch");
         let mut bytes = Vec::new();
         encode_batch(&mut bytes, [3..5, 9..10].into_iter());
         assert_eq!(bytes, spec);

@@ -27,7 +27,7 @@ pub mod streams;
 pub mod verify;
 
 #[cfg(test)]
-mod crash_tests;
+pub(crate) mod crash_tests;
 
 pub use deletes::RunSet;
 pub use durability::Durability;

@@ -167,13 +167,13 @@ pub fn decode(bytes: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const SPEC: &str = include_str!("../../docs/store-format.md");
 
     /// The bytes of the fenced ```hex block in the spec that follows `marker`.
-    fn spec_example(marker: &str) -> Vec<u8> {
+    pub(crate) fn spec_example(marker: &str) -> Vec<u8> {
         let after = &SPEC[SPEC.find(marker).expect("marker in spec")..];
         let block = &after[after.find("```hex\n").expect("hex block") + 7..];
         let block = &block[..block.find("```").expect("block end")];

@@ -316,22 +316,10 @@ fn reopen(
     stream
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|value| {
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a number"))
-    })
-}
-
 #[test]
 fn power_cuts_with_deletes_and_purges() {
-    let seeds: Vec<u64> = match env_u64("PERCH_STORE_SEED") {
-        Some(seed) => vec![seed],
-        None => (0..env_u64("PERCH_STORE_SEEDS").unwrap_or(2000)).collect(),
-    };
     let mut crashes = 0;
-    for seed in seeds {
+    for seed in crate::store::crash_tests::crash_seeds() {
         crashes += crash_run(seed);
     }
     eprintln!("stream crash test: {crashes} crash points");
