@@ -35,7 +35,8 @@ use super::api::{
 };
 use super::stream::{ReadError, StoredMessage, Stream};
 use crate::nats::subject::{is_valid_subject, subject_matches};
-use crate::store::{Directory, StorageFile, StoreError};
+use crate::store::file::{read_if_present, replace_atomically};
+use crate::store::{Directory, StoreError};
 
 /// nats-server 2.9.10's consumer-create errors that the captured fixtures do not show,
 /// with the texts of its `errors.json` (the observed ones live in `api::errors`).
@@ -1864,20 +1865,7 @@ impl Consumer {
     /// renamed over the old one, the directory synced. On `Ok` a crash keeps the new
     /// state; on `Err` a crash leaves the old one or the new one, whole.
     pub fn save_state<D: Directory>(&mut self, dir: &D, file_name: &str) -> Result<(), StoreError> {
-        let bytes = self.encode_state();
-        let temp = format!("{file_name}.tmp");
-        let names = dir.list().map_err(StoreError::io("list", "directory"))?;
-        if names.contains(&temp) {
-            dir.remove(&temp).map_err(StoreError::io("remove", &temp))?;
-        }
-        let file = dir.create(&temp).map_err(StoreError::io("create", &temp))?;
-        file.write_all_at(&bytes, 0)
-            .map_err(StoreError::io("write", &temp))?;
-        file.sync_data().map_err(StoreError::io("sync", &temp))?;
-        dir.rename(&temp, file_name)
-            .map_err(StoreError::io("rename", &temp))?;
-        dir.sync()
-            .map_err(StoreError::io("sync directory for", file_name))?;
+        replace_atomically(dir, file_name, &self.encode_state())?;
         self.dirty = false;
         Ok(())
     }
@@ -1892,20 +1880,9 @@ impl Consumer {
         file_name: &str,
         now_ns: i64,
     ) -> Result<Option<Consumer>, StateError> {
-        let names = dir.list().map_err(StoreError::io("list", "directory"))?;
-        if !names.iter().any(|name| name == file_name) {
+        let Some(bytes) = read_if_present(dir, file_name)? else {
             return Ok(None);
-        }
-        let file = dir
-            .open(file_name)
-            .map_err(StoreError::io("open", file_name))?;
-        let len = file
-            .len()
-            .map_err(StoreError::io("read the length of", file_name))?;
-        let len = usize::try_from(len).map_err(|_| StateError::Corrupt("too large"))?;
-        let mut bytes = vec![0u8; len];
-        file.read_exact_at(&mut bytes, 0)
-            .map_err(StoreError::io("read", file_name))?;
+        };
         let mut consumer = Consumer::decode_state(stream, &bytes, now_ns)?;
         // nats-server 2.9 does not keep the last delivery and ack times across a
         // restart: its consumer info then has no `last_active` until the next one.

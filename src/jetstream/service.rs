@@ -33,10 +33,9 @@ use super::api::{
 };
 use super::consumer::{check_create_subject, Consumer, CreateSubject, StateError};
 use super::stream::{PlannedMessage, ReadError, Stream, StreamOptions};
+use crate::store::file::{read_if_present, replace_atomically};
 use crate::store::streams::{list_streams, stream_dir, validate_stream_name};
-use crate::store::{
-    Directory, Durability, LogConfig, OsDirectory, StorageFile, StoreError, SyncTicket,
-};
+use crate::store::{Directory, Durability, LogConfig, OsDirectory, StoreError, SyncTicket};
 
 /// Push consumers' flow-control replies come back on `$JS.FC.<stream>.<consumer>.…`.
 pub const FLOW_CONTROL_PREFIX: &str = "$JS.FC.";
@@ -82,7 +81,6 @@ fn load_consumers<D: Directory>(
 
 /// A stream's config and creation time, in its directory.
 pub const STREAM_META_FILE: &str = "stream.json";
-const STREAM_META_TEMP_FILE: &str = "stream.json.tmp";
 
 pub use super::consumer::Outbound;
 
@@ -1637,41 +1635,19 @@ fn stream_list(catalog: &Mutex<Catalog>, request: &StreamListRequest) -> StreamL
 
 /// Reads `stream.json`; `None` when the directory has none.
 fn read_meta<D: Directory>(dir: &D) -> Result<Option<StreamMeta>, StoreError> {
-    let io = |op| StoreError::io(op, STREAM_META_FILE);
-    let names = dir.list().map_err(io("list"))?;
-    if !names.iter().any(|name| name == STREAM_META_FILE) {
+    let Some(bytes) = read_if_present(dir, STREAM_META_FILE)? else {
         return Ok(None);
-    }
-    let file = dir.open(STREAM_META_FILE).map_err(io("open"))?;
-    let len = file.len().map_err(io("stat"))?;
-    let mut bytes = vec![0u8; len as usize];
-    file.read_exact_at(&mut bytes, 0).map_err(io("read"))?;
-    let meta = serde_json::from_slice(&bytes)
-        .map_err(|e| io("parse")(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    };
+    let meta = serde_json::from_slice(&bytes).map_err(|e| {
+        StoreError::io("parse", STREAM_META_FILE)(io::Error::new(io::ErrorKind::InvalidData, e))
+    })?;
     Ok(Some(meta))
 }
 
-/// Replaces `stream.json` atomically: temp file, sync, rename, directory sync.
+/// Replaces `stream.json` atomically (see [`replace_atomically`]).
 fn write_meta<D: Directory>(dir: &D, meta: &StreamMeta) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(meta).expect("stream meta always encodes");
-    let io = |op| StoreError::io(op, STREAM_META_TEMP_FILE);
-    // A temp file left by a crash was never renamed: it is not the config.
-    if dir
-        .list()
-        .map_err(io("list"))?
-        .iter()
-        .any(|n| n == STREAM_META_TEMP_FILE)
-    {
-        dir.remove(STREAM_META_TEMP_FILE).map_err(io("remove"))?;
-    }
-    let file = dir.create(STREAM_META_TEMP_FILE).map_err(io("create"))?;
-    file.set_len(0).map_err(io("truncate"))?;
-    file.write_all_at(&bytes, 0).map_err(io("write"))?;
-    file.sync_data().map_err(io("sync"))?;
-    dir.rename(STREAM_META_TEMP_FILE, STREAM_META_FILE)
-        .map_err(io("rename"))?;
-    dir.sync().map_err(io("sync dir"))?;
-    Ok(())
+    replace_atomically(dir, STREAM_META_FILE, &bytes)
 }
 
 #[cfg(test)]

@@ -62,6 +62,55 @@ pub trait Directory {
     fn sync(&self) -> io::Result<()>;
 }
 
+/// Replaces file `name` in `dir` atomically: the bytes go to `<name>.tmp` (a
+/// leftover of an earlier crash is removed first), which is synced and renamed
+/// over `name`, and the directory is synced. After a crash `name` holds either the
+/// old bytes or the new ones, whole.
+pub fn replace_atomically<D: Directory>(
+    dir: &D,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), super::StoreError> {
+    use super::StoreError;
+    let temp = format!("{name}.tmp");
+    let names = dir
+        .list()
+        .map_err(StoreError::io("list the directory of", name))?;
+    if names.contains(&temp) {
+        dir.remove(&temp).map_err(StoreError::io("remove", &temp))?;
+    }
+    let file = dir.create(&temp).map_err(StoreError::io("create", &temp))?;
+    file.write_all_at(bytes, 0)
+        .map_err(StoreError::io("write", &temp))?;
+    file.sync_data().map_err(StoreError::io("sync", &temp))?;
+    dir.rename(&temp, name)
+        .map_err(StoreError::io("rename", &temp))?;
+    dir.sync()
+        .map_err(StoreError::io("sync directory for", name))
+}
+
+/// The whole of file `name` in `dir`; `None` when there is no such file.
+pub fn read_if_present<D: Directory>(
+    dir: &D,
+    name: &str,
+) -> Result<Option<Vec<u8>>, super::StoreError> {
+    use super::StoreError;
+    let names = dir
+        .list()
+        .map_err(StoreError::io("list the directory of", name))?;
+    if !names.iter().any(|n| n == name) {
+        return Ok(None);
+    }
+    let file = dir.open(name).map_err(StoreError::io("open", name))?;
+    let len = file
+        .len()
+        .map_err(StoreError::io("read the length of", name))?;
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(StoreError::io("read", name))?;
+    Ok(Some(bytes))
+}
+
 /// A real directory on `std::fs`.
 #[derive(Debug, Clone)]
 pub struct OsDirectory {
