@@ -187,7 +187,8 @@ pub enum Effect<'a> {
     None,
     /// Route this message (the +OK, if verbose, is already queued).
     Publish(Message<'a>),
-    /// Add this subscription to the router, then call [`Session::acknowledge`].
+    /// Add this subscription to the router, [`Session::hold_output`] until
+    /// every shard has applied the interest, then [`Session::ok`].
     Subscribe(Rc<Subscription>),
     /// Remove this subscription from the router (it is already out of the table).
     Unsubscribe(Rc<Subscription>),
@@ -290,6 +291,13 @@ pub struct Session {
     close_reason: Cell<Option<CloseReason>>,
     flags: Cell<Flags>,
     out: RefCell<Vec<u8>>,
+    /// `out[hold_from..]` waits for [`Session::release_hold`]: what was queued
+    /// after a SUB whose interest other shards have not yet confirmed (its +OK,
+    /// a later PONG, anything delivered meanwhile) is not written before it.
+    /// `NOT_HOLDING` when everything may be written.
+    hold_from: Cell<usize>,
+    /// Holds not yet released (one per SUB barrier still pending).
+    holds: Cell<u32>,
     /// Bytes handed to the socket and not yet confirmed written.
     in_flight_bytes: Cell<usize>,
     writer: Notify,
@@ -303,6 +311,9 @@ pub struct Session {
     msgs_in: Cell<u64>,
     msgs_out: Cell<u64>,
 }
+
+/// [`Session::hold_from`] when nothing is held.
+const NOT_HOLDING: usize = usize::MAX;
 
 /// Before CONNECT arrives, nats-server (without auth) already serves the client
 /// with the defaults an empty `CONNECT {}` implies: verbose, pedantic, echo.
@@ -323,6 +334,8 @@ impl Session {
             close_reason: Cell::new(None),
             flags: Cell::new(FLAGS_BEFORE_CONNECT),
             out: RefCell::new(Vec::new()),
+            hold_from: Cell::new(NOT_HOLDING),
+            holds: Cell::new(0),
             in_flight_bytes: Cell::new(0),
             writer: Notify::new(),
             subs: RefCell::new(SubTable::Few(Vec::new())),
@@ -629,6 +642,9 @@ impl Session {
             return;
         }
         self.close_reason.set(Some(reason));
+        // A closing client is owed no ordering: flush whatever it may still get.
+        self.hold_from.set(NOT_HOLDING);
+        self.holds.set(0);
         self.state.set(State::Closing {
             flush: reason.flushes(),
         });
@@ -641,18 +657,56 @@ impl Session {
     /// Waits until there is output to write or the session is closing.
     pub async fn output_ready(&self) {
         loop {
-            if !self.out.borrow().is_empty() || self.is_closing() {
+            if self.has_output() || self.is_closing() {
                 return;
             }
             self.writer.notified().await;
         }
     }
 
-    /// Swaps the queued output for `spare` (an empty buffer) and records it as in
-    /// flight until [`Session::written`].
-    pub fn take_output(&self, spare: Vec<u8>) -> Vec<u8> {
+    /// Takes a hold on the output: from now on, queued output waits until every
+    /// hold is released with [`Session::release_hold`] (what is already queued may
+    /// still be written). While one hold stands, further holds keep its position.
+    pub fn hold_output(&self) {
+        if self.is_closing() {
+            return;
+        }
+        if self.holds.get() == 0 {
+            self.hold_from.set(self.out.borrow().len());
+        }
+        self.holds.set(self.holds.get() + 1);
+    }
+
+    /// Releases one [`Session::hold_output`]; the last one lets the writer have
+    /// everything held.
+    pub fn release_hold(&self) {
+        let holds = self.holds.get();
+        if holds == 0 {
+            return; // closed meanwhile: closing dropped every hold
+        }
+        self.holds.set(holds - 1);
+        if holds == 1 {
+            self.hold_from.set(NOT_HOLDING);
+            if !self.out.borrow().is_empty() {
+                self.writer.notify_one();
+            }
+        }
+    }
+
+    /// Swaps the writable queued output for `spare` (an empty buffer) and records
+    /// it as in flight until [`Session::written`]; held output stays queued.
+    pub fn take_output(&self, mut spare: Vec<u8>) -> Vec<u8> {
         debug_assert!(spare.is_empty());
-        let buf = std::mem::replace(&mut *self.out.borrow_mut(), spare);
+        let mut out = self.out.borrow_mut();
+        let hold_from = self.hold_from.get();
+        let buf = if hold_from >= out.len() {
+            std::mem::replace(&mut *out, spare)
+        } else {
+            spare.extend_from_slice(&out[hold_from..]);
+            out.truncate(hold_from);
+            self.hold_from.set(0);
+            std::mem::replace(&mut *out, spare)
+        };
         self.in_flight_bytes.set(buf.len());
         buf
     }
@@ -662,8 +716,9 @@ impl Session {
         self.in_flight_bytes.set(0);
     }
 
+    /// Whether output is queued that the writer may write now.
     pub fn has_output(&self) -> bool {
-        !self.out.borrow().is_empty()
+        self.out.borrow().len().min(self.hold_from.get()) > 0
     }
 
     /// Queued plus in-flight output bytes.

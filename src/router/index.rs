@@ -43,6 +43,9 @@ pub enum InterestKind {
 pub struct QueueRef {
     pub pattern: Bytes,
     pub queue: Bytes,
+    /// Shards that already had this message for this group (bit per shard): a
+    /// shard that finds no live member passes it on to one not tried yet.
+    pub tried: u64,
 }
 
 /// Where a message must go on one other shard.
@@ -461,7 +464,7 @@ impl Router {
             }
         });
         if !self.queue_candidates.is_empty() {
-            outcome.delivered_local += self.pick_queue_members(msg, skip_session);
+            outcome.delivered_local += self.pick_queue_members(route_subject, msg, skip_session);
         }
         for target in &mut self.targets {
             if target.plain || !target.queues.is_empty() {
@@ -484,7 +487,12 @@ impl Router {
     /// member counts. A local pick that finds no live member (closing, or only
     /// the publisher's own without echo) falls back to another shard that has
     /// members. Returns the local deliveries.
-    fn pick_queue_members(&mut self, msg: &Message<'_>, skip_session: Option<u64>) -> usize {
+    fn pick_queue_members(
+        &mut self,
+        route_subject: &[u8],
+        msg: &Message<'_>,
+        skip_session: Option<u64>,
+    ) -> usize {
         let shards = self.shard_count;
         let mut delivered = 0;
         for first in 0..self.queue_candidates.len() {
@@ -515,35 +523,41 @@ impl Router {
                     }
                 }
             }
-            let (i, mut shard) = chosen.expect("a matched group has members");
+            let (i, shard) = chosen.expect("a matched group has members");
             let pattern = self.queue_candidates[i].pattern.clone();
-            if shard == self.shard {
-                if self.deliver_to_queue(msg, &pattern, &name, skip_session) {
-                    delivered += 1;
-                    continue;
-                }
-                // No live local member: another shard with members takes it.
-                match (0..shards)
-                    .find(|&s| s != self.shard && self.queue_weights[i * shards + s] > 0)
-                {
-                    Some(other) => shard = other,
-                    None => continue,
-                }
-            }
-            self.targets[shard].queues.push(QueueRef {
+            let group = QueueRef {
                 pattern,
                 queue: name,
-            });
+                tried: 1 << shard,
+            };
+            if shard != self.shard {
+                self.targets[shard].queues.push(group);
+                continue;
+            }
+            if self.deliver_to_queue(msg, &group.pattern, &group.queue, skip_session) {
+                delivered += 1;
+                continue;
+            }
+            // No live local member: another shard with members takes it.
+            if let Some((other, group)) = self.pass_on(route_subject, &group) {
+                self.targets[other].queues.push(group);
+            }
         }
         delivered
     }
 
     /// Delivers a message that another shard routed here.
     pub fn deliver_remote(&mut self, msg: &Message<'_>, plain: bool, queues: &[QueueRef]) {
-        self.deliver_remote_as(msg.subject, msg, plain, queues)
+        let mut passed_on = Vec::new();
+        self.deliver_remote_as(msg.subject, msg, plain, queues, &mut passed_on);
     }
 
     /// [`Router::deliver_remote`] for a message routed with [`Router::route_as`].
+    /// A queue group picked here whose members all left meanwhile (UNSUB, max
+    /// reached, closed) while the pick travelled gets the message from another
+    /// local group of that name, else from another shard with members: those go
+    /// to `passed_on` (cleared first), like [`Router::route`]'s targets. Each
+    /// shard is tried at most once per message and group, so nothing loops.
     #[inline]
     pub fn deliver_remote_as(
         &mut self,
@@ -551,7 +565,9 @@ impl Router {
         msg: &Message<'_>,
         plain: bool,
         queues: &[QueueRef],
+        passed_on: &mut Vec<RemoteTarget>,
     ) {
+        passed_on.clear();
         if plain {
             let expired = &mut self.expired;
             self.local.for_each_match(route_subject, |entry| {
@@ -563,9 +579,86 @@ impl Router {
             });
         }
         for group in queues {
-            self.deliver_to_queue(msg, &group.pattern, &group.queue, None);
+            if self.deliver_to_queue(msg, &group.pattern, &group.queue, None)
+                || self.deliver_to_queue_named(route_subject, msg, &group.queue)
+            {
+                continue;
+            }
+            if let Some((shard, next)) = self.pass_on(route_subject, group) {
+                match passed_on.iter_mut().find(|t| t.shard == shard) {
+                    Some(target) => target.queues.push(next),
+                    None => passed_on.push(RemoteTarget {
+                        shard,
+                        plain: false,
+                        queues: vec![next],
+                    }),
+                }
+            }
         }
         self.remove_expired();
+    }
+
+    /// Gives `msg` to a live member of any local group named `queue` whose
+    /// pattern matches (the picked pattern's members are gone).
+    fn deliver_to_queue_named(
+        &mut self,
+        route_subject: &[u8],
+        msg: &Message<'_>,
+        queue: &[u8],
+    ) -> bool {
+        let mut patterns: Vec<Bytes> = Vec::new();
+        self.local.for_each_match(route_subject, |entry| {
+            for group in groups(&entry.queues) {
+                if &*group.name == queue {
+                    if let Some(first) = group.members.first() {
+                        patterns.push(Bytes::copy_from_slice(first.subject()));
+                    }
+                }
+            }
+        });
+        patterns
+            .iter()
+            .any(|pattern| self.deliver_to_queue(msg, pattern, queue, None))
+    }
+
+    /// Another shard, not yet tried, with members of a group named like
+    /// `group` whose pattern matches, weighted by member count.
+    fn pass_on(&mut self, route_subject: &[u8], group: &QueueRef) -> Option<(usize, QueueRef)> {
+        let tried = group.tried | 1 << self.shard;
+        let mut choices: Vec<(usize, Bytes, u64)> = Vec::new();
+        self.interest.for_each_match(route_subject, |entry| {
+            for remote in groups(&entry.queues) {
+                if remote.name != group.queue {
+                    continue;
+                }
+                for (shard, &members) in remote.members_per_shard.iter().enumerate() {
+                    if members > 0 && tried & (1 << shard) == 0 {
+                        choices.push((shard, remote.pattern.clone(), u64::from(members)));
+                    }
+                }
+            }
+        });
+        let total: u64 = choices.iter().map(|c| c.2).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut draw = self.random() % total;
+        let (shard, pattern, _) = choices
+            .into_iter()
+            .find(|c| {
+                let hit = draw < c.2;
+                draw = draw.saturating_sub(c.2);
+                hit
+            })
+            .expect("the draw is below the total");
+        Some((
+            shard,
+            QueueRef {
+                pattern,
+                queue: group.queue.clone(),
+                tried: tried | 1 << shard,
+            },
+        ))
     }
 
     /// Gives `msg` to one live member of a local queue group (never one of

@@ -198,12 +198,21 @@ impl<V> SubjectTrie<V> {
     /// Calls `f` with the value of every stored pattern that matches the literal
     /// `subject`, each exactly once. Allocates nothing; recursion depth is the
     /// subject's token count.
+    ///
+    /// The order is nats-server's (its sublist walk), so that one message
+    /// matching several subscriptions of a client is delivered to them in the
+    /// same order: at each level `>` first; then, before the last token, the
+    /// `*` branch before the literal one; at the last token the literal pattern
+    /// before the `*` one. The identical literal pattern sits where that walk
+    /// would reach it along the subject's own tokens.
     pub fn for_each_match(&self, subject: &[u8], mut f: impl FnMut(&V)) {
-        if let Some(value) = self.literal_patterns.get(subject) {
-            f(value);
-        }
+        let mut literal = self.literal_patterns.get(subject);
         if !self.root.is_empty() {
-            self.root.for_each_match(subject, &mut f);
+            self.root
+                .for_each_match(subject, true, &mut literal, &mut f);
+        }
+        if let Some(value) = literal {
+            f(value);
         }
     }
 
@@ -350,30 +359,43 @@ impl<V> Node<V> {
     }
 
     /// Recursion depth: the token count of `subject_rest`.
-    fn for_each_match(&self, subject_rest: &[u8], f: &mut impl FnMut(&V)) {
+    /// `on_literal_path`: every token so far matched a literal child, so the
+    /// subject's own literal pattern (`literal`, kept outside the trie) is
+    /// reached here; it is called, and taken, at the last token.
+    fn for_each_match<'a>(
+        &'a self,
+        subject_rest: &[u8],
+        on_literal_path: bool,
+        literal: &mut Option<&'a V>,
+        f: &mut impl FnMut(&'a V),
+    ) {
         let (token, tail) = split_first_token(subject_rest);
         // `subject_rest` holds at least one token, which is what `>` needs.
         if let Some(value) = &self.tail_wildcard_value {
             f(value);
         }
-        if let Some(child) = self.literals.get(token) {
-            child.for_each_match_at(tail, f);
-        }
-        if let Some(child) = &self.star {
-            child.for_each_match_at(tail, f);
-        }
-    }
-
-    /// Continues a match at a child reached by a subject's token; `tail` is what follows.
-    #[inline]
-    fn for_each_match_at(&self, tail: Option<&[u8]>, f: &mut impl FnMut(&V)) {
         match tail {
+            Some(tail) => {
+                if let Some(child) = &self.star {
+                    child.for_each_match(tail, false, literal, f);
+                }
+                if let Some(child) = self.literals.get(token) {
+                    child.for_each_match(tail, on_literal_path, literal, f);
+                }
+            }
             None => {
-                if let Some(value) = &self.value {
+                if let Some(value) = self.literals.get(token).and_then(|c| c.value.as_ref()) {
+                    f(value);
+                }
+                if on_literal_path {
+                    if let Some(value) = literal.take() {
+                        f(value);
+                    }
+                }
+                if let Some(value) = self.star.as_ref().and_then(|c| c.value.as_ref()) {
                     f(value);
                 }
             }
-            Some(tail) => self.for_each_match(tail, f),
         }
     }
 

@@ -125,6 +125,8 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
     // Bytes the frame at the head of `buf` needs before parsing is worth retrying.
     let mut frame_bytes_needed = 0usize;
     let mut outgoing = Outgoing::new();
+    // A SUB in this pass changed interest that other shards have not confirmed.
+    let mut interest_unconfirmed = false;
     let peers = &shard.shared.peers;
     loop {
         if buf.len() == buf.capacity() {
@@ -141,6 +143,8 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
         if session.is_closing() {
             return;
         }
+        // Route with every interest change that has reached this shard.
+        shard.apply_arrived_interest();
         if buf.len() < frame_bytes_needed {
             continue;
         }
@@ -156,6 +160,7 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
                 &mut consumed,
                 &mut frame_bytes_needed,
                 &mut outgoing,
+                &mut interest_unconfirmed,
             );
             match step {
                 Step::FlushFull => {
@@ -167,14 +172,6 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
                     Box::pin(outgoing.fence(peers)).await;
                     session.pong();
                 }
-                Step::SubscribeBarrier => {
-                    // Anything this client published before the SUB goes out first.
-                    if outgoing.try_flush(peers) {
-                        Box::pin(outgoing.flush_blocked(peers)).await;
-                    }
-                    Box::pin(shard.broadcast_interest_and_wait()).await;
-                    session.ok();
-                }
                 Step::NeedInput | Step::Stop => break step,
             }
         };
@@ -183,6 +180,13 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
         }
         if step == Step::Stop {
             return;
+        }
+        if std::mem::take(&mut interest_unconfirmed) {
+            // The SUB barrier, once per pass however many SUBs it had: their
+            // interest went out as each was parsed; once every shard has applied
+            // it, the output held since the first of them (+OK, PONG) may go.
+            // The reader reads on meanwhile.
+            shard.release_when_interest_applied(session);
         }
         buf.drain(..consumed);
         if read_bytes == spare_bytes && buf.capacity() < READ_BUFFER_BYTES_BURST {
@@ -224,13 +228,12 @@ enum Step {
     FlushFull,
     /// A PING after publishing to other shards: answer once they delivered it all.
     PingBarrier,
-    /// A SUB changed interest: wait until every shard has applied it, then ack.
-    SubscribeBarrier,
 }
 
 /// Parses and carries out complete ops in `buf` from `*pos` on, advancing `*pos`,
 /// until the input runs out, the connection closes, or an op needs the reader
-/// to wait (the caller waits, then calls again).
+/// to wait (the caller waits, then calls again). Sets `interest_unconfirmed`
+/// after a SUB: the caller owes the SUB barrier at the end of the pass.
 fn process(
     shard: &Shard,
     session: &Rc<Session>,
@@ -238,6 +241,7 @@ fn process(
     pos: &mut usize,
     frame_bytes_needed: &mut usize,
     outgoing: &mut Outgoing,
+    interest_unconfirmed: &mut bool,
 ) -> Step {
     loop {
         match parse_op(&buf[*pos..], &shard.parse_limits) {
@@ -253,8 +257,17 @@ fn process(
                     Effect::Close => Some(Step::Stop),
                     Effect::Publish(msg) => publish(shard, session, &msg, outgoing),
                     Effect::Subscribe(sub) => {
+                        // Parsing goes on (a burst of SUBs costs one barrier, not
+                        // one each); what this client is sent from here on waits
+                        // until every shard routes to the new subscription.
                         shard.router.borrow_mut().subscribe(sub);
-                        Some(Step::SubscribeBarrier)
+                        shard.broadcast_interest();
+                        if !std::mem::replace(interest_unconfirmed, true) {
+                            // One hold per pass, released by the barrier.
+                            session.hold_output();
+                        }
+                        session.ok();
+                        None
                     }
                     Effect::Unsubscribe(sub) => {
                         shard.router.borrow_mut().unsubscribe(&sub);

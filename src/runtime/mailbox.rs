@@ -55,7 +55,7 @@ pub(crate) struct BatchPool {
 }
 
 impl BatchPool {
-    fn take(&self, origin: usize) -> Batch {
+    pub(crate) fn take(&self, origin: usize) -> Batch {
         let mut batch = self.free.borrow_mut().pop().unwrap_or_default();
         batch.origin = origin;
         batch
@@ -178,27 +178,44 @@ pub(crate) enum Control {
     },
     /// A batch this shard sent, processed and emptied, back for reuse.
     Recycle(Batch),
-    /// Apply another shard's interest change.
-    Interest(Arc<InterestChange>),
-    /// Signal `applied`: every control message the sender sent before this one
-    /// has been handled (each control channel is FIFO per sender).
-    Fence { applied: mpsc::UnboundedSender<()> },
+    /// Queue-group messages another shard could not deliver (every member it
+    /// was picked for had left): deliver them here, like a data batch. Rare,
+    /// hence on the unbounded control channel, where passing them on can
+    /// never wait on a full mailbox (two shards passing on to each other).
+    PassOn(Batch),
     /// A JetStream API request for a stream this shard owns.
     JsApi(super::jetstream::Forwarded),
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,
 }
 
+/// Interest traffic between shards, on a channel of its own so that any task
+/// of the receiving shard (a reader about to route, not only the shard's
+/// interest loop) can apply whatever has arrived: interest that reached a shard
+/// is applied before that shard routes its next read pass.
+pub(crate) enum InterestMessage {
+    /// Apply another shard's interest change.
+    Change(Arc<InterestChange>),
+    /// The sender applied interest changes from this shard (sent once per
+    /// drained pass): the SUB barrier's holds may now be met.
+    Applied,
+    /// Signal `applied`: every interest message the sender sent before this one
+    /// has been applied (each channel is FIFO per sender).
+    Fence { applied: mpsc::UnboundedSender<()> },
+}
+
 /// The sending halves of every shard's mailboxes, shared by all shards.
 pub(crate) struct Peers {
     pub data: Vec<mpsc::Sender<Batch>>,
     pub control: Vec<mpsc::UnboundedSender<Control>>,
+    pub interest: Vec<mpsc::UnboundedSender<InterestMessage>>,
 }
 
 /// The receiving halves for one shard.
 pub(crate) struct Inbox {
     pub data: mpsc::Receiver<Batch>,
     pub control: mpsc::UnboundedReceiver<Control>,
+    pub interest: mpsc::UnboundedReceiver<InterestMessage>,
 }
 
 /// Creates the mailboxes for `shards` shards.
@@ -206,16 +223,20 @@ pub(crate) fn mailboxes(shards: usize) -> (Peers, Vec<Inbox>) {
     let mut peers = Peers {
         data: Vec::new(),
         control: Vec::new(),
+        interest: Vec::new(),
     };
     let mut inboxes = Vec::new();
     for _ in 0..shards {
         let (data_tx, data_rx) = mpsc::channel(MAILBOX_BATCHES_MAX);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (interest_tx, interest_rx) = mpsc::unbounded_channel();
         peers.data.push(data_tx);
         peers.control.push(control_tx);
+        peers.interest.push(interest_tx);
         inboxes.push(Inbox {
             data: data_rx,
             control: control_rx,
+            interest: interest_rx,
         });
     }
     (peers, inboxes)

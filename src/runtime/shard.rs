@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::io::{self, Backend};
 use super::jetstream::{JsRuntime, JsShared};
-use super::mailbox::{Batch, BatchPool, Control, Inbox, Peers};
+use super::mailbox::{Batch, BatchPool, Control, Inbox, InterestMessage, Peers};
 use crate::config::{Config, Placement};
 use crate::jetstream::service::{Catalog, HostOptions, OsRoot};
 use crate::nats::encode::ServerInfo;
@@ -131,6 +131,12 @@ pub(crate) struct ConnEntry {
 
 const NOT_CLOSING: u64 = u64::MAX;
 
+/// A session waiting for the SUB barrier: see [`Shard::release_when_interest_applied`].
+struct InterestHold {
+    session: Rc<Session>,
+    target: u64,
+}
+
 /// A shard's connections in slots: register hands out a slot, unregister frees
 /// it for reuse. Denser than a hash map keyed by id, and iterated in order.
 #[derive(Default)]
@@ -193,6 +199,13 @@ pub(crate) struct Shard {
     activity: Notify,
     /// Interest changes this shard has broadcast (to every other shard).
     interest_sent: Cell<u64>,
+    /// The SUB barrier: sessions whose output is held until every other shard
+    /// has applied this shard's first `target` interest changes, in order of
+    /// `target` (it only grows). Released as peers confirm (`InterestApplied`).
+    interest_holds: RefCell<std::collections::VecDeque<InterestHold>>,
+    /// Interest from other shards, drained by the interest loop and by readers
+    /// before they route (see [`Shard::apply_arrived_interest`]).
+    interest_inbox: RefCell<Option<mpsc::UnboundedReceiver<InterestMessage>>>,
     /// The shard's clock origin for the millisecond times in `ConnEntry`.
     started: Instant,
     shutting_down: Cell<bool>,
@@ -220,6 +233,8 @@ impl Shard {
             active: Cell::new(false),
             activity: Notify::new(),
             interest_sent: Cell::new(0),
+            interest_holds: RefCell::new(std::collections::VecDeque::new()),
+            interest_inbox: RefCell::new(None),
             started: Instant::now(),
             shutting_down: Cell::new(false),
             stop_accepting: Notify::new(),
@@ -303,12 +318,91 @@ impl Shard {
         let mut router = self.router.borrow_mut();
         while let Some(change) = router.poll_interest_change() {
             let change = Arc::new(change);
-            for (shard, control) in self.shared.peers.control.iter().enumerate() {
+            for (shard, interest) in self.shared.peers.interest.iter().enumerate() {
                 if shard != self.id {
-                    let _ = control.send(Control::Interest(Arc::clone(&change)));
+                    let _ = interest.send(InterestMessage::Change(Arc::clone(&change)));
                 }
             }
             self.interest_sent.set(self.interest_sent.get() + 1);
+        }
+    }
+
+    /// The SUB barrier without waiting: broadcasts this shard's pending interest
+    /// changes and releases the session's hold (taken with
+    /// [`Session::hold_output`]) once every other shard has applied all of them
+    /// (and every change sent before, so a SUB that changed nothing while an
+    /// earlier change is still travelling is covered too). The reader goes on
+    /// reading meanwhile: a burst of SUBs spread over many reads costs no round
+    /// trip per SUB or per read, and the peers apply it in one wake-up.
+    pub(crate) fn release_when_interest_applied(&self, session: &Rc<Session>) {
+        self.broadcast_interest();
+        let target = self.interest_sent.get();
+        if self.interest_applied_everywhere(target) {
+            session.release_hold();
+            return;
+        }
+        self.interest_holds.borrow_mut().push_back(InterestHold {
+            session: Rc::clone(session),
+            target,
+        });
+    }
+
+    /// Whether every other shard has applied this shard's first `target` changes.
+    fn interest_applied_everywhere(&self, target: u64) -> bool {
+        (0..self.shared.shard_count)
+            .all(|shard| shard == self.id || self.shared.interest_applied(self.id, shard) >= target)
+    }
+
+    /// A peer confirmed applied changes: release the holds that are now met.
+    fn release_interest_holds(&self) {
+        let mut holds = self.interest_holds.borrow_mut();
+        while let Some(hold) = holds.front() {
+            if !self.interest_applied_everywhere(hold.target) {
+                break;
+            }
+            let hold = holds.pop_front().expect("front exists");
+            hold.session.release_hold();
+        }
+    }
+
+    /// Applies every interest message that has arrived, then tells each origin
+    /// whose changes were applied (one `Applied` per origin per drain). Readers
+    /// call it before routing a pass: a publish is never routed with interest
+    /// that had already reached this shard still waiting in the channel, however
+    /// the runtime orders this shard's tasks.
+    pub(crate) fn apply_arrived_interest(&self) {
+        self.apply_arrived_interest_from(0);
+    }
+
+    /// [`Shard::apply_arrived_interest`], with origins already applied from.
+    fn apply_arrived_interest_from(&self, mut applied_from: u64) {
+        loop {
+            let message = match self.interest_inbox.borrow_mut().as_mut() {
+                Some(inbox) => inbox.try_recv().ok(),
+                None => None,
+            };
+            let Some(message) = message else { break };
+            self.handle_interest(message, &mut applied_from);
+        }
+        while applied_from != 0 {
+            let origin = applied_from.trailing_zeros() as usize;
+            applied_from &= applied_from - 1;
+            let _ = self.shared.peers.interest[origin].send(InterestMessage::Applied);
+        }
+    }
+
+    fn handle_interest(&self, message: InterestMessage, applied_from: &mut u64) {
+        match message {
+            InterestMessage::Change(change) => {
+                self.router.borrow_mut().apply(&change);
+                self.shared.interest_applied[change.shard * self.shared.shard_count + self.id]
+                    .fetch_add(1, Ordering::Release);
+                *applied_from |= 1 << change.shard;
+            }
+            InterestMessage::Applied => self.release_interest_holds(),
+            InterestMessage::Fence { applied } => {
+                let _ = applied.send(());
+            }
         }
     }
 
@@ -324,14 +418,14 @@ impl Shard {
         let sent = self.interest_sent.get();
         let (applied_tx, mut applied_rx) = mpsc::unbounded_channel();
         let mut fences = 0;
-        for (shard, control) in self.shared.peers.control.iter().enumerate() {
+        for (shard, interest) in self.shared.peers.interest.iter().enumerate() {
             if shard == self.id || self.shared.interest_applied(self.id, shard) >= sent {
                 continue;
             }
-            let fence = Control::Fence {
+            let fence = InterestMessage::Fence {
                 applied: applied_tx.clone(),
             };
-            if control.send(fence).is_ok() {
+            if interest.send(fence).is_ok() {
                 fences += 1;
             }
         }
@@ -367,6 +461,8 @@ pub(crate) async fn run_shard<B: Backend>(
     if shard.config().spin_us > 0 && B::SPIN_HELPS {
         tokio::task::spawn_local(spin_after_activity(Rc::clone(&shard)));
     }
+    *shard.interest_inbox.borrow_mut() = Some(inbox.interest);
+    tokio::task::spawn_local(interest_loop(Rc::clone(&shard)));
     let stopped = Rc::new(Notify::new());
     tokio::task::spawn_local(control_loop::<B>(
         Rc::clone(&shard),
@@ -410,38 +506,61 @@ pub(crate) async fn run_shard<B: Backend>(
     );
 }
 
+/// Waits for interest messages and applies them (readers also apply what has
+/// arrived before they route). The inbox is borrowed only inside each poll,
+/// never across an await.
+async fn interest_loop(shard: Rc<Shard>) {
+    loop {
+        let first = std::future::poll_fn(|cx| match shard.interest_inbox.borrow_mut().as_mut() {
+            Some(inbox) => inbox.poll_recv(cx),
+            None => std::task::Poll::Ready(None),
+        })
+        .await;
+        let Some(first) = first else { return };
+        let mut applied_from = 0;
+        shard.handle_interest(first, &mut applied_from);
+        // The rest of what arrived, and the acknowledgements for all of it.
+        shard.apply_arrived_interest_from(applied_from);
+    }
+}
+
 async fn control_loop<B: Backend>(
     shard: Rc<Shard>,
     mut control: mpsc::UnboundedReceiver<Control>,
     stopped: Rc<Notify>,
 ) {
     while let Some(message) = control.recv().await {
-        match message {
-            Control::Adopt {
-                stream,
-                client_id,
-                reject,
-            } => adopt::<B>(&shard, stream, client_id, reject),
-            Control::Recycle(batch) => shard.batch_pool.give(batch),
-            Control::Interest(change) => {
-                shard.router.borrow_mut().apply(&change);
-                shard.shared.interest_applied[change.shard * shard.shared.shard_count + shard.id]
-                    .fetch_add(1, Ordering::Release);
-            }
-            Control::Fence { applied } => {
-                let _ = applied.send(());
-            }
-            Control::JsApi(request) => match shard.js.get() {
-                Some(js) => js.forward_in(request),
-                None => tracing::warn!(
-                    shard = shard.id,
-                    "JetStream request before the store opened; dropped"
-                ),
-            },
-            Control::Shutdown => {
-                shard.begin_shutdown();
-                stopped.notify_one();
-            }
+        handle_control::<B>(&shard, message, &stopped);
+    }
+}
+
+fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Notify) {
+    // The sender's interest changes sent before this message are applied first
+    // (two channels, one order: e.g. a reply to a forwarded JetStream request
+    // must see the requester's SUB to its inbox).
+    shard.apply_arrived_interest();
+    match message {
+        Control::Adopt {
+            stream,
+            client_id,
+            reject,
+        } => adopt::<B>(shard, stream, client_id, reject),
+        Control::Recycle(batch) => shard.batch_pool.give(batch),
+        Control::PassOn(batch) => {
+            deliver_batch(shard, &batch);
+            let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
+            shard.broadcast_interest();
+        }
+        Control::JsApi(request) => match shard.js.get() {
+            Some(js) => js.forward_in(request),
+            None => tracing::warn!(
+                shard = shard.id,
+                "JetStream request before the store opened; dropped"
+            ),
+        },
+        Control::Shutdown => {
+            shard.begin_shutdown();
+            stopped.notify_one();
         }
     }
 }
@@ -491,12 +610,7 @@ async fn spin_after_activity(shard: Rc<Shard>) {
 async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
     while let Some(batch) = data.recv().await {
         shard.mark_active();
-        {
-            let mut router = shard.router.borrow_mut();
-            for (route_subject, msg, envelope) in batch.messages() {
-                router.deliver_remote_as(route_subject, &msg, envelope.plain, &envelope.queues);
-            }
-        }
+        deliver_batch(&shard, &batch);
         if let Some(applied) = &batch.fence {
             let _ = applied.send(());
             continue;
@@ -509,6 +623,44 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
         // backlog of batches does not pile up in subscribers' buffers (and trip
         // max_pending) merely because this shard was descheduled for a while.
         tokio::task::yield_now().await;
+    }
+}
+
+/// Delivers a batch another shard routed here. Queue picks that found no live
+/// member here are passed on to a shard that has members ([`Control::PassOn`]).
+fn deliver_batch(shard: &Shard, batch: &Batch) {
+    // Interest its sender changed before sending it applies to what it carries
+    // (JetStream answers from it, queue picks passed on from it).
+    shard.apply_arrived_interest();
+    let mut passed_on = Vec::new();
+    let mut onward: Vec<Batch> = Vec::new();
+    {
+        let mut router = shard.router.borrow_mut();
+        for (route_subject, msg, envelope) in batch.messages() {
+            router.deliver_remote_as(
+                route_subject,
+                &msg,
+                envelope.plain,
+                &envelope.queues,
+                &mut passed_on,
+            );
+            for target in &mut passed_on {
+                if onward.len() <= target.shard {
+                    onward.resize_with(target.shard + 1, Batch::default);
+                }
+                let next = &mut onward[target.shard];
+                if next.envelopes.capacity() == 0 {
+                    *next = shard.batch_pool.take(shard.id);
+                }
+                let route = (route_subject != msg.subject).then_some(route_subject);
+                next.push_as(route, &msg, target);
+            }
+        }
+    }
+    for (to, next) in onward.into_iter().enumerate() {
+        if !next.is_empty() {
+            let _ = shard.shared.peers.control[to].send(Control::PassOn(next));
+        }
     }
 }
 

@@ -28,6 +28,7 @@ mod client;
 mod crash;
 mod differential;
 mod differential_js;
+mod interest_model;
 mod jetstream;
 mod limits;
 mod shards;
