@@ -28,7 +28,7 @@ use crate::proto::{
     SMALL_READ_BUFFER_BYTES, STREAM_READ_BUFFER_BYTES,
 };
 use crate::scenarios::{
-    join_thread, sleep_unless_failed, CpuWindow, Measurement, Params, PUB_BATCH_BYTES,
+    join_thread, sleep_unless_failed, CpuUse, CpuWindow, Measurement, Params, PUB_BATCH_BYTES,
 };
 use crate::server::RunningServer;
 
@@ -537,7 +537,7 @@ pub fn js_publish(server: &RunningServer, params: &Params) -> Result<Measurement
         params,
         None,
         run_deadline,
-        |acked, failed| -> Result<Option<(f64, f64, f64)>> {
+        |acked, failed| -> Result<Option<(f64, CpuUse, u64)>> {
             let acked_total = || -> u64 {
                 acked
                     .iter()
@@ -553,18 +553,22 @@ pub fn js_publish(server: &RunningServer, params: &Params) -> Result<Measurement
                 return Ok(None);
             }
             let (count_end, window_end) = (acked_total(), Instant::now());
-            let (server_cores, loadgen_cores) = cpu.finish(server)?;
-            let rate = (count_end - count_start) as f64 / (window_end - window_start).as_secs_f64();
-            Ok(Some((rate, server_cores, loadgen_cores)))
+            let cpu = cpu.finish(server)?;
+            let acked = count_end - count_start;
+            let rate = acked as f64 / (window_end - window_start).as_secs_f64();
+            Ok(Some((rate, cpu, acked)))
         },
     )?;
     api.check_stream_holds(total)?;
-    let (rate, server_cores, loadgen_cores) =
-        measured.context("the measurement window did not complete")?;
+    let (rate, cpu, acked) = measured.context("the measurement window did not complete")?;
     Ok(vec![
         ("acked_msgs_per_s", rate),
-        ("server_cpu_cores", server_cores),
-        ("loadgen_cpu_cores", loadgen_cores),
+        (
+            "server_cpu_s_per_m_published",
+            cpu.server_s_per_million(acked)?,
+        ),
+        ("server_cpu_cores", cpu.server_cores()),
+        ("loadgen_cpu_cores", cpu.loadgen_cores()),
         ("disk_fdatasync_p50_us", disk_fdatasync_p50_us),
     ])
 }
@@ -733,12 +737,16 @@ pub fn js_replay(server: &RunningServer, params: &Params) -> Result<Measurement>
     )
     .context("replay")?;
     let replay_s = started.elapsed().as_secs_f64();
-    let (server_cores, loadgen_cores) = cpu.finish(server)?;
+    let cpu = cpu.finish(server)?;
     Ok(vec![
         ("replayed_msgs_per_s", total as f64 / replay_s),
+        (
+            "server_cpu_s_per_m_delivered",
+            cpu.server_s_per_million(total)?,
+        ),
         ("prefill_acked_msgs_per_s", total as f64 / prefill_s),
-        ("server_cpu_cores", server_cores),
-        ("loadgen_cpu_cores", loadgen_cores),
+        ("server_cpu_cores", cpu.server_cores()),
+        ("loadgen_cpu_cores", cpu.loadgen_cores()),
         ("disk_fdatasync_p50_us", disk_fdatasync_p50_us),
     ])
 }

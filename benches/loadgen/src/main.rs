@@ -1,8 +1,11 @@
 //! perch-loadgen: runs each benchmark scenario against perch and nats-server
 //! alternately (a fresh server per run), prints a table per scenario with
 //! each server's median and the ratio perch/nats-server, and writes every
-//! measurement as JSON lines. The method is written up in BENCHMARKS.md.
+//! measurement as JSON lines. Traffic comes from its own raw-protocol
+//! generator or, in the real-client scenarios, from nats.go and libnats
+//! programs it builds (clients.rs). The method is written up in BENCHMARKS.md.
 
+mod clients;
 mod jetstream;
 mod machine;
 mod proto;
@@ -21,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
+use crate::clients::{ClientPrograms, Toolchain};
 use crate::machine::{program_version, Machine, StoreDisk};
 use crate::report::{RunRecord, NATS_SERVER, PERCH};
 use crate::scenarios::{Params, Scenario};
@@ -32,7 +36,8 @@ enum Only {
     Nats,
 }
 
-/// Compare perch with nats-server over the raw NATS client protocol.
+/// Compare perch with nats-server over the raw NATS client protocol and with
+/// real NATS clients (nats.go, libnats).
 #[derive(Parser, Debug)]
 #[command(name = "perch-loadgen", version)]
 struct Cli {
@@ -62,7 +67,7 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Measured time of the duration-bound scenarios (pub-only, pub-sub,
-    /// fan-out, req-rep).
+    /// fan-out, req-rep, the real clients' pub-sub, js-publish).
     #[arg(long, default_value_t = 3000)]
     duration_ms: u64,
     /// Unmeasured traffic before each duration-bound measurement.
@@ -73,14 +78,16 @@ struct Cli {
     timeout_ms: u64,
     #[arg(long, default_value_t = 16)]
     payload_bytes: usize,
-    /// pub-sub/fan-out: most messages the publisher may be ahead of the
-    /// slowest subscriber.
+    /// pub-sub/fan-out (raw and real clients): most messages the publisher
+    /// may be ahead of the slowest subscriber.
     #[arg(long, default_value_t = 100_000)]
     window_msgs: u64,
     #[arg(long, default_value_t = 4)]
     fan_out_subscribers: usize,
+    /// fan-in (raw and real clients): device connections.
     #[arg(long, default_value_t = 8000)]
     fan_in_devices: usize,
+    /// fan-in (raw and real clients): messages each device publishes.
     #[arg(long, default_value_t = 100)]
     fan_in_msgs_per_device: usize,
     #[arg(long, default_value_t = 5000)]
@@ -88,7 +95,8 @@ struct Cli {
     /// idle-conn: wait before each RSS reading.
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
-    /// Threads that open the fan-in and idle-conn connections.
+    /// Threads that open the fan-in and idle-conn connections (in the real
+    /// clients' fan-in: goroutines / threads; libnats also publishes from them).
     #[arg(long, default_value_t = 4)]
     connect_threads: usize,
     /// js-publish/js-replay: publisher connections, one thread each.
@@ -112,6 +120,21 @@ struct Cli {
     /// js-*: keep each run's store directory.
     #[arg(long)]
     keep_stores: bool,
+    /// Real-client scenarios: the Go command that builds the nats.go client.
+    #[arg(long, default_value = "go")]
+    go: PathBuf,
+    /// Real-client scenarios: GOPATH with github.com/nats-io/nats.go (Debian's
+    /// golang-github-nats-io-go-nats-dev), built in GOPATH mode, offline.
+    #[arg(long, default_value = "/usr/share/gocode")]
+    gopath: PathBuf,
+    /// Real-client scenarios: the C compiler that builds the libnats client
+    /// (needs <nats/nats.h> and -lnats: Debian's libnats-dev).
+    #[arg(long, default_value = "gcc")]
+    cc: PathBuf,
+    /// Real-client scenarios: where the client programs are built
+    /// [default: $CARGO_TARGET_DIR/loadgen-clients, else target/loadgen-clients].
+    #[arg(long)]
+    clients_dir: Option<PathBuf>,
     /// Also write every run and summary as JSON lines to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -144,6 +167,21 @@ impl Cli {
             js_window_msgs: self.js_window_msgs,
             js_replay_msgs: self.js_replay_msgs,
             js_fetch_batch: self.js_fetch_batch,
+            clients: ClientPrograms::default(),
+        }
+    }
+
+    fn toolchain(&self) -> Toolchain {
+        let out_dir = self.clients_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+                .join("loadgen-clients")
+        });
+        Toolchain {
+            go: self.go.clone(),
+            gopath: self.gopath.clone(),
+            cc: self.cc.clone(),
+            out_dir,
         }
     }
 
@@ -254,7 +292,7 @@ fn fresh_dir(path: &Path) -> Result<()> {
 }
 
 fn run(cli: &Cli) -> Result<bool> {
-    let params = cli.params();
+    let mut params = cli.params();
     if cli.self_check {
         selfcheck::run(params.payload_bytes, params.duration)?;
         return Ok(true);
@@ -272,6 +310,30 @@ fn run(cli: &Cli) -> Result<bool> {
     let needed_files = (params.fan_in_devices.max(params.idle_conns) + 64) as u64;
     if open_file_limit < needed_files {
         bail!("the open file limit is {open_file_limit}; the connection scenarios need {needed_files}");
+    }
+    // The real clients' programs, built before any server starts: a missing
+    // compiler or library stops the run here, loudly.
+    let mut client_versions: Vec<(String, String)> = Vec::new();
+    let toolchain = cli.toolchain();
+    for &scenario in &scenarios {
+        let Some((client, _)) = scenario.client() else {
+            continue;
+        };
+        if client_versions
+            .iter()
+            .any(|(label, _)| label == client.label())
+        {
+            continue;
+        }
+        let program = clients::build(client, &toolchain).with_context(|| {
+            format!(
+                "scenario {} needs the {} client (leave it out with --scenario)",
+                scenario.name(),
+                client.label()
+            )
+        })?;
+        client_versions.push((client.label().to_string(), clients::version(&program)?));
+        params.clients.set(client, program);
     }
     // The JetStream scenarios' stores, and the disk under them.
     let store_disk = if scenarios.iter().any(|scenario| scenario.needs_store()) {
@@ -313,6 +375,9 @@ fn run(cli: &Cli) -> Result<bool> {
     );
     for (label, version) in &versions {
         println!("{label}: {version}");
+    }
+    for (label, version) in &client_versions {
+        println!("client {label}: {version}");
     }
     if cli.perch_is_nats {
         println!("NOTE: --perch-is-nats: the perch column is nats-server");
@@ -364,6 +429,7 @@ fn run(cli: &Cli) -> Result<bool> {
             "fdatasync_64b_p99_us": disk.fdatasync_p99_us,
         })),
         "server_versions": versions.iter().map(|(label, version)| (label.clone(), json!(version))).collect::<serde_json::Map<_, _>>(),
+        "client_versions": client_versions.iter().map(|(label, version)| (label.clone(), json!(version))).collect::<serde_json::Map<_, _>>(),
         "perch_is_nats": cli.perch_is_nats,
         "started_unix_s": started_unix_s,
         "args": std::env::args().skip(1).collect::<Vec<_>>(),

@@ -272,4 +272,48 @@ mod tests {
         let table = scenario_table(Scenario::PubSub, "test", &summaries);
         assert!(table.contains("| delivered (M msg/s) | 3.000 | 2.000 FAILED 1/2 | 1.50× |"));
     }
+
+    #[test]
+    fn server_cpu_per_message_has_a_ratio_and_a_goal() {
+        let run = |server, round, cpu_s_per_m| RunRecord {
+            scenario: Scenario::NatsGoFanIn,
+            server,
+            round,
+            outcome: Ok(vec![
+                ("delivered_msgs_per_s", 1.0e6),
+                ("server_cpu_s_per_m_delivered", cpu_s_per_m),
+                ("server_peak_rss_kib", 65536.0),
+            ]),
+        };
+        let records = vec![
+            run(PERCH, 1, 0.30),
+            run(NATS_SERVER, 1, 1.00),
+            run(NATS_SERVER, 2, 1.20),
+            run(PERCH, 2, 0.40),
+        ];
+        let summaries = summarize(&records, Scenario::NatsGoFanIn);
+        let cpu = summaries
+            .iter()
+            .find(|summary| summary.metric.key == "server_cpu_s_per_m_delivered")
+            .unwrap();
+        assert!((cpu.ratio().unwrap() - 0.35 / 1.10).abs() < 1e-9);
+        assert_eq!(cpu.goal_status(), Some("met"));
+        let json = cpu.to_json(Scenario::NatsGoFanIn);
+        assert_eq!(json["goal"], "≤ 0.50×");
+        assert_eq!(json["perch_values"], serde_json::json!([0.30, 0.40]));
+        let table = scenario_table(Scenario::NatsGoFanIn, "test", &summaries);
+        assert!(
+            table.contains("| server CPU per M delivered (s) | 0.350 (0.300–0.400) | 1.100 (1.000–1.200) | 0.32× | lower | ≤ 0.50×: met |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| server peak RSS (MiB) | 64.0 (64.0–64.0) | 64.0 (64.0–64.0) | 1.00× | lower | ≤ 0.25×: missed |"),
+            "{table}"
+        );
+        // A metric these records lack is still a row, empty.
+        assert!(
+            table.contains("| client CPU (cores) |  |  | — |  |  |"),
+            "{table}"
+        );
+    }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::clients::{self, Client, ClientPrograms, Shape};
 use crate::jetstream::{js_publish, js_replay};
 use crate::proto::{
     frames_per_batch, pub_batch, reply_subject, Conn, FrameKind, SMALL_READ_BUFFER_BYTES,
@@ -33,22 +34,34 @@ pub enum Scenario {
     FanIn,
     ReqRep,
     IdleConn,
+    /// pub-sub's shape, traffic from nats.go.
+    NatsGoPubSub,
+    /// fan-in's shape, traffic from nats.go.
+    NatsGoFanIn,
+    /// pub-sub's shape, traffic from the C client.
+    LibnatsPubSub,
+    /// fan-in's shape, traffic from the C client.
+    LibnatsFanIn,
     JsPublish,
     JsReplay,
 }
 
 impl Scenario {
-    /// What runs without `--scenario`: the core-protocol scenarios. The
-    /// JetStream ones are opt-in (`--scenario js-publish --scenario
-    /// js-replay`): with their pre-fill they would more than double a
-    /// default run.
-    pub const DEFAULT: [Scenario; 6] = [
+    /// What runs without `--scenario`: the core-protocol scenarios, raw and
+    /// with real clients. The JetStream ones are opt-in (`--scenario
+    /// js-publish --scenario js-replay`): with their pre-fill they would
+    /// more than double a default run.
+    pub const DEFAULT: [Scenario; 10] = [
         Scenario::PubOnly,
         Scenario::PubSub,
         Scenario::FanOut,
         Scenario::FanIn,
         Scenario::ReqRep,
         Scenario::IdleConn,
+        Scenario::NatsGoPubSub,
+        Scenario::NatsGoFanIn,
+        Scenario::LibnatsPubSub,
+        Scenario::LibnatsFanIn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +72,10 @@ impl Scenario {
             Scenario::FanIn => "fan-in",
             Scenario::ReqRep => "req-rep",
             Scenario::IdleConn => "idle-conn",
+            Scenario::NatsGoPubSub => "nats-go-pub-sub",
+            Scenario::NatsGoFanIn => "nats-go-fan-in",
+            Scenario::LibnatsPubSub => "libnats-pub-sub",
+            Scenario::LibnatsFanIn => "libnats-fan-in",
             Scenario::JsPublish => "js-publish",
             Scenario::JsReplay => "js-replay",
         }
@@ -67,6 +84,18 @@ impl Scenario {
     /// Whether the server runs with JetStream on and a fresh store directory.
     pub fn needs_store(self) -> bool {
         matches!(self, Scenario::JsPublish | Scenario::JsReplay)
+    }
+
+    /// The real client that generates this scenario's traffic, and its
+    /// shape; `None` for the raw generator's scenarios.
+    pub fn client(self) -> Option<(Client, Shape)> {
+        match self {
+            Scenario::NatsGoPubSub => Some((Client::NatsGo, Shape::PubSub)),
+            Scenario::NatsGoFanIn => Some((Client::NatsGo, Shape::FanIn)),
+            Scenario::LibnatsPubSub => Some((Client::Libnats, Shape::PubSub)),
+            Scenario::LibnatsFanIn => Some((Client::Libnats, Shape::FanIn)),
+            _ => None,
+        }
     }
 
     pub fn description(self, params: &Params) -> String {
@@ -93,6 +122,16 @@ impl Scenario {
                 "{} idle connections, each with one SUB: server RSS per connection",
                 params.idle_conns
             ),
+            Scenario::NatsGoPubSub | Scenario::LibnatsPubSub => format!(
+                "{} client: 1 publisher -> 1 subscriber, {payload_bytes} B: delivered msgs/s and server CPU per message",
+                self.client().map_or("", |(client, _)| client.label())
+            ),
+            Scenario::NatsGoFanIn | Scenario::LibnatsFanIn => format!(
+                "{} client: {} device connections x {} msgs of {payload_bytes} B -> 1 subscriber on sensors.>",
+                self.client().map_or("", |(client, _)| client.label()),
+                params.fan_in_devices,
+                params.fan_in_msgs_per_device
+            ),
             Scenario::JsPublish => format!(
                 "{} publishers, {payload_bytes} B to stream BENCH (file), up to {} unacked each: PubAcks/s",
                 params.js_publishers, params.js_window_msgs
@@ -112,22 +151,36 @@ impl Scenario {
             Scenario::FanIn => &FAN_IN_METRICS,
             Scenario::ReqRep => &REQ_REP_METRICS,
             Scenario::IdleConn => &IDLE_CONN_METRICS,
+            Scenario::NatsGoPubSub | Scenario::LibnatsPubSub => &CLIENT_PUB_SUB_METRICS,
+            Scenario::NatsGoFanIn | Scenario::LibnatsFanIn => &CLIENT_FAN_IN_METRICS,
             Scenario::JsPublish => &JS_PUBLISH_METRICS,
             Scenario::JsReplay => &JS_REPLAY_METRICS,
         }
     }
 
+    /// Runs the scenario against a server started fresh for it. Every
+    /// scenario also reports the server's peak RSS (VmHWM after the run:
+    /// the peak over start-up, setup and measurement).
     pub fn run(self, server: &RunningServer, params: &Params) -> Result<Measurement> {
-        match self {
+        let mut measurement = match self {
             Scenario::PubOnly => pub_only(server, params),
             Scenario::PubSub => fan_out(server, params, 1),
             Scenario::FanOut => fan_out(server, params, params.fan_out_subscribers),
             Scenario::FanIn => fan_in(server, params),
             Scenario::ReqRep => req_rep(server, params),
             Scenario::IdleConn => idle_conn(server, params),
+            Scenario::NatsGoPubSub
+            | Scenario::NatsGoFanIn
+            | Scenario::LibnatsPubSub
+            | Scenario::LibnatsFanIn => {
+                let (client, shape) = self.client().context("a real-client scenario")?;
+                clients::run(server, params, client, shape)
+            }
             Scenario::JsPublish => js_publish(server, params),
             Scenario::JsReplay => js_replay(server, params),
-        }
+        }?;
+        measurement.push((PEAK_RSS_KEY, server.peak_rss_kib()? as f64));
+        Ok(measurement)
     }
 }
 
@@ -149,6 +202,8 @@ pub struct Params {
     pub js_window_msgs: u64,
     pub js_replay_msgs: u64,
     pub js_fetch_batch: u64,
+    /// The real-client programs built for this run.
+    pub clients: ClientPrograms,
 }
 
 /// Metric key → value in the metric's base unit (see [`MetricDef`]).
@@ -202,6 +257,47 @@ const fn metric(
     }
 }
 
+/// Key of the peak-RSS metric every scenario reports ([`Scenario::run`]).
+const PEAK_RSS_KEY: &str = "server_peak_rss_kib";
+const SERVER_PEAK_RSS: MetricDef = metric(
+    PEAK_RSS_KEY,
+    "server peak RSS (MiB)",
+    1024.0,
+    1,
+    Better::Lower,
+    None,
+);
+/// Fan-in's goal (issue 7): at most a quarter of nats-server's peak RSS.
+const FAN_IN_PEAK_RSS: MetricDef = MetricDef {
+    goal: Some(Goal::RatioAtMost(0.25)),
+    ..SERVER_PEAK_RSS
+};
+/// Server CPU seconds (user + system) over the measured window per million
+/// messages delivered to subscribers in it.
+const SERVER_CPU_PER_M_DELIVERED: MetricDef = metric(
+    "server_cpu_s_per_m_delivered",
+    "server CPU per M delivered (s)",
+    1.0,
+    3,
+    Better::Lower,
+    None,
+);
+/// Goal (issue 7) for 1 → 1 and fan-in: at most half of nats-server's CPU
+/// per delivered message.
+const SERVER_CPU_PER_M_DELIVERED_GOAL: MetricDef = MetricDef {
+    goal: Some(Goal::RatioAtMost(0.5)),
+    ..SERVER_CPU_PER_M_DELIVERED
+};
+/// As [`SERVER_CPU_PER_M_DELIVERED`], per million messages published, where
+/// nothing is delivered (pub-only) or the publish is the unit (js-publish).
+const SERVER_CPU_PER_M_PUBLISHED: MetricDef = metric(
+    "server_cpu_s_per_m_published",
+    "server CPU per M published (s)",
+    1.0,
+    3,
+    Better::Lower,
+    None,
+);
 const SERVER_CPU: MetricDef = metric(
     "server_cpu_cores",
     "server CPU (cores)",
@@ -219,7 +315,7 @@ const LOADGEN_CPU: MetricDef = metric(
     None,
 );
 
-static PUB_ONLY_METRICS: [MetricDef; 3] = [
+static PUB_ONLY_METRICS: [MetricDef; 5] = [
     metric(
         "published_msgs_per_s",
         "absorbed (M msg/s)",
@@ -228,10 +324,12 @@ static PUB_ONLY_METRICS: [MetricDef; 3] = [
         Better::Higher,
         None,
     ),
+    SERVER_CPU_PER_M_PUBLISHED,
+    SERVER_PEAK_RSS,
     SERVER_CPU,
     LOADGEN_CPU,
 ];
-static PUB_SUB_METRICS: [MetricDef; 3] = [
+static PUB_SUB_METRICS: [MetricDef; 5] = [
     metric(
         "delivered_msgs_per_s",
         "delivered (M msg/s)",
@@ -240,10 +338,12 @@ static PUB_SUB_METRICS: [MetricDef; 3] = [
         Better::Higher,
         Some(Goal::RatioAtLeast(1.3)),
     ),
+    SERVER_CPU_PER_M_DELIVERED_GOAL,
+    SERVER_PEAK_RSS,
     SERVER_CPU,
     LOADGEN_CPU,
 ];
-static FAN_OUT_METRICS: [MetricDef; 3] = [
+static FAN_OUT_METRICS: [MetricDef; 5] = [
     metric(
         "delivered_msgs_per_s",
         "delivered, all subs (M msg/s)",
@@ -252,10 +352,20 @@ static FAN_OUT_METRICS: [MetricDef; 3] = [
         Better::Higher,
         None,
     ),
+    SERVER_CPU_PER_M_DELIVERED,
+    SERVER_PEAK_RSS,
     SERVER_CPU,
     LOADGEN_CPU,
 ];
-static FAN_IN_METRICS: [MetricDef; 5] = [
+const CONNECT_DEVICES: MetricDef = metric(
+    "connect_s",
+    "connect all devices (s)",
+    1.0,
+    2,
+    Better::Lower,
+    None,
+);
+static FAN_IN_METRICS: [MetricDef; 6] = [
     metric(
         "delivered_msgs_per_s",
         "delivered (M msg/s)",
@@ -264,26 +374,48 @@ static FAN_IN_METRICS: [MetricDef; 5] = [
         Better::Higher,
         Some(Goal::RatioAtLeast(1.5)),
     ),
-    metric(
-        "server_peak_rss_kib",
-        "server peak RSS (MiB)",
-        1024.0,
-        1,
-        Better::Lower,
-        Some(Goal::RatioAtMost(0.25)),
-    ),
-    metric(
-        "connect_s",
-        "connect all devices (s)",
-        1.0,
-        2,
-        Better::Lower,
-        None,
-    ),
+    SERVER_CPU_PER_M_DELIVERED_GOAL,
+    FAN_IN_PEAK_RSS,
+    CONNECT_DEVICES,
     SERVER_CPU,
     LOADGEN_CPU,
 ];
-static REQ_REP_METRICS: [MetricDef; 4] = [
+/// CPU of the real client's process (all its threads) over the window: near
+/// the machine's cores means the client, not the server, sets the rate.
+const CLIENT_CPU: MetricDef = metric(
+    "client_cpu_cores",
+    "client CPU (cores)",
+    1.0,
+    2,
+    Better::Neither,
+    None,
+);
+/// Real clients are the bottleneck here, so delivered msgs/s carries no goal;
+/// the server's CPU per message does.
+const CLIENT_DELIVERED: MetricDef = metric(
+    "delivered_msgs_per_s",
+    "delivered (M msg/s)",
+    1e6,
+    3,
+    Better::Higher,
+    None,
+);
+static CLIENT_PUB_SUB_METRICS: [MetricDef; 5] = [
+    CLIENT_DELIVERED,
+    SERVER_CPU_PER_M_DELIVERED_GOAL,
+    SERVER_PEAK_RSS,
+    SERVER_CPU,
+    CLIENT_CPU,
+];
+static CLIENT_FAN_IN_METRICS: [MetricDef; 6] = [
+    CLIENT_DELIVERED,
+    SERVER_CPU_PER_M_DELIVERED_GOAL,
+    FAN_IN_PEAK_RSS,
+    CONNECT_DEVICES,
+    SERVER_CPU,
+    CLIENT_CPU,
+];
+static REQ_REP_METRICS: [MetricDef; 6] = [
     metric("p50_us", "round trip p50 (µs)", 1.0, 1, Better::Lower, None),
     metric(
         "p99_us",
@@ -301,9 +433,14 @@ static REQ_REP_METRICS: [MetricDef; 4] = [
         Better::Higher,
         None,
     ),
+    MetricDef {
+        label: "server CPU per M delivered, 2 per round trip (s)",
+        ..SERVER_CPU_PER_M_DELIVERED
+    },
+    SERVER_PEAK_RSS,
     SERVER_CPU,
 ];
-static IDLE_CONN_METRICS: [MetricDef; 3] = [
+static IDLE_CONN_METRICS: [MetricDef; 5] = [
     metric(
         "rss_per_conn_kib",
         "RSS per connection (KiB)",
@@ -328,6 +465,15 @@ static IDLE_CONN_METRICS: [MetricDef; 3] = [
         Better::Lower,
         None,
     ),
+    metric(
+        "server_cpu_us_per_conn",
+        "server CPU per connection, CONNECT+SUB+PING (µs)",
+        1.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    SERVER_PEAK_RSS,
 ];
 
 /// Context for the JetStream scenarios: the disk under the store, probed
@@ -341,7 +487,7 @@ const DISK_FDATASYNC: MetricDef = metric(
     None,
 );
 
-static JS_PUBLISH_METRICS: [MetricDef; 4] = [
+static JS_PUBLISH_METRICS: [MetricDef; 6] = [
     metric(
         "acked_msgs_per_s",
         "acked publishes (K msg/s)",
@@ -350,11 +496,16 @@ static JS_PUBLISH_METRICS: [MetricDef; 4] = [
         Better::Higher,
         Some(Goal::RatioAtLeast(2.0)),
     ),
+    MetricDef {
+        label: "server CPU per M acked publishes (s)",
+        ..SERVER_CPU_PER_M_PUBLISHED
+    },
+    SERVER_PEAK_RSS,
     SERVER_CPU,
     LOADGEN_CPU,
     DISK_FDATASYNC,
 ];
-static JS_REPLAY_METRICS: [MetricDef; 5] = [
+static JS_REPLAY_METRICS: [MetricDef; 7] = [
     metric(
         "replayed_msgs_per_s",
         "replayed (M msg/s)",
@@ -363,6 +514,11 @@ static JS_REPLAY_METRICS: [MetricDef; 5] = [
         Better::Higher,
         None,
     ),
+    MetricDef {
+        label: "server CPU per M replayed (s)",
+        ..SERVER_CPU_PER_M_DELIVERED
+    },
+    SERVER_PEAK_RSS,
     metric(
         "prefill_acked_msgs_per_s",
         "pre-fill, acked (K msg/s)",
@@ -376,12 +532,42 @@ static JS_REPLAY_METRICS: [MetricDef; 5] = [
     DISK_FDATASYNC,
 ];
 
-/// CPU time used by the server and by this process over a window, in cores
-/// (CPU seconds per wall second).
+/// The measured window's CPU time: user + system of the server process (all
+/// its threads, from `/proc/<pid>/stat`) and of this process, sampled when
+/// the window starts and when it ends.
 pub(crate) struct CpuWindow {
     server_start: Duration,
     loadgen_start: Duration,
     wall_start: Instant,
+}
+
+/// CPU time used over one window, and the window's wall time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CpuUse {
+    pub wall: Duration,
+    pub server: Duration,
+    pub loadgen: Duration,
+}
+
+impl CpuUse {
+    /// Server CPU seconds per wall second.
+    pub fn server_cores(&self) -> f64 {
+        self.server.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Loadgen CPU seconds per wall second.
+    pub fn loadgen_cores(&self) -> f64 {
+        self.loadgen.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Server CPU seconds per million of the `messages` the window moved;
+    /// an error for a window that moved none.
+    pub fn server_s_per_million(&self, messages: u64) -> Result<f64> {
+        if messages == 0 {
+            bail!("no messages in the measured window, so no CPU per message");
+        }
+        Ok(self.server.as_secs_f64() * 1e6 / messages as f64)
+    }
 }
 
 impl CpuWindow {
@@ -393,15 +579,15 @@ impl CpuWindow {
         })
     }
 
-    /// (server cores, loadgen cores).
-    pub(crate) fn finish(self, server: &RunningServer) -> Result<(f64, f64)> {
-        let wall_s = self.wall_start.elapsed().as_secs_f64().max(1e-9);
-        let server_s = server.cpu_time()?.saturating_sub(self.server_start);
-        let loadgen_s = proc_cpu_time("self")?.saturating_sub(self.loadgen_start);
-        Ok((
-            server_s.as_secs_f64() / wall_s,
-            loadgen_s.as_secs_f64() / wall_s,
-        ))
+    pub(crate) fn finish(self, server: &RunningServer) -> Result<CpuUse> {
+        let wall = self.wall_start.elapsed();
+        let server_cpu = server.cpu_time()?.saturating_sub(self.server_start);
+        let loadgen = proc_cpu_time("self")?.saturating_sub(self.loadgen_start);
+        Ok(CpuUse {
+            wall,
+            server: server_cpu,
+            loadgen,
+        })
     }
 }
 
@@ -445,12 +631,16 @@ fn pub_only(server: &RunningServer, params: &Params) -> Result<Measurement> {
         .ping_pong(Instant::now() + params.timeout)
         .context("waiting for the server to process everything published")?;
     let elapsed_s = started.elapsed().as_secs_f64();
-    let (server_cores, loadgen_cores) = cpu.finish(server)?;
+    let cpu = cpu.finish(server)?;
     let published = batches * batch_msgs as u64;
     Ok(vec![
         ("published_msgs_per_s", published as f64 / elapsed_s),
-        ("server_cpu_cores", server_cores),
-        ("loadgen_cpu_cores", loadgen_cores),
+        (
+            "server_cpu_s_per_m_published",
+            cpu.server_s_per_million(published)?,
+        ),
+        ("server_cpu_cores", cpu.server_cores()),
+        ("loadgen_cpu_cores", cpu.loadgen_cores()),
     ])
 }
 
@@ -623,10 +813,10 @@ fn fan_out(
             let (count_start, window_start) = (total(), Instant::now());
             if sleep_unless_failed(window_start + params.duration, failed) {
                 let (count_end, window_end) = (total(), Instant::now());
-                let (server_cores, loadgen_cores) = cpu.finish(server)?;
-                let rate =
-                    (count_end - count_start) as f64 / (window_end - window_start).as_secs_f64();
-                measured = Some((rate, server_cores, loadgen_cores));
+                let cpu = cpu.finish(server)?;
+                let delivered = count_end - count_start;
+                let rate = delivered as f64 / (window_end - window_start).as_secs_f64();
+                measured = Some((rate, cpu, delivered));
             }
         }
         stop_publisher.store(true, Ordering::Relaxed);
@@ -659,12 +849,15 @@ fn fan_out(
                 );
             }
         }
-        let (rate, server_cores, loadgen_cores) =
-            measured.context("the measurement window did not complete")?;
+        let (rate, cpu, delivered) = measured.context("the measurement window did not complete")?;
         Ok(vec![
             ("delivered_msgs_per_s", rate),
-            ("server_cpu_cores", server_cores),
-            ("loadgen_cpu_cores", loadgen_cores),
+            (
+                "server_cpu_s_per_m_delivered",
+                cpu.server_s_per_million(delivered)?,
+            ),
+            ("server_cpu_cores", cpu.server_cores()),
+            ("loadgen_cpu_cores", cpu.loadgen_cores()),
         ])
     })
 }
@@ -816,18 +1009,20 @@ fn fan_in(server: &RunningServer, params: &Params) -> Result<Measurement> {
         if count < expected {
             bail!("subscriber received {count} of {expected} messages");
         }
-        let (server_cores, loadgen_cores) = cpu.finish(server)?;
-        let peak_rss_kib = server.peak_rss_kib()?;
+        let cpu = cpu.finish(server)?;
         drop(open_devices);
         Ok(vec![
             (
                 "delivered_msgs_per_s",
                 expected as f64 / (finished - started).as_secs_f64(),
             ),
-            ("server_peak_rss_kib", peak_rss_kib as f64),
+            (
+                "server_cpu_s_per_m_delivered",
+                cpu.server_s_per_million(expected)?,
+            ),
             ("connect_s", connect_s),
-            ("server_cpu_cores", server_cores),
-            ("loadgen_cpu_cores", loadgen_cores),
+            ("server_cpu_cores", cpu.server_cores()),
+            ("loadgen_cpu_cores", cpu.loadgen_cores()),
         ])
     })
 }
@@ -967,7 +1162,7 @@ fn req_rep(server: &RunningServer, params: &Params) -> Result<Measurement> {
             result
         });
         let mut latencies_ns = Vec::with_capacity(1 << 16);
-        let mut cpu_cores = 0.0;
+        let mut cpu_use = None;
         let requests_result = (|| -> Result<()> {
             let mut next_request_id = 0u64;
             request_loop(
@@ -987,7 +1182,7 @@ fn req_rep(server: &RunningServer, params: &Params) -> Result<Measurement> {
                 Some(&mut latencies_ns),
                 failed,
             )?;
-            cpu_cores = cpu.finish(server)?.0;
+            cpu_use = Some(cpu.finish(server)?);
             Ok(())
         })();
         stop.store(true, Ordering::Relaxed);
@@ -995,13 +1190,21 @@ fn req_rep(server: &RunningServer, params: &Params) -> Result<Measurement> {
         // The responder's error explains a requester's timeout: report it first.
         responder_result?;
         requests_result?;
+        let cpu = cpu_use.context("the measurement window did not complete")?;
         latencies_ns.sort_unstable();
         let micros = |quantile| percentile(&latencies_ns, quantile).map(|ns| ns as f64 / 1000.0);
+        // Each round trip delivers two messages: the request to the
+        // responder and the reply to the requester.
+        let delivered = 2 * latencies_ns.len() as u64;
         Ok(vec![
             ("p50_us", micros(0.50).context("no round trips completed")?),
             ("p99_us", micros(0.99).context("no round trips completed")?),
             ("round_trips", latencies_ns.len() as f64),
-            ("server_cpu_cores", cpu_cores),
+            (
+                "server_cpu_s_per_m_delivered",
+                cpu.server_s_per_million(delivered)?,
+            ),
+            ("server_cpu_cores", cpu.server_cores()),
         ])
     })
 }
@@ -1010,6 +1213,8 @@ fn idle_conn(server: &RunningServer, params: &Params) -> Result<Measurement> {
     thread::sleep(params.settle);
     let rss_before_kib = server.rss_kib()?;
     let setup_deadline = Instant::now() + params.timeout;
+    // The CPU window: from before the first connect to the last PONG.
+    let cpu = CpuWindow::start(server)?;
     let mut groups = connect_many(
         server.addr,
         params.idle_conns,
@@ -1017,6 +1222,7 @@ fn idle_conn(server: &RunningServer, params: &Params) -> Result<Measurement> {
         setup_deadline,
         &|id| format!("SUB dev.{id}.cmd 1\r\n").into_bytes(),
     )?;
+    let cpu = cpu.finish(server)?;
     thread::sleep(params.settle);
     let rss_after_kib = server.rss_kib()?;
     // Every connection must still be open: one more PING/PONG on each.
@@ -1026,18 +1232,64 @@ fn idle_conn(server: &RunningServer, params: &Params) -> Result<Measurement> {
             .with_context(|| format!("idle connection {id} after settling"))?;
     }
     drop(groups);
-    let per_conn_kib =
-        (rss_after_kib as f64 - rss_before_kib as f64) / params.idle_conns.max(1) as f64;
+    let conns = params.idle_conns.max(1) as f64;
+    let per_conn_kib = (rss_after_kib as f64 - rss_before_kib as f64) / conns;
     Ok(vec![
         ("rss_per_conn_kib", per_conn_kib),
         ("rss_before_kib", rss_before_kib as f64),
         ("rss_after_kib", rss_after_kib as f64),
+        (
+            "server_cpu_us_per_conn",
+            cpu.server.as_secs_f64() * 1e6 / conns,
+        ),
     ])
 }
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use std::time::Duration;
+
+    use clap::ValueEnum;
+
+    use super::{percentile, CpuUse, Scenario, PEAK_RSS_KEY};
+
+    #[test]
+    fn every_scenario_reports_peak_rss_and_server_cpu_per_unit() {
+        for scenario in Scenario::value_variants() {
+            let keys: Vec<&str> = scenario.metrics().iter().map(|metric| metric.key).collect();
+            assert_eq!(
+                keys.iter().filter(|key| **key == PEAK_RSS_KEY).count(),
+                1,
+                "{}: {keys:?}",
+                scenario.name()
+            );
+            assert_eq!(
+                keys.iter()
+                    .filter(|key| key.starts_with("server_cpu_") && key.contains("_per_"))
+                    .count(),
+                1,
+                "{}: {keys:?}",
+                scenario.name()
+            );
+            let mut unique = keys.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), keys.len(), "{}: {keys:?}", scenario.name());
+        }
+    }
+
+    #[test]
+    fn cpu_per_million_messages() {
+        let cpu = CpuUse {
+            wall: Duration::from_secs(2),
+            server: Duration::from_millis(1500),
+            loadgen: Duration::from_millis(200),
+        };
+        assert_eq!(cpu.server_cores(), 0.75);
+        assert_eq!(cpu.loadgen_cores(), 0.1);
+        assert_eq!(cpu.server_s_per_million(3_000_000).unwrap(), 0.5);
+        assert!(cpu.server_s_per_million(0).is_err());
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
