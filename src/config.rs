@@ -75,6 +75,70 @@ pub struct Config {
     pub store_sync_interval_ms: u64,
     /// Per-stream exceptions to `store_durability`, by stream name.
     pub store_stream_durability: std::collections::BTreeMap<String, Durability>,
+    /// The compact device protocol (docs/device-protocol.md); off unless an
+    /// address is given.
+    pub device: DeviceConfig,
+}
+
+/// Device sessions per shard before CONNECTs are refused (NO_RESOURCES).
+pub const DEVICE_SESSIONS_PER_SHARD_MAX_DEFAULT: usize = 10_000;
+
+/// The `[device]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// UDP address for devices (one frame per datagram); None: off.
+    pub udp: Option<SocketAddr>,
+    /// TCP address for devices (varint-length-prefixed frames); None: off.
+    pub tcp: Option<SocketAddr>,
+    /// Serial lines (`[[device.serial]]`), COBS frames with a CRC.
+    pub serial: Vec<SerialLineConfig>,
+    /// Device sessions per shard.
+    pub sessions_max: usize,
+    /// Predefined topic ids: `"1" = "sensors.{client}.temp"`.
+    pub predefined: std::collections::BTreeMap<String, String>,
+}
+
+/// One `[[device.serial]]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialLineConfig {
+    pub path: std::path::PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            udp: None,
+            tcp: None,
+            serial: Vec::new(),
+            sessions_max: DEVICE_SESSIONS_PER_SHARD_MAX_DEFAULT,
+            predefined: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl DeviceConfig {
+    /// The predefined table with numeric ids, checked.
+    pub fn predefined_table(&self) -> Result<crate::lite::predefined::Predefined, ConfigError> {
+        let mut entries = std::collections::BTreeMap::new();
+        for (id, template) in &self.predefined {
+            let id: u32 = id.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "device.predefined: {id:?} is not a topic id (1..=4294967295)"
+                ))
+            })?;
+            entries.insert(id, template.clone());
+        }
+        crate::lite::predefined::Predefined::new(&entries)
+            .map_err(|e| ConfigError::Invalid(format!("device.predefined: {e}")))
+    }
 }
 
 impl Default for Config {
@@ -100,6 +164,7 @@ impl Default for Config {
             store_durability: Durability::Always,
             store_sync_interval_ms: STORE_SYNC_INTERVAL_MS_DEFAULT,
             store_stream_durability: std::collections::BTreeMap::new(),
+            device: DeviceConfig::default(),
         }
     }
 }
@@ -179,6 +244,10 @@ impl Config {
         if self.connect_timeout_ms == 0 {
             return invalid("connect_timeout_ms must be positive".into());
         }
+        if self.device.sessions_max == 0 {
+            return invalid("device.sessions_max must be at least 1".into());
+        }
+        self.device.predefined_table()?;
         Ok(())
     }
 

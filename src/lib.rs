@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod jetstream;
+pub mod lite;
 pub mod nats;
 pub mod router;
 pub mod runtime;

@@ -201,6 +201,14 @@ struct ServeArgs {
     /// interval durability: time between syncs, in ms [default: 1000].
     #[arg(long)]
     store_sync_interval_ms: Option<u64>,
+    /// UDP address for devices speaking the compact device protocol, e.g.
+    /// 0.0.0.0:4225 [default: off].
+    #[arg(long)]
+    device_udp: Option<SocketAddr>,
+    /// TCP address for devices (length-prefixed frames), e.g. 0.0.0.0:4225
+    /// [default: off].
+    #[arg(long)]
+    device_tcp: Option<SocketAddr>,
     /// Name reported in INFO [default: perch].
     #[arg(long)]
     server_name: Option<String>,
@@ -243,6 +251,12 @@ impl ServeArgs {
         }
         if self.store_dir.is_some() {
             config.store_dir = self.store_dir;
+        }
+        if self.device_udp.is_some() {
+            config.device.udp = self.device_udp;
+        }
+        if self.device_tcp.is_some() {
+            config.device.tcp = self.device_tcp;
         }
         if self.log_level.is_some() {
             config.log_level = self.log_level;

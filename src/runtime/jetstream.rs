@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
+use super::internal::next_frame;
 use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::jetstream::api;
@@ -32,8 +33,7 @@ use crate::jetstream::service::{
     api_target, owner_of, ApiContext, ApiTarget, Catalog, HeldAcks, Host, HostOptions, OsRoot,
     Outbound, FLOW_CONTROL_PREFIX,
 };
-use crate::nats::parser::{parse_op, ParseLimits, Parsed};
-use crate::nats::session::{Effect, Message, Session, SessionLimits, Subscription};
+use crate::nats::session::{Message, Session, SessionLimits, Subscription};
 use crate::store::{StoreError, SyncTicket};
 
 /// The queue group every shard's internal session joins on `$JS.API.>`.
@@ -170,26 +170,10 @@ impl JsRuntime {
 
     /// Runs one protocol op on the internal session, as a client's would run.
     fn op(&self, shard: &Shard, line: &[u8]) {
-        let mut frame = line.to_vec();
-        frame.extend_from_slice(b"\r\n");
-        let limits = ParseLimits {
-            control_line_bytes_max: frame.len() + 1,
-            payload_bytes_max: 0,
-        };
-        let Ok(Parsed::Op(op, _)) = parse_op(&frame, &limits) else {
-            panic!("internal op {:?} parses", String::from_utf8_lossy(line));
-        };
-        match self.session.handle_op(op) {
-            Effect::Subscribe(sub) => {
-                self.subscribed.borrow_mut().insert(
-                    String::from_utf8_lossy(sub.subject()).into_owned(),
-                    Rc::clone(&sub),
-                );
-                shard.router.borrow_mut().subscribe(sub);
-            }
-            Effect::Unsubscribe(sub) => shard.router.borrow_mut().unsubscribe(&sub),
-            Effect::None => {}
-            other => panic!("internal op gave {other:?}"),
+        if let Some(sub) = super::internal::op(&self.session, shard, line) {
+            self.subscribed
+                .borrow_mut()
+                .insert(String::from_utf8_lossy(sub.subject()).into_owned(), sub);
         }
     }
 
@@ -239,52 +223,6 @@ impl JsRuntime {
         self.forwarded.borrow_mut().push_back(request);
         self.wake.notify_one();
     }
-}
-
-/// A message delivered to the internal session, borrowed from its output.
-struct Delivered<'a> {
-    subject: &'a [u8],
-    reply: &'a [u8],
-    headers: &'a [u8],
-    payload: &'a [u8],
-}
-
-/// Parses one `MSG`/`HMSG` frame as `nats::encode` wrote it.
-fn next_frame(buf: &[u8]) -> Option<(Delivered<'_>, usize)> {
-    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
-    let line = std::str::from_utf8(&buf[..line_end]).ok()?;
-    let mut fields = line.split(' ');
-    let kind = fields.next()?;
-    let rest: Vec<&str> = fields.collect();
-    let (subject, reply, header_len, total_len) = match (kind, rest.as_slice()) {
-        ("MSG", [subject, _sid, len]) => (*subject, "", 0, len.parse().ok()?),
-        ("MSG", [subject, _sid, reply, len]) => (*subject, *reply, 0, len.parse().ok()?),
-        ("HMSG", [subject, _sid, hlen, len]) => {
-            (*subject, "", hlen.parse().ok()?, len.parse().ok()?)
-        }
-        ("HMSG", [subject, _sid, reply, hlen, len]) => {
-            (*subject, *reply, hlen.parse().ok()?, len.parse().ok()?)
-        }
-        _ => return None,
-    };
-    let start = line_end + 2;
-    let end = start + total_len;
-    if buf.len() < end + 2 || header_len > total_len {
-        return None;
-    }
-    // The fields' offsets in the line: kind, subject, sid, then the reply if any.
-    let subject_at = kind.len() + 1;
-    let reply_at = subject_at + subject.len() + 1 + rest[1].len() + 1;
-    let reply_bytes = &buf[reply_at..reply_at + reply.len()];
-    Some((
-        Delivered {
-            subject: &buf[subject_at..subject_at + subject.len()],
-            reply: reply_bytes,
-            headers: &buf[start..start + header_len],
-            payload: &buf[start + header_len..end],
-        },
-        end + 2,
-    ))
 }
 
 /// The shard's JetStream task.

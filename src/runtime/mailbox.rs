@@ -183,6 +183,9 @@ pub(crate) enum Control {
     /// hence on the unbounded control channel, where passing them on can
     /// never wait on a full mailbox (two shards passing on to each other).
     PassOn(Batch),
+    /// A device datagram for a session this shard owns (received by another
+    /// shard's socket: see `runtime/device.rs`).
+    DeviceDatagram(super::device::ForwardedDatagram),
     /// A JetStream API request for a stream this shard owns.
     JsApi(super::jetstream::Forwarded),
     /// Stop accepting, flush and close every client, then stop.

@@ -3,6 +3,8 @@
 
 pub mod affinity;
 mod connection;
+mod device;
+mod internal;
 pub mod io;
 mod jetstream;
 mod mailbox;
@@ -52,6 +54,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ))
     })?;
 
+    let mut devices = device_sockets(&config, shard_count)?;
+
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let shared = Arc::new(Shared::new(config, shard_count, peers));
     let (exited_tx, mut exited_rx) =
@@ -61,6 +65,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     for (id, inbox) in inboxes.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
         let listener = if id == 0 { listener.take() } else { None };
+        let devices = devices[id].take();
         let cpu = cpus.get(id % cpus.len().max(1)).copied();
         let exited = exited_tx.clone();
         let thread = std::thread::Builder::new()
@@ -72,7 +77,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                         tracing::warn!(shard = id, cpu, "cannot pin shard: {e}");
                     }
                 }
-                let result = run_shard_thread(backend, id, shared, inbox, listener);
+                let result = run_shard_thread(backend, id, shared, inbox, listener, devices);
                 let _ = exited.send((id, result.map_err(|e| format!("{e:#}"))));
             })?;
         threads.push(thread);
@@ -108,17 +113,63 @@ fn run_shard_thread(
     shared: Arc<Shared>,
     inbox: mailbox::Inbox,
     listener: Option<std::net::TcpListener>,
+    devices: Option<device::DeviceSockets>,
 ) -> std::io::Result<()> {
     let shard = Rc::new(Shard::new(id, shared));
     match backend {
         #[cfg(feature = "uring")]
-        Selected::Uring => {
-            io::uring::run(shard::run_shard::<io::uring::Uring>(shard, inbox, listener))
-        }
+        Selected::Uring => io::uring::run(shard::run_shard::<io::uring::Uring>(
+            shard, inbox, listener, devices,
+        )),
         #[cfg(not(feature = "uring"))]
         Selected::Uring => Err(std::io::Error::other("built without io_uring support")),
-        Selected::Epoll => {
-            io::epoll::run(shard::run_shard::<io::epoll::Epoll>(shard, inbox, listener))
-        }
+        Selected::Epoll => io::epoll::run(shard::run_shard::<io::epoll::Epoll>(
+            shard, inbox, listener, devices,
+        )),
     }
+}
+
+/// Each shard's device sockets and lines (None when devices are off), bound
+/// before any shard starts so a bad address or line fails the start.
+fn device_sockets(config: &Config, shards: usize) -> anyhow::Result<Vec<Option<device::DeviceSockets>>> {
+    let device = &config.device;
+    if device.udp.is_none() && device.tcp.is_none() && device.serial.is_empty() {
+        return Ok((0..shards).map(|_| None).collect());
+    }
+    let predefined = Arc::new(device.predefined_table()?);
+    let mut udp: Vec<Option<std::net::UdpSocket>> = match device.udp {
+        Some(addr) => {
+            let sockets = device::bind_udp(addr, shards)
+                .with_context(|| format!("cannot bind the device UDP port {addr}"))?;
+            tracing::info!("devices: UDP on {addr}");
+            sockets.into_iter().map(Some).collect()
+        }
+        None => (0..shards).map(|_| None).collect(),
+    };
+    let mut tcp: Vec<Option<std::net::TcpListener>> = match device.tcp {
+        Some(addr) => {
+            let listeners = device::bind_tcp(addr, shards)
+                .with_context(|| format!("cannot listen for devices on TCP {addr}"))?;
+            tracing::info!("devices: TCP on {addr}");
+            listeners.into_iter().map(Some).collect()
+        }
+        None => (0..shards).map(|_| None).collect(),
+    };
+    Ok((0..shards)
+        .map(|id| {
+            Some(device::DeviceSockets {
+                udp: udp[id].take(),
+                tcp: tcp[id].take(),
+                // Serial lines round-robin over the shards.
+                serial: device
+                    .serial
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % shards == id)
+                    .map(|(_, line)| (line.path.clone(), line.baud))
+                    .collect(),
+                predefined: Arc::clone(&predefined),
+            })
+        })
+        .collect())
 }

@@ -27,6 +27,8 @@ use crate::nats::session::{CloseReason, Session, SessionLimits, State};
 use crate::router::Router;
 use crate::store::LogConfig;
 
+/// The exit code when a device line cannot be opened (EX_UNAVAILABLE).
+const EXIT_DEVICES_FAILED: i32 = 69;
 /// How often a shard checks connect deadlines, pings and stuck closes.
 const HOUSEKEEPING_TICK_MS: u64 = 100;
 /// How long a closing client's queued output may take to flush before the
@@ -212,7 +214,11 @@ pub(crate) struct Shard {
     stop_accepting: Notify,
     /// This shard's JetStream, once its streams are open.
     pub js: std::cell::OnceCell<Rc<JsRuntime>>,
+    /// This shard's device gateway, when devices are configured.
+    pub device: std::cell::OnceCell<Rc<super::device::DeviceRuntime>>,
 }
+
+
 
 impl Shard {
     pub(crate) fn new(id: usize, shared: Arc<Shared>) -> Shard {
@@ -239,6 +245,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             stop_accepting: Notify::new(),
             js: std::cell::OnceCell::new(),
+            device: std::cell::OnceCell::new(),
             shared,
         }
     }
@@ -455,6 +462,7 @@ pub(crate) async fn run_shard<B: Backend>(
     shard: Rc<Shard>,
     inbox: Inbox,
     listener: Option<std::net::TcpListener>,
+    devices: Option<super::device::DeviceSockets>,
 ) {
     tokio::task::spawn_local(data_loop(Rc::clone(&shard), inbox.data));
     tokio::task::spawn_local(housekeeping(Rc::clone(&shard)));
@@ -483,6 +491,17 @@ pub(crate) async fn run_shard<B: Backend>(
             }
         }
         shard.shared.js_ready.fetch_add(1, Ordering::AcqRel);
+    }
+    if let Some(sockets) = devices {
+        match super::device::start(&shard, sockets) {
+            Ok(runtime) => {
+                let _ = shard.device.set(runtime);
+            }
+            Err(e) => {
+                tracing::error!(shard = shard.id, "cannot serve devices: {e}");
+                std::process::exit(EXIT_DEVICES_FAILED);
+            }
+        }
     }
     if let Some(listener) = listener {
         while shard.shared.js.is_some()
@@ -551,6 +570,13 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
             let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
             shard.broadcast_interest();
         }
+        Control::DeviceDatagram(datagram) => match shard.device.get() {
+            Some(device) => device.handle_forwarded(shard, datagram),
+            None => tracing::warn!(
+                shard = shard.id,
+                "device datagram before the gateway started; dropped"
+            ),
+        },
         Control::JsApi(request) => match shard.js.get() {
             Some(js) => js.forward_in(request),
             None => tracing::warn!(

@@ -26,6 +26,7 @@ macro_rules! js_tests {
 
 mod client;
 mod crash;
+mod device;
 mod differential;
 mod differential_js;
 mod interest_model;

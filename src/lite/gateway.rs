@@ -1,0 +1,1124 @@
+//! One shard's device sessions behind the compact device protocol
+//! (docs/device-protocol.md): frames in, actions out. It knows nothing of
+//! sockets, threads or the clock (time is an argument), so the whole protocol
+//! is tested in memory.
+//!
+//! Ownership: a session lives on the shard `owner_of(client_id)`; its token
+//! carries that shard, so a RESUME from a new address finds it from any shard.
+//! A datagram that reaches a shard which does not own its session (the kernel
+//! spreads source addresses over the shards' sockets) is forwarded to the owner
+//! ([`Action::Forward`]); the owner answers from its own socket, which shares
+//! the address and port.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use perch_wire::{self as wire, Code, Frame, FrameType, Qos, TopicRef};
+
+use super::predefined::Predefined;
+use super::session::{DeviceSession, Presence, Will};
+
+/// Where a frame came from and where its answers go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A UDP source address (any shard's socket can answer it).
+    Udp(SocketAddr),
+    /// A stream connection (TCP, a serial line), by the shell's id for it. Its
+    /// session lives on the shard that serves the connection.
+    Stream(u64),
+}
+
+/// What the shell must do after a call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send this frame to this address (UDP: one datagram).
+    Send { to: Peer, frame: Vec<u8> },
+    /// Route a message as a publish from a device.
+    Publish {
+        subject: Vec<u8>,
+        reply: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        /// QoS 1: send PUBACK to `to` for `msg_id` once routed.
+        ack: Option<(Peer, u32)>,
+    },
+    /// Subscribe the gateway's internal session under `sid`; once every shard
+    /// routes to it, send SUBACK `req_id` to `to`.
+    Subscribe {
+        sid: u64,
+        filter: Vec<u8>,
+        to: Peer,
+        req_id: u32,
+    },
+    /// Drop the internal subscription `sid`.
+    Unsubscribe { sid: u64 },
+    /// A retransmitted QoS 1 publish (already routed): PUBACK `msg_id` to `to`
+    /// again, unless the first copy's ack is still waiting for the store.
+    AckAgain { to: Peer, msg_id: u32 },
+    /// The datagram belongs to a session on another shard.
+    Forward {
+        shard: usize,
+        from: SocketAddr,
+        datagram: Vec<u8>,
+    },
+}
+
+/// Limits with units.
+#[derive(Clone, Copy, Debug)]
+pub struct GatewayLimits {
+    pub sessions_max: usize,
+    pub payload_bytes_max: usize,
+    /// Addresses remembered as belonging to another shard's sessions.
+    pub foreign_addrs_max: usize,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            sessions_max: 10_000,
+            payload_bytes_max: wire::FRAME_BYTES_MAX,
+            foreign_addrs_max: 4096,
+        }
+    }
+}
+
+/// Counted drops and refusals (also what monitoring will show).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub malformed_frames: u64,
+    pub unknown_session_frames: u64,
+    pub duplicate_publishes: u64,
+    pub sleep_buffer_dropped: u64,
+    pub sessions_expired: u64,
+    pub refused: u64,
+}
+
+/// The shard a client id's session lives on (FNV-1a, stable across restarts).
+pub fn owner_of(client_id: &[u8], shard_count: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in client_id {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % shard_count.max(1) as u64) as usize
+}
+
+/// Session tokens: the owner shard in the top 6 bits, a counter below.
+const TOKEN_SHARD_SHIFT: u32 = 26;
+
+pub struct Gateway {
+    shard: usize,
+    shard_count: usize,
+    limits: GatewayLimits,
+    predefined: Arc<Predefined>,
+    sessions: Vec<Option<DeviceSession>>,
+    free: Vec<usize>,
+    by_addr: HashMap<Peer, usize>,
+    by_client: HashMap<Box<[u8]>, usize>,
+    by_sid: HashMap<u64, usize>,
+    /// Addresses whose sessions live on another shard (forward to it).
+    foreign: HashMap<SocketAddr, usize>,
+    next_token: u32,
+    next_sid: u64,
+    pub stats: Stats,
+}
+
+impl Gateway {
+    pub fn new(
+        shard: usize,
+        shard_count: usize,
+        limits: GatewayLimits,
+        predefined: Arc<Predefined>,
+    ) -> Gateway {
+        assert!(
+            shard < shard_count && shard_count <= 64,
+            "shard {shard} of {shard_count}"
+        );
+        Gateway {
+            shard,
+            shard_count,
+            limits,
+            predefined,
+            sessions: Vec::new(),
+            free: Vec::new(),
+            by_addr: HashMap::new(),
+            by_client: HashMap::new(),
+            by_sid: HashMap::new(),
+            foreign: HashMap::new(),
+            next_token: 1,
+            next_sid: 1,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Drops the session of a stream connection that closed (its will is
+    /// published: the device did not say goodbye).
+    pub fn stream_closed(&mut self, peer: Peer, out: &mut Vec<Action>) {
+        if let Some(&slot) = self.by_addr.get(&peer) {
+            self.remove(slot, true, out);
+        }
+    }
+
+    /// The client id of the session at `addr`.
+    pub fn client_id_at(&self, addr: Peer) -> Option<Vec<u8>> {
+        let slot = *self.by_addr.get(&addr)?;
+        self.sessions[slot].as_ref().map(|s| s.client_id.to_vec())
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// One datagram (UDP) or one deframed frame (TCP, serial) from `from`.
+    /// `forwarded`: it came from another shard, which already decided it is ours.
+    pub fn handle_datagram(
+        &mut self,
+        from: Peer,
+        bytes: &[u8],
+        forwarded: bool,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        // Only UDP datagrams may belong to another shard's session.
+        let udp_from = match from {
+            Peer::Udp(addr) if !forwarded => Some(addr),
+            _ => None,
+        };
+        if let Some(addr) = udp_from {
+            if let Some(&shard) = self.foreign.get(&addr) {
+                if !self.by_addr.contains_key(&from) {
+                    out.push(Action::Forward {
+                        shard,
+                        from: addr,
+                        datagram: bytes.to_vec(),
+                    });
+                    return;
+                }
+            }
+        }
+        let frame = match wire::decode_from_device(bytes) {
+            Ok(frame) => frame,
+            Err(_) => {
+                self.stats.malformed_frames += 1;
+                let ref_type = bytes.first().map_or(0, |b| b >> 4);
+                self.send_error(out, from, Code::Malformed, ref_type, 0);
+                return;
+            }
+        };
+        // Frames that may arrive without a session here.
+        match &frame {
+            Frame::Connect { client_id, .. } => {
+                let owner = owner_of(client_id, self.shard_count);
+                if let Some(addr) = udp_from.filter(|_| owner != self.shard) {
+                    self.remember_foreign(addr, owner);
+                    out.push(Action::Forward {
+                        shard: owner,
+                        from: addr,
+                        datagram: bytes.to_vec(),
+                    });
+                    return;
+                }
+            }
+            Frame::Resume { session_token } => {
+                let owner = (*session_token >> TOKEN_SHARD_SHIFT) as usize;
+                if let Some(addr) = udp_from.filter(|_| owner != self.shard && owner < self.shard_count) {
+                    self.remember_foreign(addr, owner);
+                    out.push(Action::Forward {
+                        shard: owner,
+                        from: addr,
+                        datagram: bytes.to_vec(),
+                    });
+                    return;
+                }
+            }
+            Frame::PublishAnonymous {
+                client_id,
+                topic,
+                payload,
+            } => {
+                self.publish_anonymous(from, client_id, *topic, payload, out);
+                return;
+            }
+            _ => {}
+        }
+        match frame {
+            Frame::Connect { version, .. } if version != wire::PROTOCOL_VERSION => {
+                self.send_connack(out, from, false, Code::UnsupportedVersion, 0);
+            }
+            Frame::Connect {
+                clean_session,
+                keepalive_s,
+                client_id,
+                will,
+                ..
+            } => self.connect(
+                from,
+                clean_session,
+                keepalive_s,
+                client_id,
+                will,
+                now_ms,
+                out,
+            ),
+            Frame::Resume { session_token } => {
+                let slot = self.by_client.values().copied().find(|&s| {
+                    self.sessions[s]
+                        .as_ref()
+                        .is_some_and(|d| d.token == session_token)
+                });
+                match slot {
+                    Some(slot) => {
+                        self.rebind(slot, from);
+                        self.heard(slot, now_ms);
+                        out.push(Action::Send {
+                            to: from,
+                            frame: encode(&Frame::Pong),
+                        });
+                    }
+                    None => {
+                        self.stats.unknown_session_frames += 1;
+                        self.send_error(out, from, Code::UnknownSession, 0xE, 0);
+                    }
+                }
+            }
+            frame => {
+                let Some(&slot) = self.by_addr.get(&from) else {
+                    self.stats.unknown_session_frames += 1;
+                    let ref_type = bytes.first().map_or(0, |b| b >> 4);
+                    self.send_error(out, from, Code::UnknownSession, ref_type, 0);
+                    return;
+                };
+                self.heard(slot, now_ms);
+                self.established(slot, frame, now_ms, out);
+            }
+        }
+    }
+
+    fn remember_foreign(&mut self, from: SocketAddr, shard: usize) {
+        if self.foreign.len() >= self.limits.foreign_addrs_max && !self.foreign.contains_key(&from)
+        {
+            // Bounded: forget an arbitrary one (its device will RESUME again).
+            if let Some(&any) = self.foreign.keys().next() {
+                self.foreign.remove(&any);
+            }
+        }
+        self.foreign.insert(from, shard);
+    }
+
+    fn heard(&mut self, slot: usize, now_ms: u64) {
+        if let Some(session) = self.sessions[slot].as_mut() {
+            session.last_heard_ms = now_ms;
+        }
+    }
+
+    fn rebind(&mut self, slot: usize, to: Peer) {
+        let Some(session) = self.sessions[slot].as_mut() else {
+            return;
+        };
+        let old = std::mem::replace(&mut session.addr, to);
+        if self.by_addr.get(&old) == Some(&slot) {
+            self.by_addr.remove(&old);
+        }
+        self.by_addr.insert(to, slot);
+        if let Peer::Udp(addr) = to {
+            self.foreign.remove(&addr);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        &mut self,
+        from: Peer,
+        clean_session: bool,
+        keepalive_s: u32,
+        client_id: &[u8],
+        will: Option<wire::Will<'_>>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if client_id.is_empty() || client_id.len() > wire::CLIENT_ID_BYTES_MAX {
+            self.send_connack(out, from, false, Code::Malformed, 0);
+            return;
+        }
+        let keepalive_ms = u64::from(keepalive_s.max(1)) * 1000;
+        let existing = self.by_client.get(client_id).copied();
+        let (slot, present) = match existing {
+            Some(slot) if !clean_session => {
+                // Persistent session: keep its topics and subscriptions.
+                self.rebind(slot, from);
+                if let Some(s) = self.sessions[slot].as_mut() {
+                    s.keepalive_ms = keepalive_ms;
+                    s.presence = Presence::Awake;
+                }
+                (slot, true)
+            }
+            existing => {
+                if let Some(slot) = existing {
+                    self.remove(slot, false, out);
+                }
+                if self.by_client.len() >= self.limits.sessions_max {
+                    self.stats.refused += 1;
+                    self.send_connack(out, from, false, Code::NoResources, 0);
+                    return;
+                }
+                let token = ((self.shard as u32) << TOKEN_SHARD_SHIFT)
+                    | (self.next_token & ((1 << TOKEN_SHARD_SHIFT) - 1));
+                self.next_token = self.next_token.wrapping_add(1).max(1);
+                let session = DeviceSession::new(client_id, from, token, keepalive_ms, now_ms);
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.sessions[slot] = Some(session);
+                        slot
+                    }
+                    None => {
+                        self.sessions.push(Some(session));
+                        self.sessions.len() - 1
+                    }
+                };
+                self.by_client.insert(client_id.into(), slot);
+                if let Some(&old) = self.by_addr.get(&from) {
+                    if old != slot {
+                        self.remove(old, false, out);
+                    }
+                }
+                self.by_addr.insert(from, slot);
+                if let Peer::Udp(addr) = from {
+                    self.foreign.remove(&addr);
+                }
+                (slot, false)
+            }
+        };
+        let session = self.sessions[slot].as_mut().expect("slot just filled");
+        session.last_heard_ms = now_ms;
+        session.will = will.map(|w| {
+            Box::new(Will {
+                subject: w.subject.into(),
+                payload: w.payload.into(),
+            })
+        });
+        let token = session.token;
+        self.send_connack(out, from, present, Code::Ok, token);
+    }
+
+    /// A frame from a device with a session here.
+    fn established(&mut self, slot: usize, frame: Frame<'_>, now_ms: u64, out: &mut Vec<Action>) {
+        let session = self.sessions[slot].as_mut().expect("live slot");
+        let to = session.addr;
+        match frame {
+            Frame::Publish {
+                qos,
+                topic,
+                msg_id,
+                payload,
+            } => {
+                if payload.len() > self.limits.payload_bytes_max {
+                    self.send_error(out, to, Code::TooLarge, 0x3, msg_id);
+                    return;
+                }
+                let (subject, reply) = match topic {
+                    TopicRef::Registered(id) => match session.topic(id) {
+                        Some(subject) => (subject.to_vec(), None),
+                        None => {
+                            self.send_publish_refusal(out, to, qos, msg_id, Code::UnknownTopic);
+                            return;
+                        }
+                    },
+                    TopicRef::Predefined(id) => {
+                        match self.predefined.subject(id, &session.client_id) {
+                            Some(subject) => (subject, None),
+                            None => {
+                                self.send_publish_refusal(out, to, qos, msg_id, Code::UnknownTopic);
+                                return;
+                            }
+                        }
+                    }
+                    TopicRef::Reply(handle) => match session.take_reply(handle) {
+                        Some(reply) => (reply.into_vec(), None),
+                        None => {
+                            self.send_publish_refusal(out, to, qos, msg_id, Code::UnknownTopic);
+                            return;
+                        }
+                    },
+                };
+                let ack = match qos {
+                    Qos::AtMostOnce => None,
+                    Qos::AtLeastOnce => {
+                        if !session.first_sight(msg_id) {
+                            // A retransmit: the first copy was routed; ack again.
+                            self.stats.duplicate_publishes += 1;
+                            out.push(Action::AckAgain { to, msg_id });
+                            return;
+                        }
+                        Some((to, msg_id))
+                    }
+                };
+                out.push(Action::Publish {
+                    subject,
+                    reply,
+                    payload: payload.to_vec(),
+                    ack,
+                });
+            }
+            Frame::Register {
+                id: req_id,
+                subject,
+            } => {
+                let (topic, code) = if !crate::nats::subject::is_valid_publish_subject(subject)
+                    || subject.len() > wire::SUBJECT_BYTES_MAX
+                {
+                    (0, Code::InvalidSubject)
+                } else {
+                    match session.register(subject) {
+                        Some(topic) => (topic, Code::Ok),
+                        None => (0, Code::NoResources),
+                    }
+                };
+                out.push(Action::Send {
+                    to,
+                    frame: encode(&Frame::Regack {
+                        req_id,
+                        topic,
+                        code,
+                    }),
+                });
+            }
+            // The device acknowledging a broker REGISTER: nothing to do.
+            Frame::Regack { .. } | Frame::Puback { .. } => {}
+            Frame::Subscribe { req_id, filter, .. } => {
+                if !crate::nats::subject::is_valid_subject(filter) {
+                    out.push(Action::Send {
+                        to,
+                        frame: encode(&Frame::Suback {
+                            req_id,
+                            code: Code::InvalidSubject,
+                        }),
+                    });
+                    return;
+                }
+                if let Some(&(_, sid)) = session.subscriptions.iter().find(|(f, _)| **f == *filter)
+                {
+                    let _ = sid;
+                    out.push(Action::Send {
+                        to,
+                        frame: encode(&Frame::Suback {
+                            req_id,
+                            code: Code::Ok,
+                        }),
+                    });
+                    return;
+                }
+                let sid = self.next_sid;
+                self.next_sid += 1;
+                session.subscriptions.push((filter.into(), sid));
+                self.by_sid.insert(sid, slot);
+                out.push(Action::Subscribe {
+                    sid,
+                    filter: filter.to_vec(),
+                    to,
+                    req_id,
+                });
+            }
+            Frame::Unsubscribe { req_id, filter } => {
+                if let Some(i) = session
+                    .subscriptions
+                    .iter()
+                    .position(|(f, _)| **f == *filter)
+                {
+                    let (_, sid) = session.subscriptions.swap_remove(i);
+                    self.by_sid.remove(&sid);
+                    out.push(Action::Unsubscribe { sid });
+                }
+                out.push(Action::Send {
+                    to,
+                    frame: encode(&Frame::Unsuback {
+                        req_id,
+                        code: Code::Ok,
+                    }),
+                });
+            }
+            Frame::Ping => {
+                session.presence = Presence::Awake;
+                session.sleep_buffer_bytes = 0;
+                for frame in session.sleep_buffer.drain(..) {
+                    out.push(Action::Send {
+                        to,
+                        frame: frame.into_vec(),
+                    });
+                }
+                out.push(Action::Send {
+                    to,
+                    frame: encode(&Frame::Pong),
+                });
+            }
+            Frame::Disconnect { sleep_s: Some(s) } => {
+                session.presence = Presence::Asleep {
+                    until_ms: now_ms + u64::from(s) * 1000,
+                };
+                out.push(Action::Send {
+                    to,
+                    frame: encode(&Frame::Disconnect { sleep_s: None }),
+                });
+            }
+            Frame::Disconnect { sleep_s: None } => {
+                // A clean goodbye: no will.
+                if let Some(s) = self.sessions[slot].as_mut() {
+                    s.will = None;
+                }
+                self.remove(slot, false, out);
+                out.push(Action::Send {
+                    to,
+                    frame: encode(&Frame::Disconnect { sleep_s: None }),
+                });
+            }
+            other => {
+                // Broker-to-device frames sent by a device.
+                self.stats.malformed_frames += 1;
+                let ref_type = other.frame_type() as u8;
+                self.send_error(out, to, Code::Malformed, ref_type, 0);
+            }
+        }
+    }
+
+    fn publish_anonymous(
+        &mut self,
+        from: Peer,
+        client_id: &[u8],
+        topic: u32,
+        payload: &[u8],
+        out: &mut Vec<Action>,
+    ) {
+        if payload.len() > self.limits.payload_bytes_max
+            || client_id.len() > wire::CLIENT_ID_BYTES_MAX
+        {
+            self.stats.refused += 1;
+            return;
+        }
+        match self.predefined.subject(topic, client_id) {
+            Some(subject) => out.push(Action::Publish {
+                subject,
+                reply: None,
+                payload: payload.to_vec(),
+                ack: None,
+            }),
+            None => {
+                self.stats.refused += 1;
+                self.send_error(out, from, Code::UnknownTopic, 0x3, topic);
+            }
+        }
+    }
+
+    /// A message for the internal subscription `sid`: the frames to send (a
+    /// REGISTER first when the subject has no id in the session yet). A
+    /// sleeping device's frames are buffered instead.
+    pub fn deliver(
+        &mut self,
+        sid: u64,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        payload: &[u8],
+        out: &mut Vec<Action>,
+    ) {
+        let Some(&slot) = self.by_sid.get(&sid) else {
+            return;
+        };
+        let Some(session) = self.sessions[slot].as_mut() else {
+            return;
+        };
+        let mut frames: Vec<Vec<u8>> = Vec::with_capacity(2);
+        let topic = match session.topic_id(subject) {
+            Some(id) => id,
+            None => match session.register(subject) {
+                Some(id) => {
+                    frames.push(encode(&Frame::Register { id, subject }));
+                    id
+                }
+                None => {
+                    // No id left: the device cannot be told which subject.
+                    self.stats.refused += 1;
+                    return;
+                }
+            },
+        };
+        let reply_handle = reply.map(|r| session.open_reply(r));
+        frames.push(encode_delivery(topic, reply_handle, payload));
+        let to = session.addr;
+        match session.presence {
+            Presence::Awake => {
+                out.extend(frames.into_iter().map(|frame| Action::Send { to, frame }))
+            }
+            Presence::Asleep { .. } => {
+                for frame in frames {
+                    self.stats.sleep_buffer_dropped += session.buffer(frame.into()) as u64;
+                }
+            }
+        }
+    }
+
+    /// Ends sessions silent past their keepalive (publishing their wills).
+    pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let expired: Vec<usize> = self
+            .by_client
+            .values()
+            .copied()
+            .filter(|&slot| {
+                self.sessions[slot]
+                    .as_ref()
+                    .is_some_and(|s| s.expires_at_ms() <= now_ms)
+            })
+            .collect();
+        for slot in expired {
+            self.stats.sessions_expired += 1;
+            self.remove(slot, true, out);
+        }
+    }
+
+    /// The earliest time [`Gateway::expire`] has work.
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.by_client
+            .values()
+            .filter_map(|&slot| {
+                self.sessions[slot]
+                    .as_ref()
+                    .map(DeviceSession::expires_at_ms)
+            })
+            .min()
+    }
+
+    fn remove(&mut self, slot: usize, publish_will: bool, out: &mut Vec<Action>) {
+        let Some(session) = self.sessions[slot].take() else {
+            return;
+        };
+        self.free.push(slot);
+        self.by_client.remove(&session.client_id);
+        if self.by_addr.get(&session.addr) == Some(&slot) {
+            self.by_addr.remove(&session.addr);
+        }
+        for (_, sid) in &session.subscriptions {
+            self.by_sid.remove(sid);
+            out.push(Action::Unsubscribe { sid: *sid });
+        }
+        if publish_will {
+            if let Some(will) = session.will {
+                out.push(Action::Publish {
+                    subject: will.subject.into_vec(),
+                    reply: None,
+                    payload: will.payload.into_vec(),
+                    ack: None,
+                });
+            }
+        }
+    }
+
+    fn send_connack(
+        &self,
+        out: &mut Vec<Action>,
+        to: Peer,
+        session_present: bool,
+        code: Code,
+        session_token: u32,
+    ) {
+        out.push(Action::Send {
+            to,
+            frame: encode(&Frame::Connack {
+                session_present,
+                code,
+                session_token,
+            }),
+        });
+    }
+
+    fn send_publish_refusal(
+        &mut self,
+        out: &mut Vec<Action>,
+        to: Peer,
+        qos: Qos,
+        msg_id: u32,
+        code: Code,
+    ) {
+        self.stats.refused += 1;
+        match qos {
+            Qos::AtLeastOnce => out.push(Action::Send {
+                to,
+                frame: encode(&Frame::Puback { msg_id, code }),
+            }),
+            Qos::AtMostOnce => self.send_error(out, to, code, 0x3, 0),
+        }
+    }
+
+    fn send_error(
+        &self,
+        out: &mut Vec<Action>,
+        to: Peer,
+        code: Code,
+        ref_type: u8,
+        ref_id: u32,
+    ) {
+        out.push(Action::Send {
+            to,
+            frame: encode(&Frame::Error {
+                code,
+                ref_type: FrameType::from_u8(ref_type),
+                ref_id,
+            }),
+        });
+    }
+}
+
+/// Encodes a broker-made frame (its sizes are ours, so it always fits).
+pub fn encode(frame: &Frame<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; frame.encoded_len()];
+    let n = frame
+        .encode(&mut buf)
+        .expect("a buffer of encoded_len fits the frame");
+    buf.truncate(n);
+    buf
+}
+
+/// A message for the device on session topic `topic`.
+pub fn encode_delivery(topic: u32, reply_handle: Option<u32>, payload: &[u8]) -> Vec<u8> {
+    encode(&Frame::Deliver {
+        qos: Qos::AtMostOnce,
+        topic: TopicRef::Registered(topic),
+        reply_handle,
+        msg_id: 0,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> Peer {
+        Peer::Udp(SocketAddr::from(([10, 0, 0, 1], port)))
+    }
+
+    fn gateway(shard: usize, shards: usize) -> Gateway {
+        let table = [(1u32, "sensors.{client}.t".to_string())]
+            .into_iter()
+            .collect();
+        Gateway::new(
+            shard,
+            shards,
+            GatewayLimits {
+                sessions_max: 3,
+                ..GatewayLimits::default()
+            },
+            Arc::new(Predefined::new(&table).expect("table")),
+        )
+    }
+
+    /// Feeds one frame; returns the actions, with sent frames decoded.
+    fn feed(g: &mut Gateway, from: Peer, frame: &Frame<'_>, now_ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        g.handle_datagram(from, &encode(frame), false, now_ms, &mut out);
+        out
+    }
+
+    fn sent(actions: &[Action]) -> Vec<Frame<'_>> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { frame, .. } => {
+                    Some(wire::decode_from_broker(frame).expect("broker frames decode"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect(g: &mut Gateway, from: Peer, id: &str, keepalive_s: u32, now_ms: u64) -> u32 {
+        let out = feed(
+            g,
+            from,
+            &Frame::Connect {
+                version: wire::PROTOCOL_VERSION,
+                clean_session: true,
+                keepalive_s,
+                client_id: id.as_bytes(),
+                will: Some(wire::Will {
+                    qos: Qos::AtMostOnce,
+                    subject: b"will.x",
+                    payload: b"bye",
+                }),
+            },
+            now_ms,
+        );
+        match sent(&out).as_slice() {
+            [Frame::Connack {
+                code: Code::Ok,
+                session_token,
+                ..
+            }] => *session_token,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn qos1_retransmits_are_routed_once_and_acked_again() {
+        let mut g = gateway(0, 1);
+        connect(&mut g, addr(1), "d", 10, 0);
+        let out = feed(
+            &mut g,
+            addr(1),
+            &Frame::Register {
+                id: 4,
+                subject: b"a.b",
+            },
+            1,
+        );
+        assert_eq!(
+            sent(&out),
+            vec![Frame::Regack {
+                req_id: 4,
+                topic: 1,
+                code: Code::Ok
+            }]
+        );
+        let publish = Frame::Publish {
+            qos: Qos::AtLeastOnce,
+            topic: TopicRef::Registered(1),
+            msg_id: 9,
+            payload: b"p",
+        };
+        let first = feed(&mut g, addr(1), &publish, 2);
+        assert!(matches!(
+            &first[..],
+            [Action::Publish {
+                ack: Some((_, 9)),
+                ..
+            }]
+        ));
+        // Duplicated datagram, then the same id retried after a lost PUBACK.
+        for now in [3, 500] {
+            let again = feed(&mut g, addr(1), &publish, now);
+            assert_eq!(
+                again,
+                vec![Action::AckAgain {
+                    to: addr(1),
+                    msg_id: 9
+                }]
+            );
+        }
+        assert_eq!(g.stats.duplicate_publishes, 2);
+    }
+
+    #[test]
+    fn sessions_live_on_their_owner_shard() {
+        let shards = 4;
+        let id = (0..100)
+            .map(|i| format!("dev{i}"))
+            .find(|id| owner_of(id.as_bytes(), shards) == 2)
+            .expect("some id hashes to shard 2");
+        let mut g = gateway(0, shards);
+        let connect = Frame::Connect {
+            version: wire::PROTOCOL_VERSION,
+            clean_session: true,
+            keepalive_s: 5,
+            client_id: id.as_bytes(),
+            will: None,
+        };
+        let out = feed(&mut g, addr(7), &connect, 0);
+        assert!(matches!(&out[..], [Action::Forward { shard: 2, .. }]));
+        // Later datagrams from that address go there too, without decoding.
+        let out = feed(&mut g, addr(7), &Frame::Ping, 1);
+        assert!(matches!(&out[..], [Action::Forward { shard: 2, .. }]));
+        assert_eq!(g.session_count(), 0);
+        // On the owner, the forwarded CONNECT opens the session.
+        let mut owner = gateway(2, shards);
+        let mut out = Vec::new();
+        owner.handle_datagram(addr(7), &encode(&connect), true, 0, &mut out);
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Connack { code: Code::Ok, .. }]
+        ));
+    }
+
+    #[test]
+    fn sleeping_devices_get_their_buffer_on_ping_and_silent_ones_leave_a_will() {
+        let mut g = gateway(0, 1);
+        connect(&mut g, addr(1), "s", 2, 0);
+        let out = feed(
+            &mut g,
+            addr(1),
+            &Frame::Subscribe {
+                req_id: 1,
+                max_qos: Qos::AtMostOnce,
+                filter: b"cmd.>",
+            },
+            0,
+        );
+        let sid = match &out[..] {
+            [Action::Subscribe { sid, .. }] => *sid,
+            other => panic!("{other:?}"),
+        };
+        feed(
+            &mut g,
+            addr(1),
+            &Frame::Disconnect { sleep_s: Some(60) },
+            10,
+        );
+        let mut out = Vec::new();
+        g.deliver(sid, b"cmd.a", None, b"1", &mut out);
+        g.deliver(sid, b"cmd.a", Some(b"_INBOX.r"), b"2", &mut out);
+        assert!(out.is_empty(), "buffered while asleep");
+        // Still within its sleep plus 1.5 keepalives: not expired.
+        g.expire(60_000, &mut out);
+        assert_eq!(g.session_count(), 1);
+        let woke = feed(&mut g, addr(1), &Frame::Ping, 61_000);
+        let frames = sent(&woke);
+        assert!(matches!(
+            frames[0],
+            Frame::Register {
+                id: 1,
+                subject: b"cmd.a"
+            }
+        ));
+        assert!(matches!(
+            frames[1],
+            Frame::Deliver {
+                reply_handle: None,
+                payload: b"1",
+                ..
+            }
+        ));
+        assert!(matches!(
+            frames[2],
+            Frame::Deliver {
+                reply_handle: Some(_),
+                payload: b"2",
+                ..
+            }
+        ));
+        assert_eq!(frames[3], Frame::Pong);
+        // Silence past 1.5 keepalives: gone, its will published, its
+        // subscription dropped.
+        let mut out = Vec::new();
+        g.expire(61_000 + 3_000, &mut out);
+        assert_eq!(g.session_count(), 0);
+        assert!(out.contains(&Action::Unsubscribe { sid }));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Publish { subject, .. } if subject == b"will.x")));
+    }
+
+    #[test]
+    fn resume_moves_the_session_to_the_new_address() {
+        let mut g = gateway(0, 1);
+        let token = connect(&mut g, addr(1), "nb", 30, 0);
+        let out = feed(&mut g, addr(2), &Frame::Ping, 1);
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Error {
+                code: Code::UnknownSession,
+                ..
+            }]
+        ));
+        let out = feed(
+            &mut g,
+            addr(2),
+            &Frame::Resume {
+                session_token: token,
+            },
+            2,
+        );
+        assert_eq!(sent(&out), vec![Frame::Pong]);
+        let out = feed(&mut g, addr(1), &Frame::Ping, 3);
+        assert!(
+            matches!(
+                sent(&out)[..],
+                [Frame::Error {
+                    code: Code::UnknownSession,
+                    ..
+                }]
+            ),
+            "the old address is forgotten"
+        );
+        let out = feed(
+            &mut g,
+            addr(9),
+            &Frame::Resume {
+                session_token: token ^ 1,
+            },
+            4,
+        );
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Error {
+                code: Code::UnknownSession,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn limits_and_bad_frames_get_codes() {
+        let mut g = gateway(0, 1);
+        for i in 0..3 {
+            connect(&mut g, addr(10 + i), &format!("d{i}"), 30, 0);
+        }
+        let out = feed(
+            &mut g,
+            addr(20),
+            &Frame::Connect {
+                version: 1,
+                clean_session: true,
+                keepalive_s: 30,
+                client_id: b"d9",
+                will: None,
+            },
+            0,
+        );
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Connack {
+                code: Code::NoResources,
+                ..
+            }]
+        ));
+        let mut out = Vec::new();
+        g.handle_datagram(addr(10), &[0xFF, 0xFF, 0xFF], false, 1, &mut out);
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Error {
+                code: Code::Malformed,
+                ..
+            }]
+        ));
+        assert_eq!(g.stats.malformed_frames, 1);
+        let big = vec![0u8; wire::FRAME_BYTES_MAX + 1];
+        let out = feed(
+            &mut g,
+            addr(10),
+            &Frame::Publish {
+                qos: Qos::AtLeastOnce,
+                topic: TopicRef::Predefined(1),
+                msg_id: 3,
+                payload: &big,
+            },
+            2,
+        );
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Error {
+                code: Code::TooLarge,
+                ..
+            }]
+        ));
+        // A predefined id works without REGISTER; a dotted client id cannot fill {client}.
+        let out = feed(
+            &mut g,
+            addr(10),
+            &Frame::Publish {
+                qos: Qos::AtMostOnce,
+                topic: TopicRef::Predefined(1),
+                msg_id: 0,
+                payload: b"x",
+            },
+            3,
+        );
+        assert!(
+            matches!(&out[..], [Action::Publish { subject, .. }] if subject == b"sensors.d0.t")
+        );
+    }
+}

@@ -1,0 +1,780 @@
+//! The device protocol against the real broker: devices speak UDP datagrams
+//! built with `perch-wire` (the crate firmware links), NATS clients on the
+//! other side use the raw NATS protocol. Sessions are owned by the shard of
+//! their client id, so with several client ids and source ports these also
+//! cover datagrams that reach a shard which forwards them to the owner.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use perch_wire::{decode_from_broker, Code, Frame, Qos, TopicRef, Will};
+
+use crate::support::{free_port, Raw, Server, TempDir};
+
+/// How long a device waits for an expected datagram.
+const REPLY_MS_MAX: u64 = 3_000;
+
+struct Device {
+    socket: UdpSocket,
+}
+
+impl Device {
+    fn new(port: u16) -> Device {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind device socket");
+        socket
+            .connect(("127.0.0.1", port))
+            .expect("connect device socket");
+        Device { socket }
+    }
+
+    fn send(&self, frame: &Frame<'_>) {
+        let mut buf = vec![0u8; frame.encoded_len()];
+        let n = frame.encode(&mut buf).expect("encode");
+        self.socket.send(&buf[..n]).expect("send datagram");
+    }
+
+    fn send_raw(&self, bytes: &[u8]) {
+        self.socket.send(bytes).expect("send datagram");
+    }
+
+    /// The next datagram, decoded (owned copy), or None after `wait_ms`.
+    fn recv_within(&self, wait_ms: u64) -> Option<Vec<u8>> {
+        self.socket
+            .set_read_timeout(Some(Duration::from_millis(wait_ms)))
+            .ok();
+        let mut buf = [0u8; 2048];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(_) => None,
+        }
+    }
+
+    fn recv(&self) -> Vec<u8> {
+        self.recv_within(REPLY_MS_MAX)
+            .expect("a datagram from the broker")
+    }
+
+    fn connect(&self, client_id: &str, keepalive_s: u32, will: Option<Will<'_>>) -> u32 {
+        self.send(&Frame::Connect {
+            version: perch_wire::PROTOCOL_VERSION,
+            clean_session: true,
+            keepalive_s,
+            client_id: client_id.as_bytes(),
+            will,
+        });
+        let reply = self.recv();
+        match decode_from_broker(&reply).expect("CONNACK decodes") {
+            Frame::Connack {
+                code: Code::Ok,
+                session_token,
+                ..
+            } => session_token,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn register(&self, req_id: u32, subject: &str) -> u32 {
+        self.send(&Frame::Register {
+            id: req_id,
+            subject: subject.as_bytes(),
+        });
+        let reply = self.recv();
+        match decode_from_broker(&reply).expect("REGACK decodes") {
+            Frame::Regack {
+                req_id: r,
+                topic,
+                code: Code::Ok,
+            } if r == req_id => topic,
+            other => panic!("expected REGACK, got {other:?}"),
+        }
+    }
+
+    fn subscribe(&self, req_id: u32, filter: &str) {
+        self.send(&Frame::Subscribe {
+            req_id,
+            max_qos: Qos::AtMostOnce,
+            filter: filter.as_bytes(),
+        });
+        let reply = self.recv();
+        match decode_from_broker(&reply).expect("SUBACK decodes") {
+            Frame::Suback {
+                req_id: r,
+                code: Code::Ok,
+            } if r == req_id => {}
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// The next message for the device: (subject registered for it, reply
+    /// handle, payload). A REGISTER before it names the subject.
+    fn next_message(&self, topics: &mut Vec<(u32, String)>) -> (String, Option<u32>, Vec<u8>) {
+        loop {
+            let datagram = self.recv();
+            match decode_from_broker(&datagram).expect("broker frame decodes") {
+                Frame::Register { id, subject } => {
+                    topics.push((id, String::from_utf8_lossy(subject).into_owned()));
+                }
+                Frame::Deliver {
+                    topic,
+                    reply_handle,
+                    payload,
+                    ..
+                } => {
+                    let id = topic.id();
+                    let subject = topics
+                        .iter()
+                        .find(|(t, _)| *t == id)
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or_else(|| panic!("message on unregistered topic {id}"));
+                    return (subject, reply_handle, payload.to_vec());
+                }
+                other => panic!("expected REGISTER or a message, got {other:?}"),
+            }
+        }
+    }
+}
+
+fn nats(server: &Server) -> Raw {
+    let mut raw = Raw::connect(server);
+    raw.send(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n");
+    raw
+}
+
+fn subscribe_nats(raw: &mut Raw, subject: &str) {
+    raw.send(format!("SUB {subject} 1\r\nPING\r\n").as_bytes());
+    assert_eq!(raw.read_line(), "PONG");
+}
+
+/// perch with devices on a free UDP port (and a config file for `extra_toml`).
+fn broker(extra_toml: &str, shards: &str) -> (Server, u16, TempDir) {
+    let port = free_port();
+    let dir = TempDir::new("device");
+    let conf = dir.path.join("perch.toml");
+    std::fs::write(
+        &conf,
+        format!("[device]\nudp = \"127.0.0.1:{port}\"\n{extra_toml}"),
+    )
+    .expect("write config");
+    let conf = conf.to_string_lossy().into_owned();
+    let server = Server::perch(&["--shards", shards, "--config", &conf]);
+    (server, port, dir)
+}
+
+#[test]
+fn device_publishes_reach_nats_subscribers_once() {
+    let (server, port, _dir) = broker("", "2");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "sensors.>");
+    // Several devices: their client ids spread over both shards' sessions.
+    for d in 0..4 {
+        let device = Device::new(port);
+        let id = format!("dev{d}");
+        device.connect(&id, 30, None);
+        let subject = format!("sensors.{id}.temp");
+        let topic = device.register(1, &subject);
+        device.send(&Frame::Publish {
+            qos: Qos::AtMostOnce,
+            topic: TopicRef::Registered(topic),
+            msg_id: 0,
+            payload: b"21.5",
+        });
+        assert_eq!(sub.read_line(), format!("MSG {subject} 1 4"));
+        assert_eq!(sub.read_line(), "21.5");
+        // QoS 1: acked; a retransmit of the same id is acked again, routed once.
+        for _ in 0..2 {
+            device.send(&Frame::Publish {
+                qos: Qos::AtLeastOnce,
+                topic: TopicRef::Registered(topic),
+                msg_id: 7,
+                payload: b"22",
+            });
+            let ack = device.recv();
+            assert_eq!(
+                decode_from_broker(&ack).expect("PUBACK"),
+                Frame::Puback {
+                    msg_id: 7,
+                    code: Code::Ok
+                }
+            );
+        }
+        assert_eq!(sub.read_line(), format!("MSG {subject} 1 2"));
+        assert_eq!(sub.read_line(), "22");
+    }
+    sub.send(b"PING\r\n");
+    assert_eq!(sub.read_line(), "PONG", "no duplicate was delivered");
+}
+
+/// The 6-byte QoS 0 publish of the overhead goal, byte for byte.
+#[test]
+fn smallest_publish_is_six_bytes() {
+    let (server, port, _dir) = broker("", "1");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "t");
+    let device = Device::new(port);
+    device.connect("tiny", 30, None);
+    let topic = device.register(1, "t");
+    assert!(topic < 128);
+    let datagram = [0x30, topic as u8, b'a', b'b', b'c', b'd'];
+    device.send_raw(&datagram);
+    assert_eq!(sub.read_line(), "MSG t 1 4");
+    assert_eq!(sub.read_line(), "abcd");
+}
+
+#[test]
+fn predefined_ids_and_connectionless_publish() {
+    let (server, port, _dir) = broker(
+        "[device.predefined]\n\"1\" = \"sensors.{client}.temp\"\n\"2\" = \"fleet.alarm\"\n",
+        "2",
+    );
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, ">");
+    let device = Device::new(port);
+    device.connect("node7", 30, None);
+    device.send(&Frame::Publish {
+        qos: Qos::AtMostOnce,
+        topic: TopicRef::Predefined(1),
+        msg_id: 0,
+        payload: b"5",
+    });
+    assert_eq!(sub.read_line(), "MSG sensors.node7.temp 1 1");
+    assert_eq!(sub.read_line(), "5");
+    // No session at all: the smallest devices.
+    let anonymous = Device::new(port);
+    anonymous.send(&Frame::PublishAnonymous {
+        client_id: b"beacon3",
+        topic: 1,
+        payload: b"9",
+    });
+    assert_eq!(sub.read_line(), "MSG sensors.beacon3.temp 1 1");
+    assert_eq!(sub.read_line(), "9");
+    // An unknown predefined id is refused with a code, QoS 1 in its PUBACK.
+    device.send(&Frame::Publish {
+        qos: Qos::AtLeastOnce,
+        topic: TopicRef::Predefined(99),
+        msg_id: 3,
+        payload: b"x",
+    });
+    assert_eq!(
+        decode_from_broker(&device.recv()).expect("PUBACK"),
+        Frame::Puback {
+            msg_id: 3,
+            code: Code::UnknownTopic
+        }
+    );
+}
+
+#[test]
+fn devices_receive_subscribed_messages_and_answer_requests() {
+    let (server, port, _dir) = broker("", "2");
+    let device = Device::new(port);
+    device.connect("dev42", 30, None);
+    device.subscribe(1, "dev.dev42.>");
+    let mut topics = Vec::new();
+    let mut nats_client = nats(&server);
+    nats_client.send(b"PUB dev.dev42.led 2\r\non\r\n");
+    let (subject, reply, payload) = device.next_message(&mut topics);
+    assert_eq!(
+        (subject.as_str(), reply, payload.as_slice()),
+        ("dev.dev42.led", None, &b"on"[..])
+    );
+    // A NATS request reaches the device with a reply handle; its answer
+    // reaches the requester.
+    subscribe_nats(&mut nats_client, "_INBOX.req.*");
+    nats_client.send(b"PUB dev.dev42.cmd _INBOX.req.1 4\r\nping\r\n");
+    let (subject, reply, payload) = device.next_message(&mut topics);
+    assert_eq!(
+        (subject.as_str(), payload.as_slice()),
+        ("dev.dev42.cmd", &b"ping"[..])
+    );
+    let handle = reply.expect("a request carries a reply handle");
+    device.send(&Frame::Publish {
+        qos: Qos::AtMostOnce,
+        topic: TopicRef::Reply(handle),
+        msg_id: 0,
+        payload: b"pong",
+    });
+    assert_eq!(nats_client.read_line(), "MSG _INBOX.req.1 1 4");
+    assert_eq!(nats_client.read_line(), "pong");
+    // Unsubscribed: nothing more arrives.
+    device.send(&Frame::Unsubscribe {
+        req_id: 2,
+        filter: b"dev.dev42.>",
+    });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Unsuback {
+            req_id: 2,
+            code: Code::Ok
+        })
+    ));
+    nats_client.send(b"PUB dev.dev42.led 3\r\noff\r\nPING\r\n");
+    assert_eq!(nats_client.read_line(), "PONG");
+    assert_eq!(device.recv_within(300), None);
+}
+
+#[test]
+fn a_sleeping_device_gets_its_messages_when_it_wakes() {
+    let (server, port, _dir) = broker("", "2");
+    let device = Device::new(port);
+    device.connect("sleeper", 30, None);
+    device.subscribe(1, "cmd.sleeper");
+    device.send(&Frame::Disconnect { sleep_s: Some(60) });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Disconnect { .. })
+    ));
+    let mut nats_client = nats(&server);
+    nats_client.send(
+        b"PUB cmd.sleeper 1\r\na\r\nPUB cmd.sleeper 1\r\nb\r\nPUB cmd.sleeper 1\r\nc\r\nPING\r\n",
+    );
+    assert_eq!(nats_client.read_line(), "PONG");
+    assert_eq!(
+        device.recv_within(300),
+        None,
+        "nothing is sent to a sleeper"
+    );
+    device.send(&Frame::Ping);
+    let mut topics = Vec::new();
+    for want in [b"a", b"b", b"c"] {
+        let (subject, _, payload) = device.next_message(&mut topics);
+        assert_eq!(
+            (subject.as_str(), payload.as_slice()),
+            ("cmd.sleeper", &want[..])
+        );
+    }
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Pong)
+    ));
+}
+
+#[test]
+fn a_lost_session_publishes_its_will() {
+    let (server, port, _dir) = broker("", "2");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "status.>");
+    let device = Device::new(port);
+    device.connect(
+        "fragile",
+        1,
+        Some(Will {
+            qos: Qos::AtMostOnce,
+            subject: b"status.fragile",
+            payload: b"gone",
+        }),
+    );
+    let started = Instant::now();
+    // Silence: after 1.5 keepalives the broker gives up on it.
+    assert_eq!(sub.read_line(), "MSG status.fragile 1 4");
+    assert_eq!(sub.read_line(), "gone");
+    assert!(started.elapsed() >= Duration::from_millis(1_400));
+    // The session is gone.
+    device.send(&Frame::Ping);
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Error {
+            code: Code::UnknownSession,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_device_resumes_its_session_from_a_new_address() {
+    let (server, port, _dir) = broker("", "2");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "nb.>");
+    let first = Device::new(port);
+    let token = first.connect("nbiot1", 30, None);
+    let topic = first.register(1, "nb.nbiot1");
+    // NAT rebinding: same device, new source port.
+    let second = Device::new(port);
+    second.send(&Frame::Publish {
+        qos: Qos::AtMostOnce,
+        topic: TopicRef::Registered(topic),
+        msg_id: 0,
+        payload: b"x",
+    });
+    assert!(matches!(
+        decode_from_broker(&second.recv()),
+        Ok(Frame::Error {
+            code: Code::UnknownSession,
+            ..
+        })
+    ));
+    second.send(&Frame::Resume {
+        session_token: token,
+    });
+    assert!(matches!(
+        decode_from_broker(&second.recv()),
+        Ok(Frame::Pong)
+    ));
+    second.send(&Frame::Publish {
+        qos: Qos::AtMostOnce,
+        topic: TopicRef::Registered(topic),
+        msg_id: 0,
+        payload: b"y",
+    });
+    assert_eq!(sub.read_line(), "MSG nb.nbiot1 1 1");
+    assert_eq!(sub.read_line(), "y");
+}
+
+#[test]
+fn bad_datagrams_get_codes_and_change_nothing() {
+    let (server, port, _dir) = broker("", "2");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, ">");
+    let device = Device::new(port);
+    // Garbage, a truncated CONNECT, a huge declared length: clear errors.
+    for bad in [
+        &[0x00u8][..],
+        &[0x10, 0x01],
+        &[0x3F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+    ] {
+        device.send_raw(bad);
+        assert!(matches!(
+            decode_from_broker(&device.recv()),
+            Ok(Frame::Error {
+                code: Code::Malformed,
+                ..
+            })
+        ));
+    }
+    // Frames before CONNECT: no session.
+    device.send(&Frame::Ping);
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Error {
+            code: Code::UnknownSession,
+            ..
+        })
+    ));
+    device.connect("ok1", 30, None);
+    // An unregistered id, an invalid subject, a version from the future.
+    device.send(&Frame::Publish {
+        qos: Qos::AtLeastOnce,
+        topic: TopicRef::Registered(9),
+        msg_id: 1,
+        payload: b"x",
+    });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Puback {
+            msg_id: 1,
+            code: Code::UnknownTopic
+        })
+    ));
+    device.send(&Frame::Register {
+        id: 5,
+        subject: b"a..b",
+    });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Regack {
+            req_id: 5,
+            code: Code::InvalidSubject,
+            ..
+        })
+    ));
+    let other = Device::new(port);
+    other.send(&Frame::Connect {
+        version: 9,
+        clean_session: true,
+        keepalive_s: 30,
+        client_id: b"future",
+        will: None,
+    });
+    assert!(matches!(
+        decode_from_broker(&other.recv()),
+        Ok(Frame::Connack {
+            code: Code::UnsupportedVersion,
+            ..
+        })
+    ));
+    // Nothing reached the NATS side, and the broker still serves.
+    sub.send(b"PING\r\n");
+    assert_eq!(sub.read_line(), "PONG");
+    let topic = device.register(2, "still.fine");
+    device.send(&Frame::Publish {
+        qos: Qos::AtMostOnce,
+        topic: TopicRef::Registered(topic),
+        msg_id: 0,
+        payload: b"1",
+    });
+    assert_eq!(sub.read_line(), "MSG still.fine 1 1");
+    assert_eq!(sub.read_line(), "1");
+}
+
+/// A raw NATS request: the reply's payload.
+fn request(raw: &mut Raw, subject: &str, body: &str) -> String {
+    raw.send(format!("PUB {subject} _INBOX.dev.t {}\r\n{body}\r\n", body.len()).as_bytes());
+    let line = raw.read_line();
+    assert!(
+        line.starts_with("MSG _INBOX.dev.t 9 "),
+        "expected the reply, got {line:?}"
+    );
+    raw.read_line()
+}
+
+/// QoS 1 into a stream: each PUBACK comes after the stream's fsync, so
+/// everything acked is there after kill -9 and a restart (and a retransmit
+/// is stored once, however the broker restarted in between).
+#[test]
+fn acked_device_publishes_survive_kill_9() {
+    let port = free_port();
+    let dir = TempDir::new("device-store");
+    let store = dir.path.join("store");
+    std::fs::create_dir_all(&store).expect("store dir");
+    let conf = dir.path.join("perch.toml");
+    std::fs::write(&conf, format!("[device]\nudp = \"127.0.0.1:{port}\"\n")).expect("write config");
+    let args = [
+        "--config",
+        conf.to_str().expect("utf-8"),
+        "--store-dir",
+        store.to_str().expect("utf-8"),
+    ];
+    let server = Server::perch(&args);
+    let mut nats_client = nats(&server);
+    subscribe_nats(&mut nats_client, "_INBOX.dev.t");
+    nats_client.send(b"UNSUB 1\r\nSUB _INBOX.dev.t 9\r\nPING\r\n");
+    assert_eq!(nats_client.read_line(), "PONG");
+    let created = request(
+        &mut nats_client,
+        "$JS.API.STREAM.CREATE.READINGS",
+        r#"{"name":"READINGS","subjects":["sensors.>"]}"#,
+    );
+    assert!(
+        created.contains("\"type\":\"io.nats.jetstream.api.v1.stream_create_response\""),
+        "{created}"
+    );
+
+    let device = Device::new(port);
+    device.connect("meter1", 30, None);
+    let topic = device.register(1, "sensors.meter1.kwh");
+    let acked = 40u32;
+    for msg_id in 1..=acked {
+        device.send(&Frame::Publish {
+            qos: Qos::AtLeastOnce,
+            topic: TopicRef::Registered(topic),
+            msg_id,
+            payload: format!("{msg_id}").as_bytes(),
+        });
+        assert_eq!(
+            decode_from_broker(&device.recv()).expect("PUBACK"),
+            Frame::Puback {
+                msg_id,
+                code: Code::Ok
+            }
+        );
+    }
+    server.kill9();
+
+    let server = Server::perch(&args);
+    // The device lost its session with the broker; it reconnects and
+    // retransmits its last publish, as a device whose PUBACK was lost would.
+    let device = Device::new(port);
+    device.connect("meter1", 30, None);
+    let topic = device.register(1, "sensors.meter1.kwh");
+    device.send(&Frame::Publish {
+        qos: Qos::AtLeastOnce,
+        topic: TopicRef::Registered(topic),
+        msg_id: acked,
+        payload: format!("{acked}").as_bytes(),
+    });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Puback { code: Code::Ok, .. })
+    ));
+    let mut nats_client = nats(&server);
+    subscribe_nats(&mut nats_client, "_INBOX.dev.x");
+    nats_client.send(b"SUB _INBOX.dev.t 9\r\nPING\r\n");
+    assert_eq!(nats_client.read_line(), "PONG");
+    let info = request(&mut nats_client, "$JS.API.STREAM.INFO.READINGS", "");
+    let info: serde_json::Value = serde_json::from_str(&info).expect("stream info JSON");
+    assert_eq!(
+        info["state"]["messages"],
+        serde_json::json!(acked),
+        "every acked publish, once: {info}"
+    );
+}
+
+/// The same protocol over TCP: frames with a varint length.
+#[test]
+fn devices_speak_tcp_too() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let server = Server::perch(&["--device-tcp", &format!("127.0.0.1:{port}")]);
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "tcp.>");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the device port");
+    stream.set_read_timeout(Some(Duration::from_millis(REPLY_MS_MAX))).ok();
+    let mut send = |stream: &mut std::net::TcpStream, frame: &Frame<'_>| {
+        let mut buf = vec![0u8; frame.encoded_len() + perch_wire::tcp::PREFIX_BYTES_MAX];
+        let n = perch_wire::tcp::encode(frame, &mut buf).expect("encode");
+        stream.write_all(&buf[..n]).expect("write");
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    let mut recv = |stream: &mut std::net::TcpStream| -> Vec<u8> {
+        loop {
+            if let Some(Ok((frame, used))) = perch_wire::tcp::split_frame(&pending) {
+                let frame = frame.to_vec();
+                pending.drain(..used);
+                return frame;
+            }
+            let mut chunk = [0u8; 512];
+            let n = stream.read(&mut chunk).expect("a frame from the broker");
+            assert!(n > 0, "the broker closed the device connection");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    };
+    send(
+        &mut stream,
+        &Frame::Connect {
+            version: perch_wire::PROTOCOL_VERSION,
+            clean_session: true,
+            keepalive_s: 30,
+            client_id: b"wired",
+            will: None,
+        },
+    );
+    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Connack { code: Code::Ok, .. })));
+    // Two frames in one write, then a reply to each.
+    let mut both = Vec::new();
+    for frame in [
+        Frame::Register { id: 1, subject: b"tcp.wired" },
+        Frame::Subscribe {
+            req_id: 2,
+            max_qos: Qos::AtMostOnce,
+            filter: b"cmd.wired",
+        },
+    ] {
+        let mut buf = vec![0u8; 64];
+        let n = perch_wire::tcp::encode(&frame, &mut buf).expect("encode");
+        both.extend_from_slice(&buf[..n]);
+    }
+    stream.write_all(&both).expect("write");
+    let topic = match decode_from_broker(&recv(&mut stream)) {
+        Ok(Frame::Regack { topic, code: Code::Ok, .. }) => topic,
+        other => panic!("expected REGACK, got {other:?}"),
+    };
+    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Suback { req_id: 2, code: Code::Ok })));
+    send(
+        &mut stream,
+        &Frame::Publish {
+            qos: Qos::AtMostOnce,
+            topic: TopicRef::Registered(topic),
+            msg_id: 0,
+            payload: b"on the wire",
+        },
+    );
+    assert_eq!(sub.read_line(), "MSG tcp.wired 1 11");
+    assert_eq!(sub.read_line(), "on the wire");
+    sub.send(b"PUB cmd.wired 2\r\ngo\r\n");
+    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Register { subject: b"cmd.wired", .. })));
+    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Deliver { payload: b"go", .. })));
+    // A length prefix over the limit cannot be resynchronised: closed.
+    stream.write_all(&[0xFF, 0xFF, 0x7F]).expect("write");
+    let mut rest = [0u8; 16];
+    assert_eq!(stream.read(&mut rest).unwrap_or(0), 0, "closed after a bad prefix");
+}
+
+/// A pseudo-terminal pair: the broker opens the device end as a serial line.
+struct Pty {
+    master: std::fs::File,
+    device_path: String,
+}
+
+impl Pty {
+    fn open() -> Pty {
+        use std::os::fd::FromRawFd;
+        // SAFETY: posix_openpt/grantpt/unlockpt/ptsname on a fresh master fd;
+        // ptsname's static buffer is copied out at once.
+        unsafe {
+            let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            assert!(fd >= 0, "posix_openpt");
+            assert_eq!(libc::grantpt(fd), 0, "grantpt");
+            assert_eq!(libc::unlockpt(fd), 0, "unlockpt");
+            let name = libc::ptsname(fd);
+            assert!(!name.is_null(), "ptsname");
+            let device_path = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+            // The line must be raw on the test's side too (no echo, no CR/LF games).
+            let mut tio: libc::termios = std::mem::zeroed();
+            libc::tcgetattr(fd, &mut tio);
+            libc::cfmakeraw(&mut tio);
+            libc::tcsetattr(fd, libc::TCSANOW, &tio);
+            Pty {
+                master: std::fs::File::from_raw_fd(fd),
+                device_path,
+            }
+        }
+    }
+}
+
+/// The same protocol over a serial line (a pty here): COBS frames with a
+/// CRC; noise and a corrupted frame are dropped and the line resynchronises.
+#[test]
+fn devices_speak_serial_lines() {
+    use std::io::{Read, Write};
+    let pty = Pty::open();
+    let dir = TempDir::new("device-serial");
+    let conf = dir.path.join("perch.toml");
+    std::fs::write(
+        &conf,
+        format!("[[device.serial]]\npath = \"{}\"\nbaud = 115200\n", pty.device_path),
+    )
+    .expect("write config");
+    let server = Server::perch(&["--config", conf.to_str().expect("utf-8")]);
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "serial.>");
+    let mut master = pty.master.try_clone().expect("clone pty");
+    let frame_bytes = |frame: &Frame<'_>| {
+        let mut buf = vec![0u8; perch_wire::serial::encoded_len_max(frame.encoded_len())];
+        let n = perch_wire::serial::encode(frame, &mut buf).expect("encode");
+        buf.truncate(n);
+        buf
+    };
+    let mut deframer = perch_wire::serial::Deframer::<2048>::new();
+    let mut read_frame = |master: &mut std::fs::File| -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_millis(REPLY_MS_MAX);
+        let mut chunk = [0u8; 256];
+        loop {
+            assert!(Instant::now() < deadline, "no frame on the serial line");
+            let n = master.read(&mut chunk).expect("read pty");
+            if let Some((frame, _rest)) = deframer.feed(&chunk[..n]) {
+                return frame.to_vec();
+            }
+        }
+    };
+    // Line noise first, then a frame whose CRC is broken, then good frames.
+    master.write_all(&[0x55, 0xAA, 0x13, 0x00]).expect("write pty");
+    let mut bad = frame_bytes(&Frame::Ping);
+    bad[1] ^= 0x40;
+    master.write_all(&bad).expect("write pty");
+    master
+        .write_all(&frame_bytes(&Frame::Connect {
+            version: perch_wire::PROTOCOL_VERSION,
+            clean_session: true,
+            keepalive_s: 30,
+            client_id: b"uart0",
+            will: None,
+        }))
+        .expect("write pty");
+    assert!(matches!(decode_from_broker(&read_frame(&mut master)), Ok(Frame::Connack { code: Code::Ok, .. })));
+    master
+        .write_all(&frame_bytes(&Frame::Register { id: 1, subject: b"serial.uart0" }))
+        .expect("write pty");
+    let topic = match decode_from_broker(&read_frame(&mut master)) {
+        Ok(Frame::Regack { topic, code: Code::Ok, .. }) => topic,
+        other => panic!("expected REGACK, got {other:?}"),
+    };
+    master
+        .write_all(&frame_bytes(&Frame::Publish {
+            qos: Qos::AtLeastOnce,
+            topic: TopicRef::Registered(topic),
+            msg_id: 1,
+            payload: &[0, 1, 0, 2],
+        }))
+        .expect("write pty");
+    assert!(matches!(decode_from_broker(&read_frame(&mut master)), Ok(Frame::Puback { msg_id: 1, code: Code::Ok })));
+    assert_eq!(sub.read_line(), "MSG serial.uart0 1 4");
+}
