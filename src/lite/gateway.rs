@@ -91,6 +91,8 @@ pub struct Stats {
     pub sleep_buffer_dropped: u64,
     pub sessions_expired: u64,
     pub refused: u64,
+    /// ERROR replies not sent because the per-second budget was spent.
+    pub errors_suppressed: u64,
 }
 
 /// The shard a client id's session lives on (FNV-1a, stable across restarts).
@@ -120,8 +122,14 @@ pub struct Gateway {
     foreign: HashMap<SocketAddr, usize>,
     next_token: u32,
     next_sid: u64,
+    /// The second `errors_this_second` counts in.
+    error_second: u64,
+    errors_this_second: u32,
     pub stats: Stats,
 }
+
+/// ERROR replies per shard per second to peers that may have no session.
+pub const UNSOLICITED_ERRORS_PER_SECOND_MAX: u32 = 200;
 
 impl Gateway {
     pub fn new(
@@ -147,6 +155,8 @@ impl Gateway {
             foreign: HashMap::new(),
             next_token: 1,
             next_sid: 1,
+            error_second: 0,
+            errors_this_second: 0,
             stats: Stats::default(),
         }
     }
@@ -201,7 +211,7 @@ impl Gateway {
             Err(_) => {
                 self.stats.malformed_frames += 1;
                 let ref_type = bytes.first().map_or(0, |b| b >> 4);
-                self.send_error(out, from, Code::Malformed, ref_type, 0);
+                self.send_unsolicited_error(out, from, now_ms, Code::Malformed, ref_type, 0);
                 return;
             }
         };
@@ -221,7 +231,9 @@ impl Gateway {
             }
             Frame::Resume { session_token } => {
                 let owner = (*session_token >> TOKEN_SHARD_SHIFT) as usize;
-                if let Some(addr) = udp_from.filter(|_| owner != self.shard && owner < self.shard_count) {
+                if let Some(addr) =
+                    udp_from.filter(|_| owner != self.shard && owner < self.shard_count)
+                {
                     self.remember_foreign(addr, owner);
                     out.push(Action::Forward {
                         shard: owner,
@@ -277,7 +289,14 @@ impl Gateway {
                     }
                     None => {
                         self.stats.unknown_session_frames += 1;
-                        self.send_error(out, from, Code::UnknownSession, 0xE, 0);
+                        self.send_unsolicited_error(
+                            out,
+                            from,
+                            now_ms,
+                            Code::UnknownSession,
+                            0xE,
+                            0,
+                        );
                     }
                 }
             }
@@ -285,7 +304,14 @@ impl Gateway {
                 let Some(&slot) = self.by_addr.get(&from) else {
                     self.stats.unknown_session_frames += 1;
                     let ref_type = bytes.first().map_or(0, |b| b >> 4);
-                    self.send_error(out, from, Code::UnknownSession, ref_type, 0);
+                    self.send_unsolicited_error(
+                        out,
+                        from,
+                        now_ms,
+                        Code::UnknownSession,
+                        ref_type,
+                        0,
+                    );
                     return;
                 };
                 self.heard(slot, now_ms);
@@ -307,7 +333,7 @@ impl Gateway {
 
     fn heard(&mut self, slot: usize, now_ms: u64) {
         if let Some(session) = self.sessions[slot].as_mut() {
-            session.last_heard_ms = now_ms;
+            session.heard(now_ms);
         }
     }
 
@@ -340,15 +366,14 @@ impl Gateway {
             self.send_connack(out, from, false, Code::Malformed, 0);
             return;
         }
-        let keepalive_ms = u64::from(keepalive_s.max(1)) * 1000;
         let existing = self.by_client.get(client_id).copied();
         let (slot, present) = match existing {
             Some(slot) if !clean_session => {
                 // Persistent session: keep its topics and subscriptions.
                 self.rebind(slot, from);
                 if let Some(s) = self.sessions[slot].as_mut() {
-                    s.keepalive_ms = keepalive_ms;
-                    s.presence = Presence::Awake;
+                    s.set_keepalive_s(keepalive_s);
+                    s.wake();
                 }
                 (slot, true)
             }
@@ -364,7 +389,7 @@ impl Gateway {
                 let token = ((self.shard as u32) << TOKEN_SHARD_SHIFT)
                     | (self.next_token & ((1 << TOKEN_SHARD_SHIFT) - 1));
                 self.next_token = self.next_token.wrapping_add(1).max(1);
-                let session = DeviceSession::new(client_id, from, token, keepalive_ms, now_ms);
+                let session = DeviceSession::new(client_id, from, token, keepalive_s, now_ms);
                 let slot = match self.free.pop() {
                     Some(slot) => {
                         self.sessions[slot] = Some(session);
@@ -389,13 +414,11 @@ impl Gateway {
             }
         };
         let session = self.sessions[slot].as_mut().expect("slot just filled");
-        session.last_heard_ms = now_ms;
-        session.will = will.map(|w| {
-            Box::new(Will {
-                subject: w.subject.into(),
-                payload: w.payload.into(),
-            })
-        });
+        session.heard(now_ms);
+        session.set_will(will.map(|w| Will {
+            subject: w.subject.into(),
+            payload: w.payload.into(),
+        }));
         let token = session.token;
         self.send_connack(out, from, present, Code::Ok, token);
     }
@@ -495,9 +518,7 @@ impl Gateway {
                     });
                     return;
                 }
-                if let Some(&(_, sid)) = session.subscriptions.iter().find(|(f, _)| **f == *filter)
-                {
-                    let _ = sid;
+                if session.subscriptions().iter().any(|(f, _)| **f == *filter) {
                     out.push(Action::Send {
                         to,
                         frame: encode(&Frame::Suback {
@@ -508,8 +529,17 @@ impl Gateway {
                     return;
                 }
                 let sid = self.next_sid;
+                if !session.add_subscription(filter, sid) {
+                    out.push(Action::Send {
+                        to,
+                        frame: encode(&Frame::Suback {
+                            req_id,
+                            code: Code::NoResources,
+                        }),
+                    });
+                    return;
+                }
                 self.next_sid += 1;
-                session.subscriptions.push((filter.into(), sid));
                 self.by_sid.insert(sid, slot);
                 out.push(Action::Subscribe {
                     sid,
@@ -519,12 +549,7 @@ impl Gateway {
                 });
             }
             Frame::Unsubscribe { req_id, filter } => {
-                if let Some(i) = session
-                    .subscriptions
-                    .iter()
-                    .position(|(f, _)| **f == *filter)
-                {
-                    let (_, sid) = session.subscriptions.swap_remove(i);
+                if let Some(sid) = session.remove_subscription(filter) {
                     self.by_sid.remove(&sid);
                     out.push(Action::Unsubscribe { sid });
                 }
@@ -537,9 +562,8 @@ impl Gateway {
                 });
             }
             Frame::Ping => {
-                session.presence = Presence::Awake;
-                session.sleep_buffer_bytes = 0;
-                for frame in session.sleep_buffer.drain(..) {
+                session.wake();
+                for frame in session.take_buffered() {
                     out.push(Action::Send {
                         to,
                         frame: frame.into_vec(),
@@ -551,9 +575,7 @@ impl Gateway {
                 });
             }
             Frame::Disconnect { sleep_s: Some(s) } => {
-                session.presence = Presence::Asleep {
-                    until_ms: now_ms + u64::from(s) * 1000,
-                };
+                session.sleep(now_ms + u64::from(s) * 1000);
                 out.push(Action::Send {
                     to,
                     frame: encode(&Frame::Disconnect { sleep_s: None }),
@@ -562,7 +584,7 @@ impl Gateway {
             Frame::Disconnect { sleep_s: None } => {
                 // A clean goodbye: no will.
                 if let Some(s) = self.sessions[slot].as_mut() {
-                    s.will = None;
+                    s.set_will(None);
                 }
                 self.remove(slot, false, out);
                 out.push(Action::Send {
@@ -642,7 +664,7 @@ impl Gateway {
         let reply_handle = reply.map(|r| session.open_reply(r));
         frames.push(encode_delivery(topic, reply_handle, payload));
         let to = session.addr;
-        match session.presence {
+        match session.presence() {
             Presence::Awake => {
                 out.extend(frames.into_iter().map(|frame| Action::Send { to, frame }))
             }
@@ -685,7 +707,7 @@ impl Gateway {
     }
 
     fn remove(&mut self, slot: usize, publish_will: bool, out: &mut Vec<Action>) {
-        let Some(session) = self.sessions[slot].take() else {
+        let Some(mut session) = self.sessions[slot].take() else {
             return;
         };
         self.free.push(slot);
@@ -693,12 +715,12 @@ impl Gateway {
         if self.by_addr.get(&session.addr) == Some(&slot) {
             self.by_addr.remove(&session.addr);
         }
-        for (_, sid) in &session.subscriptions {
+        for (_, sid) in session.subscriptions() {
             self.by_sid.remove(sid);
             out.push(Action::Unsubscribe { sid: *sid });
         }
         if publish_will {
-            if let Some(will) = session.will {
+            if let Some(will) = session.take_will() {
                 out.push(Action::Publish {
                     subject: will.subject.into_vec(),
                     reply: None,
@@ -745,14 +767,32 @@ impl Gateway {
         }
     }
 
-    fn send_error(
-        &self,
+    /// An ERROR to a peer that may have no session (garbage, unknown
+    /// sessions): bounded per second, so spoofed datagrams cannot turn the
+    /// broker into a reflector. Beyond the budget they are dropped, counted.
+    fn send_unsolicited_error(
+        &mut self,
         out: &mut Vec<Action>,
         to: Peer,
+        now_ms: u64,
         code: Code,
         ref_type: u8,
         ref_id: u32,
     ) {
+        let second = now_ms / 1000;
+        if second != self.error_second {
+            self.error_second = second;
+            self.errors_this_second = 0;
+        }
+        if self.errors_this_second >= UNSOLICITED_ERRORS_PER_SECOND_MAX {
+            self.stats.errors_suppressed += 1;
+            return;
+        }
+        self.errors_this_second += 1;
+        self.send_error(out, to, code, ref_type, ref_id);
+    }
+
+    fn send_error(&self, out: &mut Vec<Action>, to: Peer, code: Code, ref_type: u8, ref_id: u32) {
         out.push(Action::Send {
             to,
             frame: encode(&Frame::Error {
@@ -1049,6 +1089,31 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    #[test]
+    fn a_flood_of_garbage_gets_a_bounded_number_of_answers() {
+        let mut g = gateway(0, 1);
+        let mut answered = 0;
+        for port in 0..1000u16 {
+            let mut out = Vec::new();
+            g.handle_datagram(addr(port), &[0x00], false, 5, &mut out);
+            answered += out.len();
+        }
+        assert_eq!(answered, UNSOLICITED_ERRORS_PER_SECOND_MAX as usize);
+        assert_eq!(
+            g.stats.errors_suppressed,
+            1000 - u64::from(UNSOLICITED_ERRORS_PER_SECOND_MAX)
+        );
+        assert_eq!(g.session_count(), 0);
+        assert!(
+            g.foreign.is_empty() && g.by_addr.is_empty(),
+            "nothing remembered of them"
+        );
+        // The next second answers again.
+        let mut out = Vec::new();
+        g.handle_datagram(addr(1), &[0x00], false, 1_005, &mut out);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]

@@ -108,7 +108,10 @@ pub(crate) struct ForwardedDatagram {
 
 /// Binds one SO_REUSEPORT UDP socket per shard on `addr` (before the shards
 /// start, so a bad address fails the start).
-pub(crate) fn bind_udp(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+pub(crate) fn bind_udp(
+    addr: SocketAddr,
+    shards: usize,
+) -> std::io::Result<Vec<std::net::UdpSocket>> {
     (0..shards)
         .map(|_| {
             let fd = reuseport_socket(addr, libc::SOCK_DGRAM)?;
@@ -120,7 +123,10 @@ pub(crate) fn bind_udp(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<s
 
 /// One SO_REUSEPORT TCP listener per shard on `addr`: the kernel spreads
 /// device connections over the shards.
-pub(crate) fn bind_tcp(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+pub(crate) fn bind_tcp(
+    addr: SocketAddr,
+    shards: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     (0..shards)
         .map(|_| {
             let fd = reuseport_socket(addr, libc::SOCK_STREAM)?;
@@ -135,7 +141,11 @@ pub(crate) fn bind_tcp(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<s
 }
 
 fn reuseport_socket(addr: SocketAddr, kind: libc::c_int) -> std::io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2); the fd is owned by the OwnedFd below.
     let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
     if fd < 0 {
@@ -161,7 +171,13 @@ fn reuseport_socket(addr: SocketAddr, kind: libc::c_int) -> std::io::Result<Owne
     }
     let (storage, len) = sockaddr(addr);
     // SAFETY: storage holds a valid sockaddr of `len` bytes.
-    let rc = unsafe { libc::bind(fd, &storage as *const libc::sockaddr_storage as *const libc::sockaddr, len) };
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            &storage as *const libc::sockaddr_storage as *const libc::sockaddr,
+            len,
+        )
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -183,25 +199,37 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
             unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            (storage, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            (
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         }
         SocketAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
             unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            (storage, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+            (
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
         }
     }
 }
 
 impl DeviceRuntime {
-    fn start(shard: &Rc<Shard>, udp: Option<std::net::UdpSocket>, predefined: std::sync::Arc<Predefined>) -> std::io::Result<Rc<DeviceRuntime>> {
+    fn start(
+        shard: &Rc<Shard>,
+        udp: Option<std::net::UdpSocket>,
+        predefined: std::sync::Arc<Predefined>,
+    ) -> std::io::Result<Rc<DeviceRuntime>> {
         let udp = udp.map(tokio::net::UdpSocket::from_std).transpose()?;
         let session = Session::new(
             u64::MAX - 64 - shard.id as u64,
@@ -248,7 +276,11 @@ impl DeviceRuntime {
     }
 
     /// A datagram forwarded by another shard.
-    pub(crate) fn handle_forwarded(self: &Rc<Self>, shard: &Rc<Shard>, datagram: ForwardedDatagram) {
+    pub(crate) fn handle_forwarded(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        datagram: ForwardedDatagram,
+    ) {
         self.handle(shard, Peer::Udp(datagram.from), &datagram.bytes, true);
     }
 
@@ -257,9 +289,13 @@ impl DeviceRuntime {
         shard.mark_active();
         shard.apply_arrived_interest();
         let mut actions = Vec::new();
-        self.gateway
-            .borrow_mut()
-            .handle_datagram(from, bytes, forwarded, self.now_ms(), &mut actions);
+        self.gateway.borrow_mut().handle_datagram(
+            from,
+            bytes,
+            forwarded,
+            self.now_ms(),
+            &mut actions,
+        );
         self.carry_out(shard, actions);
     }
 
@@ -279,7 +315,13 @@ impl DeviceRuntime {
                     }
                     Some((to, msg_id)) => {
                         self.publish(shard, &subject, reply.as_deref(), None, &payload);
-                        self.send(to, &encode(&Frame::Puback { msg_id, code: Code::Ok }));
+                        self.send(
+                            to,
+                            &encode(&Frame::Puback {
+                                msg_id,
+                                code: Code::Ok,
+                            }),
+                        );
                     }
                     None => self.publish(shard, &subject, reply.as_deref(), None, &payload),
                 },
@@ -291,7 +333,13 @@ impl DeviceRuntime {
                         .any(|&(peer, id)| peer == to && id == msg_id);
                     // Still waiting for the store: its ack comes with the fsync.
                     if !waiting {
-                        self.send(to, &encode(&Frame::Puback { msg_id, code: Code::Ok }));
+                        self.send(
+                            to,
+                            &encode(&Frame::Puback {
+                                msg_id,
+                                code: Code::Ok,
+                            }),
+                        );
                     }
                 }
                 Action::Subscribe {
@@ -310,12 +358,22 @@ impl DeviceRuntime {
                     let (shard, runtime) = (Rc::clone(shard), Rc::clone(self));
                     tokio::task::spawn_local(async move {
                         shard.broadcast_interest_and_wait().await;
-                        runtime.send(to, &encode(&Frame::Suback { req_id, code: Code::Ok }));
+                        runtime.send(
+                            to,
+                            &encode(&Frame::Suback {
+                                req_id,
+                                code: Code::Ok,
+                            }),
+                        );
                     });
                 }
                 Action::Unsubscribe { sid } => {
                     if self.subscriptions.borrow_mut().remove(&sid).is_some() {
-                        super::internal::op(&self.session, shard, format!("UNSUB {sid}").as_bytes());
+                        super::internal::op(
+                            &self.session,
+                            shard,
+                            format!("UNSUB {sid}").as_bytes(),
+                        );
                         shard.broadcast_interest();
                     }
                 }
@@ -324,10 +382,12 @@ impl DeviceRuntime {
                     from,
                     datagram,
                 } => {
-                    let _ = shard.shared.peers.control[owner].send(Control::DeviceDatagram(ForwardedDatagram {
-                        from,
-                        bytes: datagram,
-                    }));
+                    let _ = shard.shared.peers.control[owner].send(Control::DeviceDatagram(
+                        ForwardedDatagram {
+                            from,
+                            bytes: datagram,
+                        },
+                    ));
                 }
             }
         }
@@ -378,7 +438,14 @@ impl DeviceRuntime {
     /// `Nats-Msg-Id` (so the stream drops a retransmit even after a broker
     /// restart), and the device's PUBACK waits for the stream's PubAck, which
     /// the stream sends only once the message is fsynced.
-    fn publish_to_store(&self, shard: &Rc<Shard>, subject: &[u8], payload: &[u8], to: Peer, msg_id: u32) {
+    fn publish_to_store(
+        &self,
+        shard: &Rc<Shard>,
+        subject: &[u8],
+        payload: &[u8],
+        to: Peer,
+        msg_id: u32,
+    ) {
         let n = self.next_store_ack.get();
         self.next_store_ack.set(n + 1);
         {
@@ -394,7 +461,13 @@ impl DeviceRuntime {
             "NATS/1.0\r\nNats-Msg-Id: dev.{}.{msg_id}\r\n\r\n",
             String::from_utf8_lossy(&client)
         );
-        self.publish(shard, subject, Some(reply.as_bytes()), Some(headers.as_bytes()), payload);
+        self.publish(
+            shard,
+            subject,
+            Some(reply.as_bytes()),
+            Some(headers.as_bytes()),
+            payload,
+        );
     }
 
     /// A stream answered a device's QoS 1 publish: PUBACK it.
@@ -413,7 +486,14 @@ impl DeviceRuntime {
     }
 
     /// Routes a device's message like a publish from a client of this shard.
-    fn publish(&self, shard: &Rc<Shard>, subject: &[u8], reply: Option<&[u8]>, headers: Option<&[u8]>, payload: &[u8]) {
+    fn publish(
+        &self,
+        shard: &Rc<Shard>,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) {
         let msg = Message {
             subject,
             reply,
@@ -421,7 +501,10 @@ impl DeviceRuntime {
             payload,
         };
         let mut outgoing = self.outgoing.borrow_mut();
-        let outcome = shard.router.borrow_mut().route(&msg, None, &mut outgoing.targets);
+        let outcome = shard
+            .router
+            .borrow_mut()
+            .route(&msg, None, &mut outgoing.targets);
         if outcome.remote_shards > 0 {
             outgoing.push_targets(&msg, shard.shared.shard_count, &shard.batch_pool, shard.id);
         }
@@ -469,7 +552,10 @@ impl DeviceRuntime {
 }
 
 /// Starts a shard's device side: the gateway, and a task per socket or line.
-pub(crate) fn start(shard: &Rc<Shard>, sockets: DeviceSockets) -> std::io::Result<Rc<DeviceRuntime>> {
+pub(crate) fn start(
+    shard: &Rc<Shard>,
+    sockets: DeviceSockets,
+) -> std::io::Result<Rc<DeviceRuntime>> {
     let runtime = DeviceRuntime::start(shard, sockets.udp, sockets.predefined)?;
     if runtime.udp.is_some() {
         tokio::task::spawn_local(udp_loop(Rc::clone(shard), Rc::clone(&runtime)));
@@ -477,14 +563,29 @@ pub(crate) fn start(shard: &Rc<Shard>, sockets: DeviceSockets) -> std::io::Resul
     if let Some(listener) = sockets.tcp {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        tokio::task::spawn_local(tcp_accept_loop(Rc::clone(shard), Rc::clone(&runtime), listener));
+        tokio::task::spawn_local(tcp_accept_loop(
+            Rc::clone(shard),
+            Rc::clone(&runtime),
+            listener,
+        ));
     }
     for (path, baud) in sockets.serial {
-        let line = open_serial(&path, baud).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        tracing::info!(shard = shard.id, "devices: serial line {} at {baud} baud", path.display());
+        let line = open_serial(&path, baud)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        tracing::info!(
+            shard = shard.id,
+            "devices: serial line {} at {baud} baud",
+            path.display()
+        );
         let (reader, writer) = tokio::io::split(line);
         let (peer, out) = runtime.open_stream(Framing::Serial);
-        tokio::task::spawn_local(stream_reader(Rc::clone(shard), Rc::clone(&runtime), peer, Framing::Serial, reader));
+        tokio::task::spawn_local(stream_reader(
+            Rc::clone(shard),
+            Rc::clone(&runtime),
+            peer,
+            Framing::Serial,
+            reader,
+        ));
         tokio::task::spawn_local(stream_writer(out, writer));
     }
     tokio::task::spawn_local(deliveries(Rc::clone(shard), Rc::clone(&runtime)));
@@ -507,7 +608,11 @@ async fn udp_loop(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
     }
 }
 
-async fn tcp_accept_loop(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>, listener: tokio::net::TcpListener) {
+async fn tcp_accept_loop(
+    shard: Rc<Shard>,
+    runtime: Rc<DeviceRuntime>,
+    listener: tokio::net::TcpListener,
+) {
     loop {
         let (stream, peer_addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -521,17 +626,30 @@ async fn tcp_accept_loop(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>, listener:
         tracing::debug!(shard = shard.id, %peer_addr, "device connected over TCP");
         let (reader, writer) = stream.into_split();
         let (peer, out) = runtime.open_stream(Framing::Tcp);
-        tokio::task::spawn_local(stream_reader(Rc::clone(&shard), Rc::clone(&runtime), peer, Framing::Tcp, reader));
+        tokio::task::spawn_local(stream_reader(
+            Rc::clone(&shard),
+            Rc::clone(&runtime),
+            peer,
+            Framing::Tcp,
+            reader,
+        ));
         tokio::task::spawn_local(stream_writer(out, writer));
     }
 }
 
 /// Reads frames from a stream device until it closes or breaks the framing.
-async fn stream_reader(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>, peer: Peer, framing: Framing, mut reader: impl AsyncRead + Unpin) {
+async fn stream_reader(
+    shard: Rc<Shard>,
+    runtime: Rc<DeviceRuntime>,
+    peer: Peer,
+    framing: Framing,
+    mut reader: impl AsyncRead + Unpin,
+) {
     let mut chunk = vec![0u8; STREAM_READ_BYTES];
     // TCP: bytes of an incomplete frame (bounded by the largest frame).
     let mut pending: Vec<u8> = Vec::new();
-    let mut deframer = Box::new(serial::Deframer::<{ serial::DEFRAMER_BYTES_FOR_FRAME_MAX }>::new());
+    let mut deframer =
+        Box::new(serial::Deframer::<{ serial::DEFRAMER_BYTES_FOR_FRAME_MAX }>::new());
     'reading: loop {
         let n = match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
@@ -568,7 +686,11 @@ async fn stream_reader(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>, peer: Peer,
             }
         }
         let closed = match peer {
-            Peer::Stream(id) => runtime.streams.borrow().get(&id).map_or(true, |o| o.closed.get()),
+            Peer::Stream(id) => runtime
+                .streams
+                .borrow()
+                .get(&id)
+                .map_or(true, |o| o.closed.get()),
             Peer::Udp(_) => false,
         };
         if closed {
@@ -577,7 +699,12 @@ async fn stream_reader(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>, peer: Peer,
     }
     if framing == Framing::Serial {
         let stats = deframer.stats();
-        tracing::info!(shard = shard.id, frames = stats.frames, corrupt = stats.corrupt_dropped, "serial line closed");
+        tracing::info!(
+            shard = shard.id,
+            frames = stats.frames,
+            corrupt = stats.corrupt_dropped,
+            "serial line closed"
+        );
     }
     runtime.close_stream(&shard, peer);
 }
@@ -612,11 +739,17 @@ async fn deliveries(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
             let mut at = 0;
             while at < frames.len() {
                 let Some((msg, used)) = next_frame(&frames[at..]) else {
-                    tracing::error!(shard = shard.id, "internal frame unreadable; dropped the rest");
+                    tracing::error!(
+                        shard = shard.id,
+                        "internal frame unreadable; dropped the rest"
+                    );
                     break;
                 };
                 at += used;
-                let Some(sid) = std::str::from_utf8(msg.sid).ok().and_then(|s| s.parse().ok()) else {
+                let Some(sid) = std::str::from_utf8(msg.sid)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                else {
                     continue;
                 };
                 if sid == STORE_ACK_SID {
@@ -635,10 +768,15 @@ async fn expiry(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
     loop {
         let now = runtime.now_ms();
         let next = runtime.gateway.borrow().next_expiry_ms();
-        let wait_ms = next.map_or(EXPIRY_TICK_MS, |at| at.saturating_sub(now).clamp(1, EXPIRY_TICK_MS));
+        let wait_ms = next.map_or(EXPIRY_TICK_MS, |at| {
+            at.saturating_sub(now).clamp(1, EXPIRY_TICK_MS)
+        });
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         let mut actions = Vec::new();
-        runtime.gateway.borrow_mut().expire(runtime.now_ms(), &mut actions);
+        runtime
+            .gateway
+            .borrow_mut()
+            .expire(runtime.now_ms(), &mut actions);
         if !actions.is_empty() {
             runtime.carry_out(&shard, actions);
         }
@@ -677,14 +815,23 @@ fn open_serial(path: &std::path::Path, baud: u32) -> std::io::Result<SerialLine>
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
     // SAFETY: open(2) with a valid C string.
-    let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a descriptor we just opened and own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let speed = baud_constant(baud)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("unsupported baud rate {baud}")))?;
+    let speed = baud_constant(baud).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("unsupported baud rate {baud}"),
+        )
+    })?;
     // SAFETY: termios calls on our open tty with a zero-initialised struct
     // that tcgetattr fills.
     unsafe {
@@ -724,13 +871,19 @@ fn baud_constant(baud: u32) -> Option<libc::speed_t> {
 }
 
 impl AsyncRead for SerialLine {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             // SAFETY: read(2) into a valid, initialised buffer of that length.
             let result = guard.try_io(|fd| {
-                let n = unsafe { libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len()) };
+                let n = unsafe {
+                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
+                };
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
@@ -752,7 +905,11 @@ impl AsyncRead for SerialLine {
 }
 
 impl AsyncWrite for SerialLine {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             // SAFETY: write(2) from a valid buffer.

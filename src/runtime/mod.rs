@@ -131,7 +131,10 @@ fn run_shard_thread(
 
 /// Each shard's device sockets and lines (None when devices are off), bound
 /// before any shard starts so a bad address or line fails the start.
-fn device_sockets(config: &Config, shards: usize) -> anyhow::Result<Vec<Option<device::DeviceSockets>>> {
+fn device_sockets(
+    config: &Config,
+    shards: usize,
+) -> anyhow::Result<Vec<Option<device::DeviceSockets>>> {
     let device = &config.device;
     if device.udp.is_none() && device.tcp.is_none() && device.serial.is_empty() {
         return Ok((0..shards).map(|_| None).collect());

@@ -218,8 +218,6 @@ pub(crate) struct Shard {
     pub device: std::cell::OnceCell<Rc<super::device::DeviceRuntime>>,
 }
 
-
-
 impl Shard {
     pub(crate) fn new(id: usize, shared: Arc<Shared>) -> Shard {
         let config = &shared.config;
