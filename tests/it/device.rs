@@ -606,8 +606,11 @@ fn devices_speak_tcp_too() {
     let server = Server::perch(&["--device-tcp", &format!("127.0.0.1:{port}")]);
     let mut sub = nats(&server);
     subscribe_nats(&mut sub, "tcp.>");
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the device port");
-    stream.set_read_timeout(Some(Duration::from_millis(REPLY_MS_MAX))).ok();
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the device port");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(REPLY_MS_MAX)))
+        .ok();
     let mut send = |stream: &mut std::net::TcpStream, frame: &Frame<'_>| {
         let mut buf = vec![0u8; frame.encoded_len() + perch_wire::tcp::PREFIX_BYTES_MAX];
         let n = perch_wire::tcp::encode(frame, &mut buf).expect("encode");
@@ -637,11 +640,17 @@ fn devices_speak_tcp_too() {
             will: None,
         },
     );
-    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Connack { code: Code::Ok, .. })));
+    assert!(matches!(
+        decode_from_broker(&recv(&mut stream)),
+        Ok(Frame::Connack { code: Code::Ok, .. })
+    ));
     // Two frames in one write, then a reply to each.
     let mut both = Vec::new();
     for frame in [
-        Frame::Register { id: 1, subject: b"tcp.wired" },
+        Frame::Register {
+            id: 1,
+            subject: b"tcp.wired",
+        },
         Frame::Subscribe {
             req_id: 2,
             max_qos: Qos::AtMostOnce,
@@ -654,10 +663,20 @@ fn devices_speak_tcp_too() {
     }
     stream.write_all(&both).expect("write");
     let topic = match decode_from_broker(&recv(&mut stream)) {
-        Ok(Frame::Regack { topic, code: Code::Ok, .. }) => topic,
+        Ok(Frame::Regack {
+            topic,
+            code: Code::Ok,
+            ..
+        }) => topic,
         other => panic!("expected REGACK, got {other:?}"),
     };
-    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Suback { req_id: 2, code: Code::Ok })));
+    assert!(matches!(
+        decode_from_broker(&recv(&mut stream)),
+        Ok(Frame::Suback {
+            req_id: 2,
+            code: Code::Ok
+        })
+    ));
     send(
         &mut stream,
         &Frame::Publish {
@@ -670,12 +689,25 @@ fn devices_speak_tcp_too() {
     assert_eq!(sub.read_line(), "MSG tcp.wired 1 11");
     assert_eq!(sub.read_line(), "on the wire");
     sub.send(b"PUB cmd.wired 2\r\ngo\r\n");
-    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Register { subject: b"cmd.wired", .. })));
-    assert!(matches!(decode_from_broker(&recv(&mut stream)), Ok(Frame::Deliver { payload: b"go", .. })));
+    assert!(matches!(
+        decode_from_broker(&recv(&mut stream)),
+        Ok(Frame::Register {
+            subject: b"cmd.wired",
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode_from_broker(&recv(&mut stream)),
+        Ok(Frame::Deliver { payload: b"go", .. })
+    ));
     // A length prefix over the limit cannot be resynchronised: closed.
     stream.write_all(&[0xFF, 0xFF, 0x7F]).expect("write");
     let mut rest = [0u8; 16];
-    assert_eq!(stream.read(&mut rest).unwrap_or(0), 0, "closed after a bad prefix");
+    assert_eq!(
+        stream.read(&mut rest).unwrap_or(0),
+        0,
+        "closed after a bad prefix"
+    );
 }
 
 /// A pseudo-terminal pair: the broker opens the device end as a serial line.
@@ -696,7 +728,9 @@ impl Pty {
             assert_eq!(libc::unlockpt(fd), 0, "unlockpt");
             let name = libc::ptsname(fd);
             assert!(!name.is_null(), "ptsname");
-            let device_path = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+            let device_path = std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned();
             // The line must be raw on the test's side too (no echo, no CR/LF games).
             let mut tio: libc::termios = std::mem::zeroed();
             libc::tcgetattr(fd, &mut tio);
@@ -720,7 +754,10 @@ fn devices_speak_serial_lines() {
     let conf = dir.path.join("perch.toml");
     std::fs::write(
         &conf,
-        format!("[[device.serial]]\npath = \"{}\"\nbaud = 115200\n", pty.device_path),
+        format!(
+            "[[device.serial]]\npath = \"{}\"\nbaud = 115200\n",
+            pty.device_path
+        ),
     )
     .expect("write config");
     let server = Server::perch(&["--config", conf.to_str().expect("utf-8")]);
@@ -746,7 +783,9 @@ fn devices_speak_serial_lines() {
         }
     };
     // Line noise first, then a frame whose CRC is broken, then good frames.
-    master.write_all(&[0x55, 0xAA, 0x13, 0x00]).expect("write pty");
+    master
+        .write_all(&[0x55, 0xAA, 0x13, 0x00])
+        .expect("write pty");
     let mut bad = frame_bytes(&Frame::Ping);
     bad[1] ^= 0x40;
     master.write_all(&bad).expect("write pty");
@@ -759,12 +798,22 @@ fn devices_speak_serial_lines() {
             will: None,
         }))
         .expect("write pty");
-    assert!(matches!(decode_from_broker(&read_frame(&mut master)), Ok(Frame::Connack { code: Code::Ok, .. })));
+    assert!(matches!(
+        decode_from_broker(&read_frame(&mut master)),
+        Ok(Frame::Connack { code: Code::Ok, .. })
+    ));
     master
-        .write_all(&frame_bytes(&Frame::Register { id: 1, subject: b"serial.uart0" }))
+        .write_all(&frame_bytes(&Frame::Register {
+            id: 1,
+            subject: b"serial.uart0",
+        }))
         .expect("write pty");
     let topic = match decode_from_broker(&read_frame(&mut master)) {
-        Ok(Frame::Regack { topic, code: Code::Ok, .. }) => topic,
+        Ok(Frame::Regack {
+            topic,
+            code: Code::Ok,
+            ..
+        }) => topic,
         other => panic!("expected REGACK, got {other:?}"),
     };
     master
@@ -775,6 +824,72 @@ fn devices_speak_serial_lines() {
             payload: &[0, 1, 0, 2],
         }))
         .expect("write pty");
-    assert!(matches!(decode_from_broker(&read_frame(&mut master)), Ok(Frame::Puback { msg_id: 1, code: Code::Ok })));
+    assert!(matches!(
+        decode_from_broker(&read_frame(&mut master)),
+        Ok(Frame::Puback {
+            msg_id: 1,
+            code: Code::Ok
+        })
+    ));
     assert_eq!(sub.read_line(), "MSG serial.uart0 1 4");
+}
+
+/// Spoofed-source floods: thousands of datagrams from ever new ports (garbage,
+/// CONNECTs that are never followed up, frames without sessions) answer at
+/// most the ERROR budget, grow no memory, and leave real devices unaffected.
+#[test]
+fn floods_from_many_source_ports_change_nothing_for_others() {
+    let (server, port, _dir) = broker("", "2");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "ok.>");
+    let device = Device::new(port);
+    device.connect("steady", 30, None);
+    let topic = device.register(1, "ok.steady");
+    let rss_before = server.rss_kib();
+    let target = ("127.0.0.1", port);
+    let started = Instant::now();
+    let sockets: Vec<UdpSocket> = (0..1500)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    for (i, socket) in sockets.iter().enumerate() {
+        socket
+            .send_to(&[0xFF, i as u8, (i >> 8) as u8], target)
+            .expect("send");
+        socket.send_to(&[0xB0], target).expect("send"); // PING without a session
+    }
+    let elapsed_s = started.elapsed().as_secs() + 1;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut answered = 0u64;
+    for socket in &sockets {
+        socket.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 64];
+        while socket.recv(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    // 3000 bad datagrams: the per-shard budget bounds the answers (2 shards,
+    // at most two budget windows per second of sending).
+    let bound =
+        2 * u64::from(perch::lite::gateway::UNSOLICITED_ERRORS_PER_SECOND_MAX) * (elapsed_s + 1);
+    assert!(
+        answered > 0 && answered <= bound,
+        "{answered} answers, bound {bound}"
+    );
+    device.send(&Frame::Publish {
+        qos: Qos::AtLeastOnce,
+        topic: TopicRef::Registered(topic),
+        msg_id: 1,
+        payload: b"fine",
+    });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Puback { code: Code::Ok, .. })
+    ));
+    assert_eq!(sub.read_line(), "MSG ok.steady 1 4");
+    assert_eq!(sub.read_line(), "fine");
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 2048,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB under the flood"
+    );
 }
