@@ -893,3 +893,63 @@ fn floods_from_many_source_ports_change_nothing_for_others() {
         "RSS grew from {rss_before} KiB to {rss_after} KiB under the flood"
     );
 }
+
+/// The official Rust client on the NATS side: async-nats requests reach a
+/// device and get its answer; an async-nats subscriber sees device publishes.
+#[test]
+fn async_nats_requests_a_device_and_hears_it() {
+    let (server, port, _dir) = broker("", "2");
+    let device = Device::new(port);
+    device.connect("pump7", 30, None);
+    device.subscribe(1, "dev.pump7.>");
+    let topic = device.register(2, "sensors.pump7.flow");
+    let responder = std::thread::spawn(move || {
+        let mut topics = Vec::new();
+        let (subject, reply, payload) = device.next_message(&mut topics);
+        assert_eq!(
+            (subject.as_str(), payload.as_slice()),
+            ("dev.pump7.speed", &b"get"[..])
+        );
+        device.send(&Frame::Publish {
+            qos: Qos::AtMostOnce,
+            topic: TopicRef::Reply(reply.expect("a reply handle")),
+            msg_id: 0,
+            payload: b"1450rpm",
+        });
+        device.send(&Frame::Publish {
+            qos: Qos::AtMostOnce,
+            topic: TopicRef::Registered(topic),
+            msg_id: 0,
+            payload: b"3.2",
+        });
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use futures::StreamExt;
+        let client = async_nats::connect(server.url())
+            .await
+            .expect("async-nats connects");
+        let mut readings = client.subscribe("sensors.>").await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request("dev.pump7.speed", "get".into()),
+        )
+        .await
+        .expect("answered in time")
+        .expect("request");
+        assert_eq!(&answer.payload[..], b"1450rpm");
+        let reading = tokio::time::timeout(Duration::from_secs(5), readings.next())
+            .await
+            .expect("a reading in time")
+            .expect("subscription open");
+        assert_eq!(
+            (reading.subject.as_str(), &reading.payload[..]),
+            ("sensors.pump7.flow", &b"3.2"[..])
+        );
+    });
+    responder.join().expect("device thread");
+}
