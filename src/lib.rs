@@ -8,3 +8,4 @@ pub mod nats;
 pub mod router;
 pub mod runtime;
 pub mod store;
+pub mod tools;

@@ -30,6 +30,122 @@ enum Command {
     /// Inspect a store directory, read-only (best with the broker stopped).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Act as a device speaking the compact device protocol (the Rust
+    /// firmware client on a host): publish or subscribe.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// Where the broker's device side is (one of the three).
+#[derive(Args, Clone, Debug)]
+#[group(required = false, multiple = false)]
+struct DeviceEndpoint {
+    /// The broker's device UDP address [default: 127.0.0.1:4225].
+    #[arg(long, value_name = "HOST:PORT")]
+    udp: Option<String>,
+    /// The broker's device TCP address.
+    #[arg(long, value_name = "HOST:PORT")]
+    tcp: Option<String>,
+    /// A serial line to the broker (COBS frames).
+    #[arg(long, value_name = "PATH")]
+    serial: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+struct DeviceCommon {
+    #[command(flatten)]
+    endpoint: DeviceEndpoint,
+    /// Baud rate of --serial.
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// The session's client id [default: perch-cli-<pid>].
+    #[arg(long)]
+    client_id: Option<String>,
+    /// How long to wait for the broker at each step, in ms.
+    #[arg(long, default_value_t = 5_000)]
+    timeout_ms: u64,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// One session: registers SUBJECT once, publishes PAYLOAD --count times,
+    /// disconnects. Exits non-zero if a QoS 1 publish was not acknowledged.
+    Pub {
+        #[command(flatten)]
+        common: DeviceCommon,
+        /// 0: fire and forget; 1: acknowledged (after the store's fsync when
+        /// a stream captures the subject).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        subject: String,
+        payload: String,
+    },
+    /// One session, one subscription: prints each message's payload on its own
+    /// line; exits after --count messages (0: runs until killed).
+    Sub {
+        #[command(flatten)]
+        common: DeviceCommon,
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        subject: String,
+    },
+}
+
+fn run_device_command(command: DeviceCommand) -> ExitCode {
+    use perch::tools::device::{publish, subscribe, Endpoint};
+    let endpoint = |common: &DeviceCommon| match (
+        &common.endpoint.tcp,
+        &common.endpoint.serial,
+        &common.endpoint.udp,
+    ) {
+        (Some(tcp), _, _) => Endpoint::Tcp(tcp.clone()),
+        (_, Some(path), _) => Endpoint::Serial(path.clone(), common.baud),
+        (_, _, udp) => Endpoint::Udp(udp.clone().unwrap_or_else(|| "127.0.0.1:4225".into())),
+    };
+    let client_id = |common: &DeviceCommon| {
+        common
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("perch-cli-{}", std::process::id()))
+    };
+    let result = match command {
+        DeviceCommand::Pub {
+            common,
+            qos,
+            count,
+            subject,
+            payload,
+        } => publish(
+            &endpoint(&common),
+            &client_id(&common),
+            &subject,
+            payload.as_bytes(),
+            count,
+            qos,
+            std::time::Duration::from_millis(common.timeout_ms),
+        ),
+        DeviceCommand::Sub {
+            common,
+            count,
+            subject,
+        } => subscribe(
+            &endpoint(&common),
+            &client_id(&common),
+            &subject,
+            count,
+            std::time::Duration::from_millis(common.timeout_ms),
+            &mut std::io::stdout().lock(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("perch device: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Exit codes of `perch store`: 0 the store checked out (warnings allowed), 1 a log
@@ -300,5 +416,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Store(command) => run_store_command(command),
+        Command::Device(command) => run_device_command(command),
     }
 }

@@ -442,7 +442,7 @@ mod base64_bytes {
 
     pub fn decode(text: &str) -> Option<Vec<u8>> {
         let bytes = text.as_bytes();
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return None;
         }
         let mut output = Vec::with_capacity(bytes.len() / 4 * 3);

@@ -561,7 +561,7 @@ impl SeqRuns {
             Some(last) if last.1 == seq => last.1 += 1,
             last => {
                 assert!(
-                    last.map_or(true, |run| run.1 < seq),
+                    last.is_none_or(|run| run.1 < seq),
                     "sequences are pushed in order"
                 );
                 self.runs.push_back((seq, seq + 1));
@@ -803,7 +803,7 @@ fn scan_live<D: Directory>(
         if record.seq > last {
             break;
         }
-        let wanted = filter.map_or(true, |filter| subject_matches(filter, record.subject));
+        let wanted = filter.is_none_or(|filter| subject_matches(filter, record.subject));
         if wanted
             && stream.is_live(record.seq)
             && !each(record.seq, record.subject, record.timestamp_ns)
@@ -1121,7 +1121,7 @@ impl Consumer {
     fn expire_pending(&mut self, now_ns: i64) {
         if self
             .earliest_deadline_ns
-            .map_or(true, |earliest| now_ns < earliest)
+            .is_none_or(|earliest| now_ns < earliest)
         {
             return;
         }

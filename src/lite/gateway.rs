@@ -208,10 +208,11 @@ impl Gateway {
         }
         let frame = match wire::decode_from_device(bytes) {
             Ok(frame) => frame,
-            Err(_) => {
+            Err(e) => {
                 self.stats.malformed_frames += 1;
                 let ref_type = bytes.first().map_or(0, |b| b >> 4);
-                self.send_unsolicited_error(out, from, now_ms, Code::Malformed, ref_type, 0);
+                // TOO_LARGE for an over-long client id or subject, else MALFORMED.
+                self.send_unsolicited_error(out, from, now_ms, e.code(), ref_type, 0);
                 return;
             }
         };
@@ -248,7 +249,7 @@ impl Gateway {
                 topic,
                 payload,
             } => {
-                self.publish_anonymous(from, client_id, *topic, payload, out);
+                self.publish_anonymous(client_id, *topic, payload, out);
                 return;
             }
             _ => {}
@@ -282,21 +283,13 @@ impl Gateway {
                     Some(slot) => {
                         self.rebind(slot, from);
                         self.heard(slot, now_ms);
-                        out.push(Action::Send {
-                            to: from,
-                            frame: encode(&Frame::Pong),
-                        });
+                        self.send_connack(out, from, true, Code::Ok, session_token);
                     }
                     None => {
                         self.stats.unknown_session_frames += 1;
-                        self.send_unsolicited_error(
-                            out,
-                            from,
-                            now_ms,
-                            Code::UnknownSession,
-                            0xE,
-                            0,
-                        );
+                        if self.unsolicited_allowed(now_ms) {
+                            self.send_connack(out, from, false, Code::UnknownSession, 0);
+                        }
                     }
                 }
             }
@@ -367,6 +360,22 @@ impl Gateway {
             return;
         }
         let existing = self.by_client.get(client_id).copied();
+        if let Some(slot) = existing {
+            let session = self.sessions[slot].as_ref().expect("indexed slot is live");
+            if session.fresh && session.addr == from {
+                // A retransmitted CONNECT (its CONNACK was lost): the same answer.
+                let token = session.token;
+                self.send_connack(out, from, !clean_session, Code::Ok, token);
+                return;
+            }
+            if session.addr != from {
+                // Taken over from another address: tell the old one.
+                out.push(Action::Send {
+                    to: session.addr,
+                    frame: encode(&Frame::Disconnect { sleep_s: None }),
+                });
+            }
+        }
         let (slot, present) = match existing {
             Some(slot) if !clean_session => {
                 // Persistent session: keep its topics and subscriptions.
@@ -426,6 +435,7 @@ impl Gateway {
     /// A frame from a device with a session here.
     fn established(&mut self, slot: usize, frame: Frame<'_>, now_ms: u64, out: &mut Vec<Action>) {
         let session = self.sessions[slot].as_mut().expect("live slot");
+        session.fresh = false;
         let to = session.addr;
         match frame {
             Frame::Publish {
@@ -442,7 +452,14 @@ impl Gateway {
                     TopicRef::Registered(id) => match session.topic(id) {
                         Some(subject) => (subject.to_vec(), None),
                         None => {
-                            self.send_publish_refusal(out, to, qos, msg_id, Code::UnknownTopic);
+                            self.send_publish_refusal(
+                                out,
+                                to,
+                                qos,
+                                msg_id,
+                                topic.id(),
+                                Code::UnknownTopic,
+                            );
                             return;
                         }
                     },
@@ -450,7 +467,14 @@ impl Gateway {
                         match self.predefined.subject(id, &session.client_id) {
                             Some(subject) => (subject, None),
                             None => {
-                                self.send_publish_refusal(out, to, qos, msg_id, Code::UnknownTopic);
+                                self.send_publish_refusal(
+                                    out,
+                                    to,
+                                    qos,
+                                    msg_id,
+                                    topic.id(),
+                                    Code::UnknownTopic,
+                                );
                                 return;
                             }
                         }
@@ -458,7 +482,14 @@ impl Gateway {
                     TopicRef::Reply(handle) => match session.take_reply(handle) {
                         Some(reply) => (reply.into_vec(), None),
                         None => {
-                            self.send_publish_refusal(out, to, qos, msg_id, Code::UnknownTopic);
+                            self.send_publish_refusal(
+                                out,
+                                to,
+                                qos,
+                                msg_id,
+                                topic.id(),
+                                Code::UnknownTopic,
+                            );
                             return;
                         }
                     },
@@ -491,7 +522,7 @@ impl Gateway {
                 {
                     (0, Code::InvalidSubject)
                 } else {
-                    match session.register(subject) {
+                    match session.register(subject, true) {
                         Some(topic) => (topic, Code::Ok),
                         None => (0, Code::NoResources),
                     }
@@ -506,7 +537,23 @@ impl Gateway {
                 });
             }
             // The device acknowledging a broker REGISTER: nothing to do.
-            Frame::Regack { .. } | Frame::Puback { .. } => {}
+            // The device's answer to the broker's REGISTER: deliveries held for
+            // that topic go now (or into the sleep buffer).
+            Frame::Regack { topic, code, .. } => {
+                if code == Code::Ok {
+                    // The REGACK shows the device is listening now, asleep or not.
+                    for frame in session.confirm_topic(topic) {
+                        out.push(Action::Send {
+                            to,
+                            frame: frame.into_vec(),
+                        });
+                    }
+                } else {
+                    self.stats.refused += session.refuse_topic(topic) as u64;
+                }
+            }
+            // Downlink is QoS 0 in this version: nothing waits for a PUBACK.
+            Frame::Puback { .. } => {}
             Frame::Subscribe { req_id, filter, .. } => {
                 if !crate::nats::subject::is_valid_subject(filter) {
                     out.push(Action::Send {
@@ -562,8 +609,9 @@ impl Gateway {
                 });
             }
             Frame::Ping => {
-                session.wake();
-                for frame in session.take_buffered() {
+                let buffered = session.take_buffered();
+                session.sleep_again(now_ms);
+                for frame in buffered {
                     out.push(Action::Send {
                         to,
                         frame: frame.into_vec(),
@@ -575,7 +623,7 @@ impl Gateway {
                 });
             }
             Frame::Disconnect { sleep_s: Some(s) } => {
-                session.sleep(now_ms + u64::from(s) * 1000);
+                session.sleep(s, now_ms);
                 out.push(Action::Send {
                     to,
                     frame: encode(&Frame::Disconnect { sleep_s: None }),
@@ -603,7 +651,6 @@ impl Gateway {
 
     fn publish_anonymous(
         &mut self,
-        from: Peer,
         client_id: &[u8],
         topic: u32,
         payload: &[u8],
@@ -622,16 +669,16 @@ impl Gateway {
                 payload: payload.to_vec(),
                 ack: None,
             }),
-            None => {
-                self.stats.refused += 1;
-                self.send_error(out, from, Code::UnknownTopic, 0x3, topic);
-            }
+            // Never answered (docs: it must not reflect traffic at a forged
+            // address); counted.
+            None => self.stats.refused += 1,
         }
     }
 
-    /// A message for the internal subscription `sid`: the frames to send (a
-    /// REGISTER first when the subject has no id in the session yet). A
-    /// sleeping device's frames are buffered instead.
+    /// A message for the internal subscription `sid`. Its subject goes as a
+    /// predefined id when the table has it for this device, else as a session
+    /// id; a new one is REGISTERed first and the message held until the
+    /// device's REGACK. A sleeping device's frames are buffered instead.
     pub fn deliver(
         &mut self,
         sid: u64,
@@ -646,32 +693,65 @@ impl Gateway {
         let Some(session) = self.sessions[slot].as_mut() else {
             return;
         };
-        let mut frames: Vec<Vec<u8>> = Vec::with_capacity(2);
-        let topic = match session.topic_id(subject) {
-            Some(id) => id,
-            None => match session.register(subject) {
-                Some(id) => {
-                    frames.push(encode(&Frame::Register { id, subject }));
-                    id
-                }
-                None => {
-                    // No id left: the device cannot be told which subject.
-                    self.stats.refused += 1;
-                    return;
-                }
+        let predefined = self.predefined.id_for(subject, &session.client_id);
+        let mut registered_now = false;
+        let (topic, confirmed) = match predefined {
+            Some(id) => (TopicRef::Predefined(id), true),
+            None => match session.topic_id(subject) {
+                Some(id) => (TopicRef::Registered(id), session.topic_confirmed(id)),
+                None => match session.register(subject, false) {
+                    Some(id) => {
+                        let register = encode(&Frame::Register { id, subject });
+                        self.send_or_buffer(slot, register, out);
+                        registered_now = true;
+                        (TopicRef::Registered(id), false)
+                    }
+                    None => {
+                        // No id left: the device cannot be told which subject.
+                        self.stats.refused += 1;
+                        return;
+                    }
+                },
             },
         };
+        let Some(session) = self.sessions[slot].as_mut() else {
+            return;
+        };
         let reply_handle = reply.map(|r| session.open_reply(r));
-        frames.push(encode_delivery(topic, reply_handle, payload));
-        let to = session.addr;
-        match session.presence() {
-            Presence::Awake => {
-                out.extend(frames.into_iter().map(|frame| Action::Send { to, frame }))
+        let frame = encode(&Frame::Deliver {
+            qos: Qos::AtMostOnce,
+            topic,
+            reply_handle,
+            msg_id: 0,
+            payload,
+        });
+        if confirmed {
+            self.send_or_buffer(slot, frame, out);
+        } else {
+            let id = topic.id();
+            let dropped = session.await_regack(id, frame.into());
+            self.stats.refused += dropped as u64;
+            if !registered_now && session.presence() == Presence::Awake {
+                // The REGISTER may have been lost: ask again with each held
+                // message (a sleeper's is still in its buffer).
+                let again = encode(&Frame::Register { id, subject });
+                self.send_or_buffer(slot, again, out);
             }
+        }
+    }
+
+    /// Sends a frame to the session's device now, or buffers it while it sleeps.
+    fn send_or_buffer(&mut self, slot: usize, frame: Vec<u8>, out: &mut Vec<Action>) {
+        let Some(session) = self.sessions[slot].as_mut() else {
+            return;
+        };
+        match session.presence() {
+            Presence::Awake => out.push(Action::Send {
+                to: session.addr,
+                frame,
+            }),
             Presence::Asleep { .. } => {
-                for frame in frames {
-                    self.stats.sleep_buffer_dropped += session.buffer(frame.into()) as u64;
-                }
+                self.stats.sleep_buffer_dropped += session.buffer(frame.into()) as u64;
             }
         }
     }
@@ -685,7 +765,8 @@ impl Gateway {
             .filter(|&slot| {
                 self.sessions[slot]
                     .as_ref()
-                    .is_some_and(|s| s.expires_at_ms() <= now_ms)
+                    .and_then(DeviceSession::expires_at_ms)
+                    .is_some_and(|at| at <= now_ms)
             })
             .collect();
         for slot in expired {
@@ -701,7 +782,7 @@ impl Gateway {
             .filter_map(|&slot| {
                 self.sessions[slot]
                     .as_ref()
-                    .map(DeviceSession::expires_at_ms)
+                    .and_then(DeviceSession::expires_at_ms)
             })
             .min()
     }
@@ -755,6 +836,7 @@ impl Gateway {
         to: Peer,
         qos: Qos,
         msg_id: u32,
+        topic: u32,
         code: Code,
     ) {
         self.stats.refused += 1;
@@ -763,7 +845,7 @@ impl Gateway {
                 to,
                 frame: encode(&Frame::Puback { msg_id, code }),
             }),
-            Qos::AtMostOnce => self.send_error(out, to, code, 0x3, 0),
+            Qos::AtMostOnce => self.send_error(out, to, code, 0x3, topic),
         }
     }
 
@@ -779,6 +861,13 @@ impl Gateway {
         ref_type: u8,
         ref_id: u32,
     ) {
+        if self.unsolicited_allowed(now_ms) {
+            self.send_error(out, to, code, ref_type, ref_id);
+        }
+    }
+
+    /// Spends one of this second's unsolicited answers, if any is left.
+    fn unsolicited_allowed(&mut self, now_ms: u64) -> bool {
         let second = now_ms / 1000;
         if second != self.error_second {
             self.error_second = second;
@@ -786,10 +875,10 @@ impl Gateway {
         }
         if self.errors_this_second >= UNSOLICITED_ERRORS_PER_SECOND_MAX {
             self.stats.errors_suppressed += 1;
-            return;
+            return false;
         }
         self.errors_this_second += 1;
-        self.send_error(out, to, code, ref_type, ref_id);
+        true
     }
 
     fn send_error(&self, out: &mut Vec<Action>, to: Peer, code: Code, ref_type: u8, ref_id: u32) {
@@ -1007,15 +1096,30 @@ mod tests {
         assert_eq!(g.session_count(), 1);
         let woke = feed(&mut g, addr(1), &Frame::Ping, 61_000);
         let frames = sent(&woke);
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Register {
+                    id: 1,
+                    subject: b"cmd.a"
+                },
+                Frame::Pong
+            ]
+        );
+        // The device confirms the subject: the held messages follow, in order.
+        let confirmed = feed(
+            &mut g,
+            addr(1),
+            &Frame::Regack {
+                req_id: 1,
+                topic: 1,
+                code: Code::Ok,
+            },
+            61_010,
+        );
+        let frames = sent(&confirmed);
         assert!(matches!(
             frames[0],
-            Frame::Register {
-                id: 1,
-                subject: b"cmd.a"
-            }
-        ));
-        assert!(matches!(
-            frames[1],
             Frame::Deliver {
                 reply_handle: None,
                 payload: b"1",
@@ -1023,18 +1127,24 @@ mod tests {
             }
         ));
         assert!(matches!(
-            frames[2],
+            frames[1],
             Frame::Deliver {
                 reply_handle: Some(_),
                 payload: b"2",
                 ..
             }
         ));
-        assert_eq!(frames[3], Frame::Pong);
-        // Silence past 1.5 keepalives: gone, its will published, its
+        assert_eq!(frames.len(), 2);
+        // Asleep again after the PONG (for another 60 s): buffered again.
+        let mut out = Vec::new();
+        g.deliver(sid, b"cmd.a", None, b"3", &mut out);
+        assert!(out.is_empty());
+        // No PING within 1.5 sleep durations: gone, its will published, its
         // subscription dropped.
         let mut out = Vec::new();
-        g.expire(61_000 + 3_000, &mut out);
+        g.expire(61_010 + 89_000, &mut out);
+        assert_eq!(g.session_count(), 1);
+        g.expire(61_010 + 90_000, &mut out);
         assert_eq!(g.session_count(), 0);
         assert!(out.contains(&Action::Unsubscribe { sid }));
         assert!(out
@@ -1062,7 +1172,14 @@ mod tests {
             },
             2,
         );
-        assert_eq!(sent(&out), vec![Frame::Pong]);
+        assert_eq!(
+            sent(&out),
+            vec![Frame::Connack {
+                session_present: true,
+                code: Code::Ok,
+                session_token: token
+            }]
+        );
         let out = feed(&mut g, addr(1), &Frame::Ping, 3);
         assert!(
             matches!(
@@ -1084,7 +1201,7 @@ mod tests {
         );
         assert!(matches!(
             sent(&out)[..],
-            [Frame::Error {
+            [Frame::Connack {
                 code: Code::UnknownSession,
                 ..
             }]

@@ -66,6 +66,15 @@ impl Predefined {
         Some(template.fill(client_id))
     }
 
+    /// The predefined id whose subject for `client_id` is `subject`, if any
+    /// (deliveries use it instead of registering the subject).
+    pub fn id_for(&self, subject: &[u8], client_id: &[u8]) -> Option<u32> {
+        self.templates
+            .keys()
+            .copied()
+            .find(|&id| self.subject(id, client_id).is_some_and(|s| s == subject))
+    }
+
     pub fn len(&self) -> usize {
         self.templates.len()
     }
@@ -127,6 +136,9 @@ mod tests {
         assert_eq!(t.subject(9, b"dev42"), None);
         assert_eq!(t.subject(1, b"a.b"), None, "a dotted id is not one token");
         assert_eq!(t.subject(1, b"*"), None);
+        assert_eq!(t.id_for(b"sensors.dev42.temp", b"dev42"), Some(1));
+        assert_eq!(t.id_for(b"sensors.dev42.temp", b"dev43"), None);
+        assert_eq!(t.id_for(b"fleet.alarms", b"x"), Some(2));
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub const RECENT_MSG_IDS: usize = 16;
 pub const REPLY_HANDLES_MAX: usize = 8;
 /// Subscriptions per device session.
 pub const SUBSCRIPTIONS_PER_SESSION_MAX: usize = 16;
+/// Deliveries held per session while the device has not yet acknowledged the
+/// REGISTER of their subject (beyond it the oldest is dropped, counted).
+pub const AWAITING_REGACK_MSGS_MAX: usize = 16;
 /// Messages and bytes buffered for a sleeping device; beyond either, the oldest
 /// buffered message is dropped (and counted), so a sleeper wakes to the newest.
 pub const SLEEP_BUFFER_MSGS_MAX: usize = 32;
@@ -40,12 +43,18 @@ pub struct DeviceSession {
     pub client_id: Box<[u8]>,
     pub addr: Peer,
     pub token: u32,
+    /// 0: never expires.
     keepalive_s: u32,
     last_heard_ms: u64,
-    /// 0: awake.
+    /// 0: awake; else asleep, announced for `sleep_s` from then.
     asleep_until_ms: u64,
+    sleep_s: u32,
+    /// No frame but its CONNECT yet: a repeated CONNECT is a retransmit.
+    pub fresh: bool,
     /// Session topic ids (both directions share one space), back to back as
-    /// `[length u8][subject]`: id n is the n-th entry. One allocation.
+    /// `[length u8][confirmed u8][subject]`: id n is the n-th entry. A topic
+    /// the broker registered is confirmed by the device's REGACK. One
+    /// allocation.
     topics: Vec<u8>,
     recent_msg_ids: [u32; RECENT_MSG_IDS],
     recent_len: u8,
@@ -63,6 +72,8 @@ struct Extra {
     next_reply_handle: u32,
     /// Encoded frames waiting for a sleeping device, oldest first.
     sleep_buffer: VecDeque<Box<[u8]>>,
+    /// Deliveries waiting for the REGACK of their topic: (topic, frame).
+    awaiting_regack: VecDeque<(u32, Box<[u8]>)>,
     sleep_buffer_bytes: usize,
     will: Option<Will>,
 }
@@ -73,9 +84,11 @@ impl DeviceSession {
             client_id: client_id.into(),
             addr,
             token,
-            keepalive_s: keepalive_s.max(1),
+            keepalive_s,
             last_heard_ms: now_ms,
             asleep_until_ms: 0,
+            sleep_s: 0,
+            fresh: true,
             topics: Vec::new(),
             recent_msg_ids: [0; RECENT_MSG_IDS],
             recent_len: 0,
@@ -105,19 +118,31 @@ impl DeviceSession {
     }
 
     pub fn set_keepalive_s(&mut self, keepalive_s: u32) {
-        self.keepalive_s = keepalive_s.max(1);
+        self.keepalive_s = keepalive_s;
     }
 
+    /// Ends sleeping (a CONNECT that keeps the session).
     pub fn wake(&mut self) {
         self.asleep_until_ms = 0;
     }
 
-    pub fn sleep(&mut self, until_ms: u64) {
-        self.asleep_until_ms = until_ms.max(1);
+    /// Sleeps for `sleep_s` from `now_ms` (DISCONNECT with a duration).
+    pub fn sleep(&mut self, sleep_s: u32, now_ms: u64) {
+        self.sleep_s = sleep_s;
+        self.asleep_until_ms = (now_ms + u64::from(sleep_s) * 1000).max(1);
     }
 
-    /// The session id of `subject`, registering it if new; None when full.
-    pub fn register(&mut self, subject: &[u8]) -> Option<u32> {
+    /// A sleeper's PING collected its messages: it sleeps again for another
+    /// `sleep_s`.
+    pub fn sleep_again(&mut self, now_ms: u64) {
+        if self.asleep_until_ms != 0 {
+            self.sleep(self.sleep_s, now_ms);
+        }
+    }
+
+    /// The session id of `subject`, registering it if new (`confirmed`: the
+    /// device registered it itself); None when full.
+    pub fn register(&mut self, subject: &[u8], confirmed: bool) -> Option<u32> {
         if let Some(id) = self.topic_id(subject) {
             return Some(id);
         }
@@ -126,31 +151,95 @@ impl DeviceSession {
             return None;
         }
         self.topics.push(subject.len() as u8);
+        self.topics.push(u8::from(confirmed));
         self.topics.extend_from_slice(subject);
         Some(count as u32 + 1)
     }
 
-    fn topic_entries(&self) -> impl Iterator<Item = &[u8]> {
-        let mut rest = self.topics.as_slice();
+    /// (confirmed, subject) per topic, in id order; with each entry's offset.
+    fn topic_entries(&self) -> impl Iterator<Item = (usize, bool, &[u8])> {
+        let mut at = 0;
+        let topics = self.topics.as_slice();
         std::iter::from_fn(move || {
-            let (&len, tail) = rest.split_first()?;
-            let (subject, after) = tail.split_at(usize::from(len).min(tail.len()));
-            rest = after;
-            Some(subject)
+            let len = usize::from(*topics.get(at)?);
+            let confirmed = *topics.get(at + 1)? != 0;
+            let subject = topics.get(at + 2..at + 2 + len)?;
+            let entry = (at, confirmed, subject);
+            at += 2 + len;
+            Some(entry)
         })
     }
 
     /// The subject of a session topic id.
     pub fn topic(&self, id: u32) -> Option<&[u8]> {
         let index = (id as usize).checked_sub(1)?;
-        self.topic_entries().nth(index)
+        self.topic_entries()
+            .nth(index)
+            .map(|(_, _, subject)| subject)
     }
 
-    /// The session id of `subject`, if registered.
+    /// The session id of `subject`, if registered, and whether the device
+    /// confirmed it.
     pub fn topic_id(&self, subject: &[u8]) -> Option<u32> {
         self.topic_entries()
-            .position(|t| t == subject)
+            .position(|(_, _, t)| t == subject)
             .map(|i| i as u32 + 1)
+    }
+
+    pub fn topic_confirmed(&self, id: u32) -> bool {
+        let Some(index) = (id as usize).checked_sub(1) else {
+            return false;
+        };
+        self.topic_entries()
+            .nth(index)
+            .is_some_and(|(_, confirmed, _)| confirmed)
+    }
+
+    /// The device acknowledged the broker's REGISTER of `id`: the deliveries
+    /// held for it, in order.
+    pub fn confirm_topic(&mut self, id: u32) -> Vec<Box<[u8]>> {
+        let Some(index) = (id as usize).checked_sub(1) else {
+            return Vec::new();
+        };
+        let Some((at, _, _)) = self.topic_entries().nth(index) else {
+            return Vec::new();
+        };
+        self.topics[at + 1] = 1;
+        match self.extra.as_mut() {
+            Some(extra) => {
+                let (ready, waiting): (VecDeque<_>, VecDeque<_>) = extra
+                    .awaiting_regack
+                    .drain(..)
+                    .partition(|(topic, _)| *topic == id);
+                extra.awaiting_regack = waiting;
+                ready.into_iter().map(|(_, frame)| frame).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Holds a delivery until its topic's REGACK; returns how many older
+    /// ones were dropped to stay in bounds.
+    pub fn await_regack(&mut self, topic: u32, frame: Box<[u8]>) -> usize {
+        let waiting = &mut self.extra().awaiting_regack;
+        waiting.push_back((topic, frame));
+        let mut dropped = 0;
+        while waiting.len() > AWAITING_REGACK_MSGS_MAX {
+            waiting.pop_front();
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// The device refused the broker's REGISTER of `id`: drop what waits for
+    /// it; returns how many.
+    pub fn refuse_topic(&mut self, id: u32) -> usize {
+        let Some(extra) = self.extra.as_mut() else {
+            return 0;
+        };
+        let before = extra.awaiting_regack.len();
+        extra.awaiting_regack.retain(|(topic, _)| *topic != id);
+        before - extra.awaiting_regack.len()
     }
 
     /// Records a QoS 1 message id; false if it was seen recently (a retransmit).
@@ -249,13 +338,17 @@ impl DeviceSession {
         }
     }
 
-    /// When the session is lost without a word from the device
-    /// (MQTT practice: 1.5 keepalives of silence, counted from the end of an
-    /// announced sleep).
-    pub fn expires_at_ms(&self) -> u64 {
-        let keepalive_ms = u64::from(self.keepalive_s) * 1000;
-        let from = self.last_heard_ms.max(self.asleep_until_ms);
-        from + keepalive_ms + keepalive_ms / 2
+    /// When the session is lost without a word from the device: after 1.5
+    /// keepalives of silence, or, asleep, 1.5 sleep durations without a PING
+    /// (docs/device-protocol.md). None: never (keepalive 0, awake).
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        let period_s = if self.asleep_until_ms != 0 {
+            self.sleep_s
+        } else {
+            self.keepalive_s
+        };
+        let timeout_ms = perch_wire::keepalive_timeout_ms(period_s)?;
+        Some(self.last_heard_ms + timeout_ms)
     }
 }
 
@@ -270,18 +363,24 @@ mod tests {
     #[test]
     fn topics_register_once_and_are_bounded() {
         let mut s = session();
-        assert_eq!(s.register(b"a"), Some(1));
-        assert_eq!(s.register(b"bb"), Some(2));
-        assert_eq!(s.register(b"a"), Some(1));
+        assert_eq!(s.register(b"a", true), Some(1));
+        assert_eq!(s.register(b"bb", false), Some(2));
+        assert_eq!(s.register(b"a", false), Some(1));
+        assert!(s.topic_confirmed(1) && !s.topic_confirmed(2));
+        s.await_regack(2, b"m1".to_vec().into());
+        s.await_regack(2, b"m2".to_vec().into());
+        let released = s.confirm_topic(2);
+        assert_eq!(released.len(), 2);
+        assert!(s.topic_confirmed(2));
         assert_eq!(s.topic(2), Some(&b"bb"[..]));
         assert_eq!(s.topic_id(b"bb"), Some(2));
         assert_eq!(s.topic(0), None);
         assert_eq!(s.topic(3), None);
         for i in 0..TOPICS_PER_SESSION_MAX {
-            s.register(format!("t{i}").as_bytes());
+            s.register(format!("t{i}").as_bytes(), true);
         }
-        assert_eq!(s.register(b"one.more"), None);
-        assert_eq!(s.register(&[b'x'; 256]), None);
+        assert_eq!(s.register(b"one.more", true), None);
+        assert_eq!(s.register(&[b'x'; 256], true), None);
     }
 
     #[test]
@@ -336,7 +435,7 @@ mod tests {
             std::mem::size_of::<DeviceSession>()
         );
         let mut s = session();
-        s.register(b"sensors.d1.t");
+        s.register(b"sensors.d1.t", true);
         s.set_will(None);
         assert!(s.extra.is_none(), "an idle device needs no extra state");
     }

@@ -466,7 +466,7 @@ impl Session {
         queue: Option<&[u8]>,
         sid: &[u8],
     ) -> Effect<'a> {
-        if !is_valid_subject(subject) || !queue.map_or(true, is_valid_queue) {
+        if !is_valid_subject(subject) || !queue.is_none_or(is_valid_queue) {
             return self.fail(Some("Invalid Subject"), false);
         }
         let mut subs = self.subs.borrow_mut();

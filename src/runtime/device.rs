@@ -690,7 +690,7 @@ async fn stream_reader(
                 .streams
                 .borrow()
                 .get(&id)
-                .map_or(true, |o| o.closed.get()),
+                .is_none_or(|o| o.closed.get()),
             Peer::Udp(_) => false,
         };
         if closed {
@@ -826,14 +826,23 @@ fn open_serial(path: &std::path::Path, baud: u32) -> std::io::Result<SerialLine>
     }
     // SAFETY: a descriptor we just opened and own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    serial_raw_mode(fd, baud)?;
+    // SAFETY: `owned` is an open descriptor the AsyncFd owns from here on, so
+    // it stays open and the same for the AsyncFd's whole life.
+    let fd = unsafe { AsyncFd::register(owned) }.map_err(std::io::Error::from)?;
+    Ok(SerialLine { fd })
+}
+
+/// Puts a tty in raw mode at `baud` (8N1, no flow control, no echo, no line
+/// editing): what the device protocol's serial framing expects.
+pub fn serial_raw_mode(fd: std::os::fd::RawFd, baud: u32) -> std::io::Result<()> {
     let speed = baud_constant(baud).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("unsupported baud rate {baud}"),
         )
     })?;
-    // SAFETY: termios calls on our open tty with a zero-initialised struct
-    // that tcgetattr fills.
+    // SAFETY: termios calls on an open tty with a zeroed struct tcgetattr fills.
     unsafe {
         let mut tio: libc::termios = std::mem::zeroed();
         if libc::tcgetattr(fd, &mut tio) != 0 {
@@ -847,10 +856,7 @@ fn open_serial(path: &std::path::Path, baud: u32) -> std::io::Result<SerialLine>
             return Err(std::io::Error::last_os_error());
         }
     }
-    // SAFETY: `owned` is an open descriptor the AsyncFd owns from here on, so
-    // it stays open and the same for the AsyncFd's whole life.
-    let fd = unsafe { AsyncFd::register(owned) }.map_err(std::io::Error::from)?;
-    Ok(SerialLine { fd })
+    Ok(())
 }
 
 fn baud_constant(baud: u32) -> Option<libc::speed_t> {

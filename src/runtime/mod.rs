@@ -18,6 +18,8 @@ use anyhow::Context;
 use crate::config::Config;
 use io::Selected;
 use mailbox::Control;
+
+pub use device::serial_raw_mode;
 use shard::{Shard, Shared};
 
 /// Runs the broker until SIGINT or SIGTERM (then drains clients and returns Ok),

@@ -79,7 +79,7 @@ pub fn dump_stream(
     let mut cursor = log.cursor(from).map_err(log_error)?;
     let mut buf = Vec::new();
     let mut records = 0;
-    while limit.map_or(true, |limit| records < limit) {
+    while limit.is_none_or(|limit| records < limit) {
         let Some(record) = log.next(&mut cursor, &mut buf).map_err(log_error)? else {
             break;
         };

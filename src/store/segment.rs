@@ -312,7 +312,7 @@ impl<F: StorageFile> Segment<F> {
 
     fn push_record(&mut self, offset: u64) {
         let ordinal = self.next_seq - self.first_seq;
-        if ordinal % u64::from(self.index_interval_records) == 0 {
+        if ordinal.is_multiple_of(u64::from(self.index_interval_records)) {
             self.index.push(offset);
         }
         self.next_seq += 1;

@@ -112,7 +112,13 @@ impl Device {
             let datagram = self.recv();
             match decode_from_broker(&datagram).expect("broker frame decodes") {
                 Frame::Register { id, subject } => {
+                    // The broker holds the message until the device confirms.
                     topics.push((id, String::from_utf8_lossy(subject).into_owned()));
+                    self.send(&Frame::Regack {
+                        req_id: id,
+                        topic: id,
+                        code: Code::Ok,
+                    });
                 }
                 Frame::Deliver {
                     topic,
@@ -334,7 +340,25 @@ fn a_sleeping_device_gets_its_messages_when_it_wakes() {
         "nothing is sent to a sleeper"
     );
     device.send(&Frame::Ping);
-    let mut topics = Vec::new();
+    // What was buffered (the REGISTER of the subject), then PONG; the
+    // device's REGACK releases the held messages, in order.
+    let topic = match decode_from_broker(&device.recv()) {
+        Ok(Frame::Register {
+            id,
+            subject: b"cmd.sleeper",
+        }) => id,
+        other => panic!("expected the buffered REGISTER, got {other:?}"),
+    };
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Pong)
+    ));
+    device.send(&Frame::Regack {
+        req_id: topic,
+        topic,
+        code: Code::Ok,
+    });
+    let mut topics = vec![(topic, "cmd.sleeper".to_string())];
     for want in [b"a", b"b", b"c"] {
         let (subject, _, payload) = device.next_message(&mut topics);
         assert_eq!(
@@ -342,10 +366,6 @@ fn a_sleeping_device_gets_its_messages_when_it_wakes() {
             ("cmd.sleeper", &want[..])
         );
     }
-    assert!(matches!(
-        decode_from_broker(&device.recv()),
-        Ok(Frame::Pong)
-    ));
 }
 
 #[test]
@@ -405,10 +425,14 @@ fn a_device_resumes_its_session_from_a_new_address() {
     second.send(&Frame::Resume {
         session_token: token,
     });
-    assert!(matches!(
-        decode_from_broker(&second.recv()),
-        Ok(Frame::Pong)
-    ));
+    assert_eq!(
+        decode_from_broker(&second.recv()).expect("CONNACK"),
+        Frame::Connack {
+            session_present: true,
+            code: Code::Ok,
+            session_token: token
+        }
+    );
     second.send(&Frame::Publish {
         qos: Qos::AtMostOnce,
         topic: TopicRef::Registered(topic),
@@ -611,7 +635,7 @@ fn devices_speak_tcp_too() {
     stream
         .set_read_timeout(Some(Duration::from_millis(REPLY_MS_MAX)))
         .ok();
-    let mut send = |stream: &mut std::net::TcpStream, frame: &Frame<'_>| {
+    let send = |stream: &mut std::net::TcpStream, frame: &Frame<'_>| {
         let mut buf = vec![0u8; frame.encoded_len() + perch_wire::tcp::PREFIX_BYTES_MAX];
         let n = perch_wire::tcp::encode(frame, &mut buf).expect("encode");
         stream.write_all(&buf[..n]).expect("write");
@@ -689,13 +713,21 @@ fn devices_speak_tcp_too() {
     assert_eq!(sub.read_line(), "MSG tcp.wired 1 11");
     assert_eq!(sub.read_line(), "on the wire");
     sub.send(b"PUB cmd.wired 2\r\ngo\r\n");
-    assert!(matches!(
-        decode_from_broker(&recv(&mut stream)),
+    let id = match decode_from_broker(&recv(&mut stream)) {
         Ok(Frame::Register {
+            id,
             subject: b"cmd.wired",
-            ..
-        })
-    ));
+        }) => id,
+        other => panic!("expected REGISTER, got {other:?}"),
+    };
+    send(
+        &mut stream,
+        &Frame::Regack {
+            req_id: id,
+            topic: id,
+            code: Code::Ok,
+        },
+    );
     assert!(matches!(
         decode_from_broker(&recv(&mut stream)),
         Ok(Frame::Deliver { payload: b"go", .. })
@@ -952,4 +984,76 @@ fn async_nats_requests_a_device_and_hears_it() {
         );
     });
     responder.join().expect("device thread");
+}
+
+/// `perch device pub|sub`, the Rust firmware client on a host, against the
+/// broker: over UDP and TCP, with a NATS client on the other side.
+#[test]
+fn device_cli_publishes_and_subscribes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let port = free_port();
+    let server = Server::perch(&[
+        "--device-udp",
+        &format!("127.0.0.1:{port}"),
+        "--device-tcp",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "cli.>");
+    for (transport, qos) in [("--udp", "1"), ("--tcp", "1"), ("--udp", "0")] {
+        let status = Command::new(env!("CARGO_BIN_EXE_perch"))
+            .args([
+                "device", "pub", transport, &addr, "--qos", qos, "--count", "3",
+            ])
+            .args(["--client-id", "cli1", "cli.reading", "42"])
+            .status()
+            .expect("run perch device pub");
+        assert!(status.success(), "{transport} qos {qos}: {status}");
+        for _ in 0..3 {
+            assert_eq!(sub.read_line(), "MSG cli.reading 1 2");
+            assert_eq!(sub.read_line(), "42");
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args([
+            "device",
+            "sub",
+            "--tcp",
+            &addr,
+            "--count",
+            "2",
+            "--client-id",
+            "cli2",
+            "cli.cmd.*",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run perch device sub");
+    let mut ready = String::new();
+    BufReader::new(child.stderr.take().expect("stderr"))
+        .read_line(&mut ready)
+        .expect("sub's ready line");
+    assert!(ready.contains("subscribed to cli.cmd.*"), "{ready}");
+    sub.send(b"PUB cli.cmd.a 3\r\none\r\nPUB cli.cmd.b 3\r\ntwo\r\n");
+    let output = child.wait_with_output().expect("sub exits after 2");
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "one\ntwo\n");
+    // No broker: a QoS 1 publish cannot be acknowledged, so it fails.
+    let dead = free_port();
+    let status = Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args([
+            "device",
+            "pub",
+            "--udp",
+            &format!("127.0.0.1:{dead}"),
+            "--qos",
+            "1",
+        ])
+        .args(["--timeout-ms", "500", "cli.x", "1"])
+        .status()
+        .expect("run perch device pub");
+    assert!(!status.success(), "no broker, no ack: must fail");
 }

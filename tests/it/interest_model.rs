@@ -691,7 +691,7 @@ fn check(sent: &[Vec<Sent>], received: &[Vec<Received>]) -> Vec<String> {
             let before = life
                 .deliveries
                 .iter()
-                .filter(|(pos, _)| life.max_confirmed_pos.map_or(true, |p| *pos < p))
+                .filter(|(pos, _)| life.max_confirmed_pos.is_none_or(|p| *pos < p))
                 .count();
             let after = life.deliveries.len() - before;
             if after > (max as usize).saturating_sub(before) {

@@ -220,7 +220,7 @@ fn purge(
         .index
         .live
         .range(..up_to.unwrap_or(u64::MAX))
-        .filter(|(_, meta)| subject.map_or(true, |s| subject_matches(s, &meta.subject)))
+        .filter(|(_, meta)| subject.is_none_or(|s| subject_matches(s, &meta.subject)))
         .map(|(seq, _)| seq)
         .collect();
     match stream.purge(subject, up_to) {

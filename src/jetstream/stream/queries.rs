@@ -48,7 +48,7 @@ impl<D: Directory> Stream<D> {
             .live
             .iter()
             .rev()
-            .filter(|(_, meta)| filter.map_or(true, |f| subject_matches(f, &meta.subject)));
+            .filter(|(_, meta)| filter.is_none_or(|f| subject_matches(f, &meta.subject)));
         let mut kept = 0;
         let mut below = self.first_seq();
         for (seq, _) in matching {

@@ -1,0 +1,3 @@
+//! Operator tools that run beside the broker, not in it.
+
+pub mod device;
