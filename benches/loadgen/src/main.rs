@@ -6,6 +6,7 @@
 //! programs it builds (clients.rs). The method is written up in BENCHMARKS.md.
 
 mod clients;
+mod devices;
 mod jetstream;
 mod machine;
 mod proto;
@@ -60,7 +61,8 @@ struct Cli {
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Run only this scenario (repeatable) [default: all but the JetStream
-    /// ones, js-publish and js-replay, which run only when named].
+    /// ones, js-publish and js-replay, and the device ones, device-fan-in and
+    /// device-idle, which run only when named].
     #[arg(long, value_enum)]
     scenario: Vec<Scenario>,
     /// Rounds; each round runs every selected server once per scenario.
@@ -96,9 +98,22 @@ struct Cli {
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
     /// Threads that open the fan-in and idle-conn connections (in the real
-    /// clients' fan-in: goroutines / threads; libnats also publishes from them).
+    /// clients' fan-in: goroutines / threads; libnats also publishes from them),
+    /// and that set up and drive the device scenarios' devices.
     #[arg(long, default_value_t = 4)]
     connect_threads: usize,
+    /// device-fan-in, device-idle: simulated devices, each with its own UDP
+    /// socket (perch) or TCP connection (nats-server, device-fan-in).
+    #[arg(long, default_value_t = 10_000)]
+    device_count: usize,
+    /// device-fan-in: QoS 0 messages each device publishes.
+    #[arg(long, default_value_t = 10)]
+    device_msgs: usize,
+    /// device-fan-in: most messages sent but not yet at the subscriber, over
+    /// the whole fleet (keeps perch's UDP receive buffer, ~256 small
+    /// datagrams per socket, from simply overflowing; same on TCP).
+    #[arg(long, default_value_t = 256)]
+    device_window_msgs: u64,
     /// js-publish/js-replay: publisher connections, one thread each.
     #[arg(long, default_value_t = 4)]
     js_publishers: usize,
@@ -167,6 +182,9 @@ impl Cli {
             js_window_msgs: self.js_window_msgs,
             js_replay_msgs: self.js_replay_msgs,
             js_fetch_batch: self.js_fetch_batch,
+            device_count: self.device_count,
+            device_msgs: self.device_msgs,
+            device_window_msgs: self.device_window_msgs,
             clients: ClientPrograms::default(),
         }
     }
@@ -260,7 +278,7 @@ fn run_once(
     log_path: &Path,
     store_dir: Option<&Path>,
 ) -> Result<scenarios::Measurement> {
-    let server = spec.start(log_path, store_dir)?;
+    let server = spec.start(log_path, store_dir, scenario.needs_device_udp())?;
     match scenario.run(&server, params) {
         Ok(measurement) => {
             if let Err(error) = server.stop() {
@@ -307,7 +325,13 @@ fn run(cli: &Cli) -> Result<bool> {
     for spec in &servers {
         check_program(spec.label, &spec.program)?;
     }
-    let needed_files = (params.fan_in_devices.max(params.idle_conns) + 64) as u64;
+    // Every connection or device socket is a file in this process (and each
+    // TCP one also in the server, which inherits the raised limit).
+    let mut needed_files = params.fan_in_devices.max(params.idle_conns) + 64;
+    if scenarios.iter().any(|scenario| scenario.needs_device_udp()) {
+        needed_files = needed_files.max(params.device_count + 64);
+    }
+    let needed_files = needed_files as u64;
     if open_file_limit < needed_files {
         bail!("the open file limit is {open_file_limit}; the connection scenarios need {needed_files}");
     }
@@ -435,6 +459,12 @@ fn run(cli: &Cli) -> Result<bool> {
         "args": std::env::args().skip(1).collect::<Vec<_>>(),
     }))?;
 
+    if scenarios.iter().any(|scenario| scenario.needs_device_udp()) {
+        let (table, json_line) = devices::wire_bytes_table()?;
+        println!("{table}");
+        json_lines.write(&json_line)?;
+    }
+
     let mut records = Vec::new();
     let mut all_ok = true;
     for &scenario in &scenarios {
@@ -447,6 +477,9 @@ fn run(cli: &Cli) -> Result<bool> {
                 order.reverse();
             }
             for spec in order {
+                if scenario.perch_only() && spec.label != PERCH {
+                    continue;
+                }
                 let log_path = log_dir.join(format!(
                     "{}-{}-round{round}.log",
                     spec.label,

@@ -204,15 +204,25 @@ pub fn scenario_table(
     description: &str,
     summaries: &[MetricSummary],
 ) -> String {
+    let (perch_label, nats_label) = scenario.column_labels();
     let mut table = format!(
-        "### {} — {description}\n\n| metric | perch | nats-server | perch/nats-server | better | goal |\n|---|--:|--:|--:|---|---|\n",
+        "### {} — {description}\n\n| metric | {perch_label} | {nats_label} | perch/nats-server | better | goal |\n|---|--:|--:|--:|---|---|\n",
         scenario.name()
     );
+    // nats-server has no equivalent of a perch-only scenario.
+    let not_applicable = scenario.perch_only();
     for summary in summaries {
         let metric = &summary.metric;
-        let ratio = summary
-            .ratio()
-            .map_or_else(|| "—".to_string(), |ratio| format!("{ratio:.2}×"));
+        let ratio = match summary.ratio() {
+            _ if not_applicable => "n/a".to_string(),
+            Some(ratio) => format!("{ratio:.2}×"),
+            None => "—".to_string(),
+        };
+        let nats_cell = if not_applicable {
+            "n/a".to_string()
+        } else {
+            format_cell(metric, &summary.nats)
+        };
         let better = match metric.better {
             Better::Higher => "higher",
             Better::Lower => "lower",
@@ -226,7 +236,7 @@ pub fn scenario_table(
             "| {} | {} | {} | {ratio} | {better} | {goal} |\n",
             metric.label,
             format_cell(metric, &summary.perch),
-            format_cell(metric, &summary.nats),
+            nats_cell,
         ));
     }
     table
@@ -313,6 +323,46 @@ mod tests {
         // A metric these records lack is still a row, empty.
         assert!(
             table.contains("| client CPU (cores) |  |  | — |  |  |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn device_tables_label_their_columns() {
+        let run = |scenario, server, per_session| RunRecord {
+            scenario,
+            server,
+            round: 1,
+            outcome: Ok(vec![
+                ("rss_per_idle_session_b", per_session),
+                ("delivered_msgs_per_s", 2.0e6),
+            ]),
+        };
+        // device-idle runs on perch only: nats-server's cells are n/a.
+        let records = vec![run(Scenario::DeviceIdle, PERCH, 300.0)];
+        let summaries = summarize(&records, Scenario::DeviceIdle);
+        let table = scenario_table(Scenario::DeviceIdle, "test", &summaries);
+        assert!(
+            table.contains(
+                "| RSS per idle session, CONNECT + REGISTER (B) | 300 | n/a | n/a | lower | perch ≤ 256.00: missed |"
+            ),
+            "{table}"
+        );
+        // device-fan-in compares different fleets: the headings say which.
+        let records = vec![
+            run(Scenario::DeviceFanIn, PERCH, 0.0),
+            run(Scenario::DeviceFanIn, NATS_SERVER, 0.0),
+        ];
+        let summaries = summarize(&records, Scenario::DeviceFanIn);
+        let table = scenario_table(Scenario::DeviceFanIn, "test", &summaries);
+        assert!(
+            table.contains("| metric | perch + UDP devices | nats-server + TCP devices |"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| delivered (M msg/s) | 2.000 | 2.000 | 1.00× | higher | ≥ 2.00×: missed |"
+            ),
             "{table}"
         );
     }

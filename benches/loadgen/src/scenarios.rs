@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::clients::{self, Client, ClientPrograms, Shape};
+use crate::devices::{device_fan_in, device_idle};
 use crate::jetstream::{js_publish, js_replay};
 use crate::proto::{
     frames_per_batch, pub_batch, reply_subject, Conn, FrameKind, SMALL_READ_BUFFER_BYTES,
@@ -44,6 +45,11 @@ pub enum Scenario {
     LibnatsFanIn,
     JsPublish,
     JsReplay,
+    /// Device fleet → one NATS subscriber: perch with UDP devices speaking
+    /// the device protocol, nats-server with the same fleet on NATS/TCP.
+    DeviceFanIn,
+    /// Idle and sleeping device sessions (perch only).
+    DeviceIdle,
 }
 
 impl Scenario {
@@ -78,6 +84,28 @@ impl Scenario {
             Scenario::LibnatsFanIn => "libnats-fan-in",
             Scenario::JsPublish => "js-publish",
             Scenario::JsReplay => "js-replay",
+            Scenario::DeviceFanIn => "device-fan-in",
+            Scenario::DeviceIdle => "device-idle",
+        }
+    }
+
+    /// Whether perch runs with the device protocol on a UDP port
+    /// (`--device-udp`); nats-server has nothing of the kind.
+    pub fn needs_device_udp(self) -> bool {
+        matches!(self, Scenario::DeviceFanIn | Scenario::DeviceIdle)
+    }
+
+    /// Whether only perch runs it (nats-server has no equivalent; its column
+    /// shows n/a).
+    pub fn perch_only(self) -> bool {
+        matches!(self, Scenario::DeviceIdle)
+    }
+
+    /// The table's column headings for the two servers.
+    pub fn column_labels(self) -> (&'static str, &'static str) {
+        match self {
+            Scenario::DeviceFanIn => ("perch + UDP devices", "nats-server + TCP devices"),
+            _ => ("perch", "nats-server"),
         }
     }
 
@@ -140,6 +168,18 @@ impl Scenario {
                 "{} msgs of {payload_bytes} B in stream BENCH, replayed by one pull consumer in batches of {}: msgs/s",
                 params.js_replay_msgs, params.js_fetch_batch
             ),
+            Scenario::DeviceFanIn => format!(
+                "{} devices x {} QoS 0 msgs of {payload_bytes} B to sensors.d<i>.t -> 1 NATS subscriber on sensors.>, \
+                 at most {} in flight; perch: UDP devices speaking the device protocol, \
+                 nats-server: the same fleet speaking NATS over TCP",
+                params.device_count, params.device_msgs, params.device_window_msgs
+            ),
+            Scenario::DeviceIdle => format!(
+                "{} device sessions (CONNECT + REGISTER), {} of them then SUBSCRIBE + DISCONNECT sleep: \
+                 server RSS per session (perch only)",
+                params.device_count,
+                params.device_count / 2
+            ),
         }
     }
 
@@ -155,6 +195,8 @@ impl Scenario {
             Scenario::NatsGoFanIn | Scenario::LibnatsFanIn => &CLIENT_FAN_IN_METRICS,
             Scenario::JsPublish => &JS_PUBLISH_METRICS,
             Scenario::JsReplay => &JS_REPLAY_METRICS,
+            Scenario::DeviceFanIn => &DEVICE_FAN_IN_METRICS,
+            Scenario::DeviceIdle => &DEVICE_IDLE_METRICS,
         }
     }
 
@@ -178,6 +220,8 @@ impl Scenario {
             }
             Scenario::JsPublish => js_publish(server, params),
             Scenario::JsReplay => js_replay(server, params),
+            Scenario::DeviceFanIn => device_fan_in(server, params),
+            Scenario::DeviceIdle => device_idle(server, params),
         }?;
         measurement.push((PEAK_RSS_KEY, server.peak_rss_kib()? as f64));
         Ok(measurement)
@@ -202,6 +246,9 @@ pub struct Params {
     pub js_window_msgs: u64,
     pub js_replay_msgs: u64,
     pub js_fetch_batch: u64,
+    pub device_count: usize,
+    pub device_msgs: usize,
+    pub device_window_msgs: u64,
     /// The real-client programs built for this run.
     pub clients: ClientPrograms,
 }
@@ -530,6 +577,130 @@ static JS_REPLAY_METRICS: [MetricDef; 7] = [
     SERVER_CPU,
     LOADGEN_CPU,
     DISK_FDATASYNC,
+];
+
+static DEVICE_FAN_IN_METRICS: [MetricDef; 10] = [
+    metric(
+        "delivered_msgs_per_s",
+        "delivered (M msg/s)",
+        1e6,
+        3,
+        Better::Higher,
+        Some(Goal::RatioAtLeast(2.0)),
+    ),
+    SERVER_CPU_PER_M_DELIVERED_GOAL,
+    metric(
+        "delivered_pct",
+        "delivered / sent (%)",
+        1.0,
+        2,
+        Better::Higher,
+        None,
+    ),
+    SERVER_PEAK_RSS,
+    metric(
+        "setup_s",
+        "set up all devices: CONNECT (+ REGISTER on UDP) (s)",
+        1.0,
+        2,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "setup_retransmits",
+        "setup requests retransmitted (UDP)",
+        1.0,
+        0,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "udp_rcvbuf_drops",
+        "kernel UDP receive-buffer drops (count)",
+        1.0,
+        0,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "window_stalls",
+        "window stalls (outstanding written off)",
+        1.0,
+        0,
+        Better::Lower,
+        None,
+    ),
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+/// Goal: at most 256 B of server RSS per device session.
+const DEVICE_SESSION_RSS_GOAL: Goal = Goal::PerchAtMost(256.0);
+static DEVICE_IDLE_METRICS: [MetricDef; 9] = [
+    metric(
+        "rss_per_idle_session_b",
+        "RSS per idle session, CONNECT + REGISTER (B)",
+        1.0,
+        0,
+        Better::Lower,
+        Some(DEVICE_SESSION_RSS_GOAL),
+    ),
+    metric(
+        "rss_per_sleeping_session_b",
+        "RSS per sleeping session, + SUBSCRIBE + DISCONNECT sleep (B)",
+        1.0,
+        0,
+        Better::Lower,
+        Some(DEVICE_SESSION_RSS_GOAL),
+    ),
+    metric(
+        "rss_sleep_extra_b",
+        "of which SUBSCRIBE + sleep, per sleeper (B)",
+        1.0,
+        0,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "rss_before_kib",
+        "server RSS before (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "rss_idle_kib",
+        "server RSS, all sessions idle (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "rss_sleeping_kib",
+        "server RSS, half asleep (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "server_cpu_us_per_session",
+        "server CPU per session, CONNECT + REGISTER (µs)",
+        1.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "setup_retransmits",
+        "requests retransmitted",
+        1.0,
+        0,
+        Better::Lower,
+        None,
+    ),
+    SERVER_PEAK_RSS,
 ];
 
 /// The measured window's CPU time: user + system of the server process (all
@@ -864,7 +1035,7 @@ fn fan_out(
 
 /// Opens `count` connections from `threads` threads; connection `id` sends
 /// `extra(id)` between CONNECT and PING. Returns (id, connection) per thread.
-fn connect_many(
+pub(crate) fn connect_many(
     addr: SocketAddr,
     count: usize,
     threads: usize,

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -41,8 +41,15 @@ pub enum Flavor {
 impl ServerSpec {
     /// The command line; with `store_dir`, JetStream on with that store and
     /// each server's default durability (perch: `--store-dir DIR`, fsync
-    /// before every ack; nats-server: `-js -sd DIR`, sync every 2 minutes).
-    fn args(&self, port: u16, store_dir: Option<&Path>) -> Vec<String> {
+    /// before every ack; nats-server: `-js -sd DIR`, sync every 2 minutes);
+    /// with `device_udp_port`, perch also serves the device protocol there
+    /// (`--device-udp 127.0.0.1:PORT`; nats-server has no equivalent).
+    fn args(
+        &self,
+        port: u16,
+        store_dir: Option<&Path>,
+        device_udp_port: Option<u16>,
+    ) -> Vec<String> {
         match &self.flavor {
             Flavor::Perch { shards, extra_args } => {
                 let mut args = vec![
@@ -55,6 +62,10 @@ impl ServerSpec {
                 if let Some(store_dir) = store_dir {
                     args.push("--store-dir".to_string());
                     args.push(store_dir.display().to_string());
+                }
+                if let Some(device_udp_port) = device_udp_port {
+                    args.push("--device-udp".to_string());
+                    args.push(format!("127.0.0.1:{device_udp_port}"));
                 }
                 args.extend(extra_args.iter().cloned());
                 args
@@ -78,15 +89,25 @@ impl ServerSpec {
     }
 
     /// Starts the server with stdout and stderr in `log_path` (and, with
-    /// `store_dir`, JetStream storing there) and waits until it sends INFO on
-    /// a fresh connection.
-    pub fn start(&self, log_path: &Path, store_dir: Option<&Path>) -> Result<RunningServer> {
+    /// `store_dir`, JetStream storing there; with `device_udp`, perch serving
+    /// devices on a fresh UDP port) and waits until it sends INFO on a fresh
+    /// connection.
+    pub fn start(
+        &self,
+        log_path: &Path,
+        store_dir: Option<&Path>,
+        device_udp: bool,
+    ) -> Result<RunningServer> {
         let port = free_loopback_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let device_udp_port = match self.flavor {
+            Flavor::Perch { .. } if device_udp => Some(free_loopback_udp_port()?),
+            _ => None,
+        };
         let log = File::create(log_path)
             .with_context(|| format!("creating server log {}", log_path.display()))?;
         let log_for_stderr = log.try_clone().context("duplicating the log handle")?;
-        let args = self.args(port, store_dir);
+        let args = self.args(port, store_dir, device_udp_port);
         let child = Command::new(&self.program)
             .args(&args)
             .stdin(Stdio::null())
@@ -107,6 +128,7 @@ impl ServerSpec {
             addr,
             log_path: log_path.to_path_buf(),
             store_dir: store_dir.map(Path::to_path_buf),
+            device_udp: device_udp_port.map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
         };
         server.wait_until_ready()?;
         Ok(server)
@@ -121,6 +143,14 @@ fn free_loopback_port() -> Result<u16> {
         .port())
 }
 
+fn free_loopback_udp_port() -> Result<u16> {
+    let socket = UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
+    Ok(socket
+        .local_addr()
+        .context("reading the bound UDP port")?
+        .port())
+}
+
 /// A server process started by the loadgen; stopped on drop.
 pub struct RunningServer {
     pub label: &'static str,
@@ -129,6 +159,8 @@ pub struct RunningServer {
     pub log_path: PathBuf,
     /// Where its JetStream store is, when it has one.
     pub store_dir: Option<PathBuf>,
+    /// perch's device-protocol UDP address, when started with one.
+    pub device_udp: Option<SocketAddr>,
 }
 
 impl RunningServer {
