@@ -169,6 +169,9 @@ install_prereqs() {
         for pkg in rustfmt clippy; do
             grep -q "^$pkg" <<<"$have" || rustup component add "$pkg"
         done
+        # The firmware example builds for a Cortex-M4F (no_std).
+        rustup target list --installed | grep -qx thumbv7em-none-eabihf ||
+            rustup target add thumbv7em-none-eabihf
     fi
 
     # Check, don't trust: a missing tool must fail here, not turn into skips.
@@ -255,6 +258,11 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = lint ]; then
     step "cargo fmt --check" cargo fmt --all -- --check
     step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = rust ]; then
+    # The Rust firmware client as firmware: no_std on thumbv7em, its flash use.
+    step "firmware example, thumbv7em (size.sh)" bash firmware-clients/rust/size.sh
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = rust ]; then
