@@ -48,7 +48,7 @@ fn radio_send(frame: &[u8]) {
 #[no_mangle]
 pub extern "C" fn reset() -> ! {
     let Ok(config) = Config::new(b"node1") else {
-        loop {}
+        halt()
     };
     // 4 subscriptions/topics, 4 QoS 1 in flight, 128-byte frames.
     let mut client: Client<4, 4, 128> = Client::new(config);
@@ -89,7 +89,14 @@ pub extern "C" fn reset() -> ! {
     }
 }
 
+/// Stops here (a board would reset); spins on a wait-for-interrupt hint.
+fn halt() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 #[panic_handler]
 fn panic(_: &PanicInfo) -> ! {
-    loop {}
+    halt()
 }
