@@ -97,12 +97,104 @@ pub struct Stats {
 
 /// The shard a client id's session lives on (FNV-1a, stable across restarts).
 pub fn owner_of(client_id: &[u8], shard_count: usize) -> usize {
+    (fnv1a(client_id) % shard_count.max(1) as u64) as usize
+}
+
+/// Sessions by client id without a second copy of every id: the map holds the
+/// id's 64-bit hash and the slot, whose session has the id to compare; an id
+/// whose hash another live id already has (rare; or crafted) goes to
+/// `clashes`, keyed by the id itself.
+struct ClientIndex {
+    by_hash: HashMap<u64, usize>,
+    clashes: HashMap<Box<[u8]>, usize>,
+    /// FNV-1a; tests pass one that makes every id clash.
+    hasher: fn(&[u8]) -> u64,
+}
+
+impl Default for ClientIndex {
+    fn default() -> Self {
+        ClientIndex {
+            by_hash: HashMap::new(),
+            clashes: HashMap::new(),
+            hasher: fnv1a,
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in client_id {
+    for &b in bytes {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    (hash % shard_count.max(1) as u64) as usize
+    hash
+}
+
+impl ClientIndex {
+    fn hash(&self, client_id: &[u8]) -> u64 {
+        (self.hasher)(client_id)
+    }
+
+    fn len(&self) -> usize {
+        self.by_hash.len() + self.clashes.len()
+    }
+
+    fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.by_hash.values().chain(self.clashes.values()).copied()
+    }
+
+    fn get(&self, client_id: &[u8], sessions: &[Option<DeviceSession>]) -> Option<usize> {
+        let slot = *self.by_hash.get(&self.hash(client_id))?;
+        let owns = sessions[slot]
+            .as_ref()
+            .is_some_and(|s| s.client_id() == client_id);
+        if owns {
+            Some(slot)
+        } else {
+            self.clashes.get(client_id).copied()
+        }
+    }
+
+    fn insert(&mut self, client_id: &[u8], slot: usize, sessions: &[Option<DeviceSession>]) {
+        match self.by_hash.entry(self.hash(client_id)) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(slot);
+            }
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let other = *e.get();
+                let same = other == slot
+                    || sessions[other]
+                        .as_ref()
+                        .is_some_and(|s| s.client_id() == client_id);
+                if same {
+                    *e.into_mut() = slot;
+                } else {
+                    self.clashes.insert(client_id.into(), slot);
+                }
+            }
+        }
+    }
+
+    /// Forgets `slot` (whose session is already out of `sessions`).
+    fn remove(&mut self, client_id: &[u8], slot: usize, sessions: &[Option<DeviceSession>]) {
+        let hash = self.hash(client_id);
+        if self.by_hash.get(&hash) == Some(&slot) {
+            self.by_hash.remove(&hash);
+            // Promote a clash with the same hash, so `get` finds it first.
+            let promoted = self
+                .clashes
+                .iter()
+                .find(|(id, _)| (self.hasher)(id) == hash)
+                .map(|(id, &s)| (id.clone(), s));
+            if let Some((id, s)) = promoted {
+                self.clashes.remove(&id);
+                self.by_hash.insert(hash, s);
+            }
+        } else if self.clashes.get(client_id) == Some(&slot) {
+            self.clashes.remove(client_id);
+        }
+        debug_assert!(sessions.get(slot).is_none_or(Option::is_none));
+    }
 }
 
 /// Session tokens: the owner shard in the top 6 bits, a counter below.
@@ -116,7 +208,7 @@ pub struct Gateway {
     sessions: Vec<Option<DeviceSession>>,
     free: Vec<usize>,
     by_addr: HashMap<Peer, usize>,
-    by_client: HashMap<Box<[u8]>, usize>,
+    by_client: ClientIndex,
     by_sid: HashMap<u64, usize>,
     /// Addresses whose sessions live on another shard (forward to it).
     foreign: HashMap<SocketAddr, usize>,
@@ -150,7 +242,7 @@ impl Gateway {
             sessions: Vec::new(),
             free: Vec::new(),
             by_addr: HashMap::new(),
-            by_client: HashMap::new(),
+            by_client: ClientIndex::default(),
             by_sid: HashMap::new(),
             foreign: HashMap::new(),
             next_token: 1,
@@ -172,7 +264,7 @@ impl Gateway {
     /// The client id of the session at `addr`.
     pub fn client_id_at(&self, addr: Peer) -> Option<Vec<u8>> {
         let slot = *self.by_addr.get(&addr)?;
-        self.sessions[slot].as_ref().map(|s| s.client_id.to_vec())
+        self.sessions[slot].as_ref().map(|s| s.client_id().to_vec())
     }
 
     pub fn session_count(&self) -> usize {
@@ -274,7 +366,7 @@ impl Gateway {
                 out,
             ),
             Frame::Resume { session_token } => {
-                let slot = self.by_client.values().copied().find(|&s| {
+                let slot = self.by_client.slots().find(|&s| {
                     self.sessions[s]
                         .as_ref()
                         .is_some_and(|d| d.token == session_token)
@@ -359,7 +451,7 @@ impl Gateway {
             self.send_connack(out, from, false, Code::Malformed, 0);
             return;
         }
-        let existing = self.by_client.get(client_id).copied();
+        let existing = self.by_client.get(client_id, &self.sessions);
         if let Some(slot) = existing {
             let session = self.sessions[slot].as_ref().expect("indexed slot is live");
             if session.fresh && session.addr == from {
@@ -409,7 +501,7 @@ impl Gateway {
                         self.sessions.len() - 1
                     }
                 };
-                self.by_client.insert(client_id.into(), slot);
+                self.by_client.insert(client_id, slot, &self.sessions);
                 if let Some(&old) = self.by_addr.get(&from) {
                     if old != slot {
                         self.remove(old, false, out);
@@ -464,7 +556,7 @@ impl Gateway {
                         }
                     },
                     TopicRef::Predefined(id) => {
-                        match self.predefined.subject(id, &session.client_id) {
+                        match self.predefined.subject(id, session.client_id()) {
                             Some(subject) => (subject, None),
                             None => {
                                 self.send_publish_refusal(
@@ -693,7 +785,7 @@ impl Gateway {
         let Some(session) = self.sessions[slot].as_mut() else {
             return;
         };
-        let predefined = self.predefined.id_for(subject, &session.client_id);
+        let predefined = self.predefined.id_for(subject, session.client_id());
         let mut registered_now = false;
         let (topic, confirmed) = match predefined {
             Some(id) => (TopicRef::Predefined(id), true),
@@ -759,15 +851,15 @@ impl Gateway {
     /// Ends sessions silent past their keepalive (publishing their wills).
     pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let expired: Vec<usize> = self
-            .by_client
-            .values()
-            .copied()
-            .filter(|&slot| {
-                self.sessions[slot]
-                    .as_ref()
+            .sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.as_ref()
                     .and_then(DeviceSession::expires_at_ms)
                     .is_some_and(|at| at <= now_ms)
             })
+            .map(|(slot, _)| slot)
             .collect();
         for slot in expired {
             self.stats.sessions_expired += 1;
@@ -777,13 +869,9 @@ impl Gateway {
 
     /// The earliest time [`Gateway::expire`] has work.
     pub fn next_expiry_ms(&self) -> Option<u64> {
-        self.by_client
-            .values()
-            .filter_map(|&slot| {
-                self.sessions[slot]
-                    .as_ref()
-                    .and_then(DeviceSession::expires_at_ms)
-            })
+        self.sessions
+            .iter()
+            .filter_map(|s| s.as_ref().and_then(DeviceSession::expires_at_ms))
             .min()
     }
 
@@ -792,7 +880,8 @@ impl Gateway {
             return;
         };
         self.free.push(slot);
-        self.by_client.remove(&session.client_id);
+        self.by_client
+            .remove(session.client_id(), slot, &self.sessions);
         if self.by_addr.get(&session.addr) == Some(&slot) {
             self.by_addr.remove(&session.addr);
         }
@@ -1206,6 +1295,58 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    #[test]
+    fn client_ids_with_one_hash_keep_their_own_sessions() {
+        let mut g = gateway(0, 1);
+        g.by_client.hasher = |_| 7; // every id clashes
+        let ids = ["a", "b", "c"];
+        let tokens: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| connect(&mut g, addr(i as u16), id, 30, 0))
+            .collect();
+        assert_eq!(g.session_count(), 3);
+        for (i, id) in ids.iter().enumerate() {
+            let slot = g
+                .by_client
+                .get(id.as_bytes(), &g.sessions)
+                .expect("indexed");
+            assert_eq!(g.sessions[slot].as_ref().map(|s| s.token), Some(tokens[i]));
+        }
+        // The one in the hash map leaves: a clash is promoted and still found.
+        feed(&mut g, addr(0), &Frame::Disconnect { sleep_s: None }, 1);
+        assert_eq!(g.session_count(), 2);
+        assert!(g.by_client.get(b"a", &g.sessions).is_none());
+        for id in ["b", "c"] {
+            assert!(
+                g.by_client.get(id.as_bytes(), &g.sessions).is_some(),
+                "{id}"
+            );
+        }
+        // Reconnecting from elsewhere takes the same session over (the old
+        // address is told), not a second one.
+        let out = feed(
+            &mut g,
+            addr(9),
+            &Frame::Connect {
+                version: wire::PROTOCOL_VERSION,
+                clean_session: true,
+                keepalive_s: 30,
+                client_id: b"c",
+                will: None,
+            },
+            2,
+        );
+        assert!(matches!(
+            sent(&out)[..],
+            [
+                Frame::Disconnect { sleep_s: None },
+                Frame::Connack { code: Code::Ok, .. }
+            ]
+        ));
+        assert_eq!(g.session_count(), 2);
     }
 
     #[test]

@@ -40,7 +40,6 @@ pub struct Will {
 }
 
 pub struct DeviceSession {
-    pub client_id: Box<[u8]>,
     pub addr: Peer,
     pub token: u32,
     /// 0: never expires.
@@ -51,15 +50,21 @@ pub struct DeviceSession {
     sleep_s: u32,
     /// No frame but its CONNECT yet: a repeated CONNECT is a retransmit.
     pub fresh: bool,
-    /// Session topic ids (both directions share one space), back to back as
-    /// `[length u8][confirmed u8][subject]`: id n is the n-th entry. A topic
-    /// the broker registered is confirmed by the device's REGACK. One
-    /// allocation.
-    topics: Vec<u8>,
-    recent_msg_ids: [u32; RECENT_MSG_IDS],
-    recent_len: u8,
-    recent_next: u8,
+    /// The client id and then the session's topic ids, in one allocation:
+    /// `[id length u8][client id]`, then per topic (both directions share one
+    /// space) `[length u8][confirmed u8][subject]`, id n being the n-th. A
+    /// topic the broker registered is confirmed by the device's REGACK.
+    names: Vec<u8>,
+    /// QoS 1 de-duplication, allocated by the first QoS 1 publish.
+    recent: Option<Box<RecentMsgIds>>,
     extra: Option<Box<Extra>>,
+}
+
+/// The last msg ids accepted, a ring.
+struct RecentMsgIds {
+    ids: [u32; RECENT_MSG_IDS],
+    len: u8,
+    next: u8,
 }
 
 /// What only some devices need.
@@ -80,8 +85,16 @@ struct Extra {
 
 impl DeviceSession {
     pub fn new(client_id: &[u8], addr: Peer, token: u32, keepalive_s: u32, now_ms: u64) -> Self {
+        let mut names = Vec::with_capacity(1 + client_id.len());
+        // Client ids are at most CLIENT_ID_BYTES_MAX (64) bytes: the gateway
+        // checks before it opens a session.
+        assert!(
+            client_id.len() <= usize::from(u8::MAX),
+            "client id length checked"
+        );
+        names.push(client_id.len() as u8);
+        names.extend_from_slice(client_id);
         DeviceSession {
-            client_id: client_id.into(),
             addr,
             token,
             keepalive_s,
@@ -89,12 +102,20 @@ impl DeviceSession {
             asleep_until_ms: 0,
             sleep_s: 0,
             fresh: true,
-            topics: Vec::new(),
-            recent_msg_ids: [0; RECENT_MSG_IDS],
-            recent_len: 0,
-            recent_next: 0,
+            names,
+            recent: None,
             extra: None,
         }
+    }
+
+    pub fn client_id(&self) -> &[u8] {
+        let len = usize::from(self.names[0]);
+        &self.names[1..1 + len]
+    }
+
+    /// Where the topic entries start in `names`.
+    fn topics_at(&self) -> usize {
+        1 + usize::from(self.names[0])
     }
 
     fn extra(&mut self) -> &mut Extra {
@@ -150,16 +171,16 @@ impl DeviceSession {
         if count >= TOPICS_PER_SESSION_MAX || subject.len() > usize::from(u8::MAX) {
             return None;
         }
-        self.topics.push(subject.len() as u8);
-        self.topics.push(u8::from(confirmed));
-        self.topics.extend_from_slice(subject);
+        self.names.push(subject.len() as u8);
+        self.names.push(u8::from(confirmed));
+        self.names.extend_from_slice(subject);
         Some(count as u32 + 1)
     }
 
     /// (confirmed, subject) per topic, in id order; with each entry's offset.
     fn topic_entries(&self) -> impl Iterator<Item = (usize, bool, &[u8])> {
-        let mut at = 0;
-        let topics = self.topics.as_slice();
+        let mut at = self.topics_at();
+        let topics = self.names.as_slice();
         std::iter::from_fn(move || {
             let len = usize::from(*topics.get(at)?);
             let confirmed = *topics.get(at + 1)? != 0;
@@ -204,7 +225,7 @@ impl DeviceSession {
         let Some((at, _, _)) = self.topic_entries().nth(index) else {
             return Vec::new();
         };
-        self.topics[at + 1] = 1;
+        self.names[at + 1] = 1;
         match self.extra.as_mut() {
             Some(extra) => {
                 let (ready, waiting): (VecDeque<_>, VecDeque<_>) = extra
@@ -244,13 +265,19 @@ impl DeviceSession {
 
     /// Records a QoS 1 message id; false if it was seen recently (a retransmit).
     pub fn first_sight(&mut self, msg_id: u32) -> bool {
-        let seen = &self.recent_msg_ids[..self.recent_len as usize];
-        if seen.contains(&msg_id) {
+        let recent = self.recent.get_or_insert_with(|| {
+            Box::new(RecentMsgIds {
+                ids: [0; RECENT_MSG_IDS],
+                len: 0,
+                next: 0,
+            })
+        });
+        if recent.ids[..usize::from(recent.len)].contains(&msg_id) {
             return false;
         }
-        self.recent_msg_ids[self.recent_next as usize] = msg_id;
-        self.recent_next = (self.recent_next + 1) % RECENT_MSG_IDS as u8;
-        self.recent_len = (self.recent_len + 1).min(RECENT_MSG_IDS as u8);
+        recent.ids[usize::from(recent.next)] = msg_id;
+        recent.next = (recent.next + 1) % RECENT_MSG_IDS as u8;
+        recent.len = (recent.len + 1).min(RECENT_MSG_IDS as u8);
         true
     }
 
@@ -430,7 +457,7 @@ mod tests {
         // and topic allocations come on top (measured with the loadgen's
         // device-idle scenario, BENCHMARKS.md).
         assert!(
-            std::mem::size_of::<DeviceSession>() <= 176,
+            std::mem::size_of::<DeviceSession>() <= 104,
             "{}",
             std::mem::size_of::<DeviceSession>()
         );
