@@ -100,23 +100,75 @@ pub fn owner_of(client_id: &[u8], shard_count: usize) -> usize {
     (fnv1a(client_id) % shard_count.max(1) as u64) as usize
 }
 
-/// Sessions by client id without a second copy of every id: the map holds the
-/// id's 64-bit hash and the slot, whose session has the id to compare; an id
-/// whose hash another live id already has (rare; or crafted) goes to
-/// `clashes`, keyed by the id itself.
-struct ClientIndex {
-    by_hash: HashMap<u64, usize>,
-    clashes: HashMap<Box<[u8]>, usize>,
-    /// FNV-1a; tests pass one that makes every id clash.
-    hasher: fn(&[u8]) -> u64,
+/// A key of a session that the session itself holds (its client id, its
+/// address), indexed without a second copy of every key: the map holds the
+/// key's 64-bit hash and the slot, whose session has the key to compare; a key
+/// whose hash another live key already has (rare, or crafted) goes to
+/// `clashes`, keyed by itself.
+trait SessionKey: Eq + std::hash::Hash {
+    type Owned: Eq + std::hash::Hash + std::borrow::Borrow<Self>;
+    fn of(session: &DeviceSession) -> &Self;
+    fn hash64(&self) -> u64;
+    fn to_owned_key(&self) -> Self::Owned;
 }
 
-impl Default for ClientIndex {
+impl SessionKey for [u8] {
+    type Owned = Box<[u8]>;
+    fn of(session: &DeviceSession) -> &[u8] {
+        session.client_id()
+    }
+    fn hash64(&self) -> u64 {
+        fnv1a(self)
+    }
+    fn to_owned_key(&self) -> Box<[u8]> {
+        self.into()
+    }
+}
+
+impl SessionKey for Peer {
+    type Owned = Peer;
+    fn of(session: &DeviceSession) -> &Peer {
+        &session.addr
+    }
+    fn hash64(&self) -> u64 {
+        let mut bytes = [0u8; 19];
+        let used = match self {
+            Peer::Udp(SocketAddr::V4(a)) => {
+                bytes[..4].copy_from_slice(&a.ip().octets());
+                bytes[4..6].copy_from_slice(&a.port().to_le_bytes());
+                6
+            }
+            Peer::Udp(SocketAddr::V6(a)) => {
+                bytes[..16].copy_from_slice(&a.ip().octets());
+                bytes[16..18].copy_from_slice(&a.port().to_le_bytes());
+                18
+            }
+            Peer::Stream(id) => {
+                bytes[..8].copy_from_slice(&id.to_le_bytes());
+                bytes[8] = 0xFF;
+                9
+            }
+        };
+        fnv1a(&bytes[..used])
+    }
+    fn to_owned_key(&self) -> Peer {
+        *self
+    }
+}
+
+struct SessionIndex<K: SessionKey + ?Sized> {
+    by_hash: HashMap<u64, usize>,
+    clashes: HashMap<K::Owned, usize>,
+    /// Tests replace it with one that makes every key clash.
+    hasher: fn(&K) -> u64,
+}
+
+impl<K: SessionKey + ?Sized> Default for SessionIndex<K> {
     fn default() -> Self {
-        ClientIndex {
+        SessionIndex {
             by_hash: HashMap::new(),
             clashes: HashMap::new(),
-            hasher: fnv1a,
+            hasher: K::hash64,
         }
     }
 }
@@ -130,72 +182,74 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
-impl ClientIndex {
-    fn hash(&self, client_id: &[u8]) -> u64 {
-        (self.hasher)(client_id)
-    }
-
+impl<K: SessionKey + ?Sized> SessionIndex<K> {
     fn len(&self) -> usize {
         self.by_hash.len() + self.clashes.len()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn slots(&self) -> impl Iterator<Item = usize> + '_ {
         self.by_hash.values().chain(self.clashes.values()).copied()
     }
 
-    fn get(&self, client_id: &[u8], sessions: &[Option<DeviceSession>]) -> Option<usize> {
-        let slot = *self.by_hash.get(&self.hash(client_id))?;
-        let owns = sessions[slot]
-            .as_ref()
-            .is_some_and(|s| s.client_id() == client_id);
-        if owns {
-            Some(slot)
-        } else {
-            self.clashes.get(client_id).copied()
+    fn get(&self, key: &K, sessions: &[Option<DeviceSession>]) -> Option<usize> {
+        let slot = *self.by_hash.get(&(self.hasher)(key))?;
+        if sessions[slot].as_ref().is_some_and(|s| K::of(s) == key) {
+            return Some(slot);
         }
+        self.clashes.get(key).copied()
     }
 
-    fn insert(&mut self, client_id: &[u8], slot: usize, sessions: &[Option<DeviceSession>]) {
-        match self.by_hash.entry(self.hash(client_id)) {
+    fn contains(&self, key: &K, sessions: &[Option<DeviceSession>]) -> bool {
+        self.get(key, sessions).is_some()
+    }
+
+    fn insert(&mut self, key: &K, slot: usize, sessions: &[Option<DeviceSession>]) {
+        match self.by_hash.entry((self.hasher)(key)) {
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(slot);
             }
             std::collections::hash_map::Entry::Occupied(e) => {
                 let other = *e.get();
-                let same = other == slot
-                    || sessions[other]
-                        .as_ref()
-                        .is_some_and(|s| s.client_id() == client_id);
-                if same {
+                // The slot's own key again, or a stale entry: take it over.
+                let take_over =
+                    other == slot || sessions[other].as_ref().is_none_or(|s| K::of(s) == key);
+                if take_over {
                     *e.into_mut() = slot;
                 } else {
-                    self.clashes.insert(client_id.into(), slot);
+                    self.clashes.insert(key.to_owned_key(), slot);
                 }
             }
         }
     }
 
-    /// Forgets `slot` (whose session is already out of `sessions`).
-    fn remove(&mut self, client_id: &[u8], slot: usize, sessions: &[Option<DeviceSession>]) {
-        let hash = self.hash(client_id);
+    /// Forgets `key` if it names `slot`.
+    fn remove(&mut self, key: &K, slot: usize) {
+        let hash = (self.hasher)(key);
         if self.by_hash.get(&hash) == Some(&slot) {
             self.by_hash.remove(&hash);
             // Promote a clash with the same hash, so `get` finds it first.
+            let hasher = self.hasher;
             let promoted = self
                 .clashes
                 .iter()
-                .find(|(id, _)| (self.hasher)(id) == hash)
-                .map(|(id, &s)| (id.clone(), s));
-            if let Some((id, s)) = promoted {
-                self.clashes.remove(&id);
+                .find(|(owned, _)| hasher((*owned).borrow()) == hash)
+                .map(|(owned, &s)| (K::to_owned_key((*owned).borrow()), s));
+            if let Some((owned, s)) = promoted {
+                self.clashes.remove(owned.borrow());
                 self.by_hash.insert(hash, s);
             }
-        } else if self.clashes.get(client_id) == Some(&slot) {
-            self.clashes.remove(client_id);
+        } else if self.clashes.get(key) == Some(&slot) {
+            self.clashes.remove(key);
         }
-        debug_assert!(sessions.get(slot).is_none_or(Option::is_none));
     }
 }
+
+use std::borrow::Borrow;
 
 /// Session tokens: the owner shard in the top 6 bits, a counter below.
 const TOKEN_SHARD_SHIFT: u32 = 26;
@@ -207,8 +261,8 @@ pub struct Gateway {
     predefined: Arc<Predefined>,
     sessions: Vec<Option<DeviceSession>>,
     free: Vec<usize>,
-    by_addr: HashMap<Peer, usize>,
-    by_client: ClientIndex,
+    by_addr: SessionIndex<Peer>,
+    by_client: SessionIndex<[u8]>,
     by_sid: HashMap<u64, usize>,
     /// Addresses whose sessions live on another shard (forward to it).
     foreign: HashMap<SocketAddr, usize>,
@@ -241,8 +295,8 @@ impl Gateway {
             predefined,
             sessions: Vec::new(),
             free: Vec::new(),
-            by_addr: HashMap::new(),
-            by_client: ClientIndex::default(),
+            by_addr: SessionIndex::default(),
+            by_client: SessionIndex::default(),
             by_sid: HashMap::new(),
             foreign: HashMap::new(),
             next_token: 1,
@@ -256,14 +310,14 @@ impl Gateway {
     /// Drops the session of a stream connection that closed (its will is
     /// published: the device did not say goodbye).
     pub fn stream_closed(&mut self, peer: Peer, out: &mut Vec<Action>) {
-        if let Some(&slot) = self.by_addr.get(&peer) {
+        if let Some(slot) = self.by_addr.get(&peer, &self.sessions) {
             self.remove(slot, true, out);
         }
     }
 
     /// The client id of the session at `addr`.
     pub fn client_id_at(&self, addr: Peer) -> Option<Vec<u8>> {
-        let slot = *self.by_addr.get(&addr)?;
+        let slot = self.by_addr.get(&addr, &self.sessions)?;
         self.sessions[slot].as_ref().map(|s| s.client_id().to_vec())
     }
 
@@ -288,7 +342,7 @@ impl Gateway {
         };
         if let Some(addr) = udp_from {
             if let Some(&shard) = self.foreign.get(&addr) {
-                if !self.by_addr.contains_key(&from) {
+                if !self.by_addr.contains(&from, &self.sessions) {
                     out.push(Action::Forward {
                         shard,
                         from: addr,
@@ -386,7 +440,7 @@ impl Gateway {
                 }
             }
             frame => {
-                let Some(&slot) = self.by_addr.get(&from) else {
+                let Some(slot) = self.by_addr.get(&from, &self.sessions) else {
                     self.stats.unknown_session_frames += 1;
                     let ref_type = bytes.first().map_or(0, |b| b >> 4);
                     self.send_unsolicited_error(
@@ -427,10 +481,8 @@ impl Gateway {
             return;
         };
         let old = std::mem::replace(&mut session.addr, to);
-        if self.by_addr.get(&old) == Some(&slot) {
-            self.by_addr.remove(&old);
-        }
-        self.by_addr.insert(to, slot);
+        self.by_addr.remove(&old, slot);
+        self.by_addr.insert(&to, slot, &self.sessions);
         if let Peer::Udp(addr) = to {
             self.foreign.remove(&addr);
         }
@@ -502,12 +554,12 @@ impl Gateway {
                     }
                 };
                 self.by_client.insert(client_id, slot, &self.sessions);
-                if let Some(&old) = self.by_addr.get(&from) {
+                if let Some(old) = self.by_addr.get(&from, &self.sessions) {
                     if old != slot {
                         self.remove(old, false, out);
                     }
                 }
-                self.by_addr.insert(from, slot);
+                self.by_addr.insert(&from, slot, &self.sessions);
                 if let Peer::Udp(addr) = from {
                     self.foreign.remove(&addr);
                 }
@@ -880,11 +932,8 @@ impl Gateway {
             return;
         };
         self.free.push(slot);
-        self.by_client
-            .remove(session.client_id(), slot, &self.sessions);
-        if self.by_addr.get(&session.addr) == Some(&slot) {
-            self.by_addr.remove(&session.addr);
-        }
+        self.by_client.remove(session.client_id(), slot);
+        self.by_addr.remove(&session.addr, slot);
         for (_, sid) in session.subscriptions() {
             self.by_sid.remove(sid);
             out.push(Action::Unsubscribe { sid: *sid });
@@ -1301,6 +1350,7 @@ mod tests {
     fn client_ids_with_one_hash_keep_their_own_sessions() {
         let mut g = gateway(0, 1);
         g.by_client.hasher = |_| 7; // every id clashes
+        g.by_addr.hasher = |_| 9; // and every address
         let ids = ["a", "b", "c"];
         let tokens: Vec<u32> = ids
             .iter()
@@ -1325,6 +1375,19 @@ mod tests {
                 "{id}"
             );
         }
+        // Frames from each address still reach their own session.
+        for port in [1u16, 2] {
+            let out = feed(&mut g, addr(port), &Frame::Ping, 2);
+            assert_eq!(sent(&out), vec![Frame::Pong], "port {port}");
+        }
+        let out = feed(&mut g, addr(0), &Frame::Ping, 2);
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Error {
+                code: Code::UnknownSession,
+                ..
+            }]
+        ));
         // Reconnecting from elsewhere takes the same session over (the old
         // address is told), not a second one.
         let out = feed(
@@ -1347,6 +1410,19 @@ mod tests {
             ]
         ));
         assert_eq!(g.session_count(), 2);
+        let out = feed(&mut g, addr(2), &Frame::Ping, 3);
+        assert!(
+            matches!(
+                sent(&out)[..],
+                [Frame::Error {
+                    code: Code::UnknownSession,
+                    ..
+                }]
+            ),
+            "c moved to port 9"
+        );
+        let out = feed(&mut g, addr(9), &Frame::Ping, 3);
+        assert_eq!(sent(&out), vec![Frame::Pong]);
     }
 
     #[test]
