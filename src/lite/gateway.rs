@@ -592,51 +592,14 @@ impl Gateway {
                     self.send_error(out, to, Code::TooLarge, 0x3, msg_id);
                     return;
                 }
-                let (subject, reply) = match topic {
-                    TopicRef::Registered(id) => match session.topic(id) {
-                        Some(subject) => (subject.to_vec(), None),
-                        None => {
-                            self.send_publish_refusal(
-                                out,
-                                to,
-                                qos,
-                                msg_id,
-                                topic.id(),
-                                Code::UnknownTopic,
-                            );
-                            return;
-                        }
-                    },
-                    TopicRef::Predefined(id) => {
-                        match self.predefined.subject(id, session.client_id()) {
-                            Some(subject) => (subject, None),
-                            None => {
-                                self.send_publish_refusal(
-                                    out,
-                                    to,
-                                    qos,
-                                    msg_id,
-                                    topic.id(),
-                                    Code::UnknownTopic,
-                                );
-                                return;
-                            }
-                        }
-                    }
-                    TopicRef::Reply(handle) => match session.take_reply(handle) {
-                        Some(reply) => (reply.into_vec(), None),
-                        None => {
-                            self.send_publish_refusal(
-                                out,
-                                to,
-                                qos,
-                                msg_id,
-                                topic.id(),
-                                Code::UnknownTopic,
-                            );
-                            return;
-                        }
-                    },
+                let subject = match topic {
+                    TopicRef::Registered(id) => session.topic(id).map(<[u8]>::to_vec),
+                    TopicRef::Predefined(id) => self.predefined.subject(id, session.client_id()),
+                    TopicRef::Reply(handle) => session.take_reply(handle).map(<[u8]>::into_vec),
+                };
+                let Some(subject) = subject else {
+                    self.send_publish_refusal(out, to, qos, msg_id, topic.id(), Code::UnknownTopic);
+                    return;
                 };
                 let ack = match qos {
                     Qos::AtMostOnce => None,
@@ -652,7 +615,7 @@ impl Gateway {
                 };
                 out.push(Action::Publish {
                     subject,
-                    reply,
+                    reply: None,
                     payload: payload.to_vec(),
                     ack,
                 });

@@ -31,7 +31,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
-use super::internal::next_frame;
 use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::lite::gateway::{encode, Action, Gateway, GatewayLimits, Peer};
@@ -736,29 +735,20 @@ async fn deliveries(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
         let mut actions = Vec::new();
         {
             let mut gateway = runtime.gateway.borrow_mut();
-            let mut at = 0;
-            while at < frames.len() {
-                let Some((msg, used)) = next_frame(&frames[at..]) else {
-                    tracing::error!(
-                        shard = shard.id,
-                        "internal frame unreadable; dropped the rest"
-                    );
-                    break;
-                };
-                at += used;
+            super::internal::for_each_frame(shard.id, &frames, |msg| {
                 let Some(sid) = std::str::from_utf8(msg.sid)
                     .ok()
                     .and_then(|s| s.parse().ok())
                 else {
-                    continue;
+                    return;
                 };
                 if sid == STORE_ACK_SID {
                     runtime.store_acked(msg.subject, msg.payload);
-                    continue;
+                    return;
                 }
                 let reply = (!msg.reply.is_empty()).then_some(msg.reply);
                 gateway.deliver(sid, msg.subject, reply, msg.payload, &mut actions);
-            }
+            });
         }
         runtime.carry_out(&shard, actions);
     }

@@ -86,3 +86,18 @@ pub(crate) fn next_frame(buf: &[u8]) -> Option<(Delivered<'_>, usize)> {
         end + 2,
     ))
 }
+
+/// Calls `f` with every frame an internal session was sent (`frames`, from
+/// `take_output`); an unreadable frame (a bug of ours) is logged and ends the
+/// pass.
+pub(crate) fn for_each_frame(shard: usize, frames: &[u8], mut f: impl FnMut(Delivered<'_>)) {
+    let mut at = 0;
+    while at < frames.len() {
+        let Some((msg, used)) = next_frame(&frames[at..]) else {
+            tracing::error!(shard, "internal frame unreadable; dropped the rest");
+            break;
+        };
+        at += used;
+        f(msg);
+    }
+}

@@ -25,7 +25,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
-use super::internal::next_frame;
 use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::jetstream::api;
@@ -272,16 +271,7 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
         let mut resubscribe = false;
         {
             let mut host = runtime.host.borrow_mut();
-            let mut at = 0;
-            while at < frames.len() {
-                let Some((msg, used)) = next_frame(&frames[at..]) else {
-                    tracing::error!(
-                        shard = shard.id,
-                        "internal frame unreadable; dropped the rest"
-                    );
-                    break;
-                };
-                at += used;
+            super::internal::for_each_frame(shard.id, &frames, |msg| {
                 if msg.subject.starts_with(api::API_PREFIX.as_bytes()) {
                     let subject = String::from_utf8_lossy(msg.subject).into_owned();
                     match api_target(&subject) {
@@ -327,7 +317,7 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
                         &mut out,
                     );
                 }
-            }
+            });
             loop {
                 let Some(request) = runtime.forwarded.borrow_mut().pop_front() else {
                     break;

@@ -205,15 +205,20 @@ pub fn publish(
         Duration::from_millis(50),
         |_| false,
     );
+    goodbye(&mut client, &mut transport, &clock);
+    Ok(())
+}
+
+/// DISCONNECT, and a moment for the broker's answer.
+fn goodbye(client: &mut DeviceClient, transport: &mut AnyTransport, clock: &Clock) {
     client.disconnect(clock.now_ms());
     let _ = run_until(
-        &mut client,
-        &mut transport,
-        &clock,
+        client,
+        transport,
+        clock,
         Duration::from_millis(200),
         |event| matches!(event, Event::Disconnected { .. }),
     );
-    Ok(())
 }
 
 /// `perch device sub`: one session, one subscription; prints each message's
@@ -280,14 +285,7 @@ pub fn subscribe(
             timeout,
         });
     }
-    client.disconnect(clock.now_ms());
-    let _ = run_until(
-        &mut client,
-        &mut transport,
-        &clock,
-        Duration::from_millis(200),
-        |event| matches!(event, Event::Disconnected { .. }),
-    );
+    goodbye(&mut client, &mut transport, &clock);
     Ok(())
 }
 
