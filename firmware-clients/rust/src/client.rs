@@ -9,8 +9,10 @@
 //! pending request due again.
 
 use heapless::{Deque, Vec};
-use perch_wire::{Code, Frame, FrameType, Qos, TopicRef};
+use perch_wire::{encode, Code, Frame, FrameType, Qos, TopicRef};
 use perch_wire::{CLIENT_ID_BYTES_MAX, DEDUP_WINDOW_MSG_IDS, SUBJECT_BYTES_MAX};
+
+use crate::storage::{self, NoStorage, RecordTarget, Storage, MSG_ID_LEASE};
 
 /// How long to wait for a CONNACK, REGACK, SUBACK, PUBACK or PONG before the
 /// first retransmission, by default. Each retry doubles it, up to 32×.
@@ -168,6 +170,9 @@ pub enum ClientError {
     TooLarge,
     /// The call needs an established session (sleep) or a started client.
     NotConnected,
+    /// The [`Storage`] failed to keep (or, building the client, to read)
+    /// a QoS 1 publish or the msg id counter.
+    Storage,
 }
 
 impl core::fmt::Display for ClientError {
@@ -178,6 +183,7 @@ impl core::fmt::Display for ClientError {
             ClientError::SubscriptionTableFull => "subscription table full",
             ClientError::TooLarge => "frame, subject or client id too large",
             ClientError::NotConnected => "not connected",
+            ClientError::Storage => "storage failed",
         })
     }
 }
@@ -200,6 +206,13 @@ pub struct Stats {
     pub acks_dropped: u32,
     /// Connections lost (timeouts and broker disconnects).
     pub connections_lost: u32,
+    /// [`Storage`] calls that failed. A failed store or counter write is
+    /// also returned by `publish`; a failed remove (after PUBACK) is retried
+    /// at every `handle_timeout` until it succeeds or the slot is reused.
+    pub storage_errors: u32,
+    /// Stored records that did not parse when the client was built (e.g.
+    /// written by another firmware version): removed, not sent.
+    pub records_discarded: u32,
 }
 
 /// A request's retransmission state.
@@ -222,6 +235,9 @@ impl Retry {
         }
     }
 
+    // Out of line, like `on_timeout`: called for every kind of request, and
+    // 64-bit arithmetic is long on a 32-bit core.
+    #[inline(never)]
     fn sent(&mut self, now_ms: u64, interval_ms: u32) {
         self.due = false;
         self.attempts = self.attempts.saturating_add(1);
@@ -234,6 +250,7 @@ impl Retry {
     }
 
     /// Called at `now`: Err when the last allowed transmission timed out.
+    #[inline(never)]
     fn on_timeout(&mut self, now_ms: u64, retries_max: u8) -> Result<(), ()> {
         if self.due || now_ms < self.timeout_ms {
             return Ok(());
@@ -369,8 +386,9 @@ enum Next {
     Disconnect,
 }
 
-/// The device protocol client. See the crate docs for the bounds.
-pub struct Client<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> {
+/// The device protocol client. See the crate docs for the bounds, and
+/// [`Client::with_storage`] for keeping QoS 1 publishes across a reboot.
+pub struct Client<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S = NoStorage> {
     config: Config,
     state: State,
     /// The latest time any input carried; outputs are computed at it.
@@ -396,9 +414,25 @@ pub struct Client<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> {
     events: Deque<PendingEvent, EVENTS_MAX>,
     acks: Deque<Ack, ACKS_MAX>,
     stats: Stats,
+    /// Where QoS 1 publishes are kept ([`NoStorage`]: nowhere).
+    storage: S,
+    /// Msg ids that may still be handed out before the counter is stored
+    /// again (0: store it before the next one).
+    msg_ids_leased: u32,
+    /// Bit `slot`: the slot's record outlived its publish (a remove failed).
+    unremoved: u16,
 }
 
 impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, INFLIGHT, BUF> {
+    /// A client that has not connected yet and keeps nothing across a reboot.
+    pub fn new(config: Config) -> Self {
+        Self::build(config, NoStorage)
+    }
+}
+
+impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
+    Client<SUBS, INFLIGHT, BUF, S>
+{
     // The broker de-duplicates over 16 msg ids: more in flight could let a
     // late retry through twice. A CONNECT with the longest id must fit BUF.
     const BOUNDS: () = {
@@ -407,8 +441,39 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
         assert!(BUF >= 8 + CLIENT_ID_BYTES_MAX && BUF <= perch_wire::TCP_FRAME_BYTES_MAX);
     };
 
-    /// A client that has not connected yet.
-    pub fn new(config: Config) -> Self {
+    /// A client that has not connected yet and keeps its unacknowledged QoS
+    /// 1 publishes in `storage`. Whatever an earlier run left there is taken
+    /// back first: those publishes are sent again, with their msg ids, once
+    /// [`Client::connect`] has a session, and end in `PublishAcked` or
+    /// `PublishFailed` like any other. New msg ids continue from the stored
+    /// counter. When anything was taken back, the first CONNECT does not
+    /// clean the session (whatever `clean_session` says), so the broker's
+    /// de-duplication window still covers the retransmissions.
+    ///
+    /// Fails with [`ClientError::Storage`] when the storage cannot be read;
+    /// nothing was removed from it then. A record that does not parse is
+    /// removed and counted in [`Stats::records_discarded`]; one whose
+    /// subject finds no room in the topic table is removed and reported as
+    /// `PublishFailed` with `NO_RESOURCES`.
+    pub fn with_storage(config: Config, storage: S) -> Result<Self, ClientError> {
+        let mut client = Self::build(config, storage);
+        if S::PERSISTENT {
+            client.restore()?;
+        }
+        Ok(client)
+    }
+
+    /// The storage (e.g. to inspect it, or to hand it to the next client).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// Ends the client and returns its storage, records and all.
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    fn build(config: Config, storage: S) -> Self {
         let () = Self::BOUNDS;
         Client {
             reconnect_backoff_ms: config.reconnect_backoff_min_ms,
@@ -430,7 +495,85 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
             inbox_polled: false,
             events: Deque::new(),
             acks: Deque::new(),
-            stats: Stats::default(),
+            stats: no_stats(),
+            storage,
+            msg_ids_leased: 0,
+            unremoved: 0,
+        }
+    }
+
+    fn restore(&mut self) -> Result<(), ClientError> {
+        let counter = self.storage.load_msg_id_counter();
+        let counter = counter.map_err(|_| self.storage_failed())?;
+        let mut highest = 0;
+        let mut record = [0u8; BUF];
+        for slot in 0..INFLIGHT {
+            let loaded = self.storage.load(slot, &mut record);
+            let Some(len) = loaded.map_err(|_| self.storage_failed())? else {
+                continue;
+            };
+            let parsed = record
+                .get(..len)
+                .and_then(storage::decode_record)
+                .filter(|(_, _, payload)| self.check_publish_len(payload).is_ok());
+            let Some((msg_id, target, payload)) = parsed else {
+                self.stats.records_discarded = self.stats.records_discarded.wrapping_add(1);
+                self.remove_record(slot);
+                continue;
+            };
+            let target = match target {
+                RecordTarget::Predefined(id) => OutgoingTarget::Fixed(TopicRef::Predefined(id)),
+                RecordTarget::Registered(id) => OutgoingTarget::Fixed(TopicRef::Registered(id)),
+                RecordTarget::Subject(subject) => match self.topic_for(subject) {
+                    Ok(topic) => OutgoingTarget::Topic(topic),
+                    Err(_) => {
+                        self.event(PendingEvent::PublishFailed {
+                            msg_id,
+                            code: Code::NoResources,
+                        });
+                        self.remove_record(slot);
+                        continue;
+                    }
+                },
+            };
+            self.enqueue(slot, target, Qos::AtLeastOnce, msg_id, payload);
+            highest = highest.max(msg_id);
+            // Keep the session (and its de-duplication window) if the broker
+            // still has it: the copies may have been routed before the reboot.
+            self.connected_once = true;
+        }
+        self.next_msg_id = match counter {
+            Some(next) if next != 0 => next,
+            _ => highest.checked_add(1).unwrap_or(1),
+        };
+        Ok(())
+    }
+
+    fn storage_failed(&mut self) -> ClientError {
+        self.stats.storage_errors = self.stats.storage_errors.wrapping_add(1);
+        ClientError::Storage
+    }
+
+    /// Empties `slot`'s record; a failure is retried by `handle_timeout`.
+    fn remove_record(&mut self, slot: usize) {
+        let bit = 1u16 << slot;
+        if self.storage.remove(slot).is_ok() {
+            self.unremoved &= !bit;
+        } else {
+            self.storage_failed();
+            self.unremoved |= bit;
+        }
+    }
+
+    /// Frees an outgoing slot (and its stored record).
+    fn release(&mut self, slot: usize) {
+        let stored = S::PERSISTENT
+            && self.outgoing[slot]
+                .as_ref()
+                .is_some_and(|out| out.qos == Qos::AtLeastOnce);
+        self.outgoing[slot] = None;
+        if stored {
+            self.remove_record(slot);
         }
     }
 
@@ -487,22 +630,82 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
         if self.state == State::Idle || self.state == State::Closed {
             return Err(ClientError::NotConnected);
         }
-        let target = match target {
+        let (target, record) = match target {
             Target::Subject(subject) => {
                 if subject.len() > SUBJECT_BYTES_MAX || 1 + 5 + subject.len() > BUF {
                     return Err(ClientError::TooLarge);
                 }
                 let slot = self.outgoing_slot()?;
                 self.check_publish_len(payload)?;
-                let topic = self.topic_for(subject)?;
-                return Ok(self.enqueue(slot, OutgoingTarget::Topic(topic), qos, payload));
+                let (topic, exists) = self.topic_slot(subject)?;
+                let msg_id = self.keep(slot, qos, RecordTarget::Subject(subject), payload)?;
+                if !exists {
+                    self.add_topic(topic, subject);
+                }
+                self.enqueue(slot, OutgoingTarget::Topic(topic), qos, msg_id, payload);
+                return Ok(msg_id);
             }
-            Target::Predefined(id) => TopicRef::Predefined(id),
-            Target::Registered(id) => TopicRef::Registered(id),
+            Target::Predefined(id) => (TopicRef::Predefined(id), RecordTarget::Predefined(id)),
+            Target::Registered(id) => (TopicRef::Registered(id), RecordTarget::Registered(id)),
         };
         let slot = self.outgoing_slot()?;
         self.check_publish_len(payload)?;
-        Ok(self.enqueue(slot, OutgoingTarget::Fixed(target), qos, payload))
+        let msg_id = self.keep(slot, qos, record, payload)?;
+        self.enqueue(slot, OutgoingTarget::Fixed(target), qos, msg_id, payload);
+        Ok(msg_id)
+    }
+
+    /// A QoS 1 publish's msg id, its record stored in `slot` first (when
+    /// there is storage); 0 for QoS 0.
+    fn keep(
+        &mut self,
+        slot: usize,
+        qos: Qos,
+        target: RecordTarget<'_>,
+        payload: &[u8],
+    ) -> Result<u32, ClientError> {
+        if qos == Qos::AtMostOnce {
+            return Ok(0);
+        }
+        if !S::PERSISTENT {
+            return Ok(self.allocate_msg_id());
+        }
+        // Checked with the longest msg id, before one is spent.
+        if storage::record_len(&target, u32::MAX, payload) > BUF {
+            return Err(ClientError::TooLarge);
+        }
+        let msg_id = self.allocate_stored_msg_id()?;
+        let mut record = [0u8; BUF];
+        let len = storage::encode_record(&target, msg_id, payload, &mut record)
+            .ok_or(ClientError::TooLarge)?;
+        if self.storage.store(slot, &record[..len]).is_err() {
+            return Err(self.storage_failed());
+        }
+        self.unremoved &= !(1u16 << slot);
+        Ok(msg_id)
+    }
+
+    /// `allocate_msg_id`, storing the counter [`MSG_ID_LEASE`] ahead
+    /// whenever the last lease is used up.
+    fn allocate_stored_msg_id(&mut self) -> Result<u32, ClientError> {
+        loop {
+            if self.msg_ids_leased == 0 {
+                // Ids run 1..=u32::MAX and wrap to 1: position id - 1 of
+                // u32::MAX.
+                let position = u64::from(self.next_msg_id.max(1) - 1) + u64::from(MSG_ID_LEASE);
+                let end = (position % u64::from(u32::MAX)) as u32 + 1;
+                if self.storage.store_msg_id_counter(end).is_err() {
+                    return Err(self.storage_failed());
+                }
+                self.msg_ids_leased = MSG_ID_LEASE;
+            }
+            self.msg_ids_leased -= 1;
+            let id = self.next_msg_id;
+            self.next_msg_id = self.next_msg_id.checked_add(1).unwrap_or(1);
+            if !self.msg_id_in_use(id) {
+                return Ok(id);
+            }
+        }
     }
 
     /// Answers a request delivered with `reply_handle` (QoS 0).
@@ -516,7 +719,7 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
         let slot = self.outgoing_slot()?;
         self.check_publish_len(payload)?;
         let target = OutgoingTarget::Fixed(TopicRef::Reply(reply_handle));
-        self.enqueue(slot, target, Qos::AtMostOnce, payload);
+        self.enqueue(slot, target, Qos::AtMostOnce, 0, payload);
         Ok(())
     }
 
@@ -535,31 +738,38 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
         Ok(())
     }
 
-    fn enqueue(&mut self, slot: usize, target: OutgoingTarget, qos: Qos, payload: &[u8]) -> u32 {
-        let msg_id = match qos {
-            Qos::AtMostOnce => 0,
-            Qos::AtLeastOnce => self.allocate_msg_id(),
-        };
-        let payload = Vec::from_slice(payload).expect("checked against BUF");
-        self.outgoing[slot] = Some(Outgoing {
+    fn enqueue(
+        &mut self,
+        slot: usize,
+        target: OutgoingTarget,
+        qos: Qos,
+        msg_id: u32,
+        payload: &[u8],
+    ) {
+        // Built in place: moving a heapless Vec copies its whole capacity.
+        let out = self.outgoing[slot].insert(Outgoing {
             target,
             qos,
             msg_id,
-            payload,
+            payload: Vec::new(),
             retry: Retry::now(),
         });
-        msg_id
+        // Fits: the caller checked the payload against BUF.
+        let _ = out.payload.extend_from_slice(payload);
     }
 
     fn allocate_msg_id(&mut self) -> u32 {
         loop {
             let id = self.next_msg_id;
             self.next_msg_id = self.next_msg_id.checked_add(1).unwrap_or(1);
-            let in_use = self.outgoing.iter().flatten().any(|out| out.msg_id == id);
-            if !in_use {
+            if !self.msg_id_in_use(id) {
                 return id;
             }
         }
+    }
+
+    fn msg_id_in_use(&self, id: u32) -> bool {
+        self.outgoing.iter().flatten().any(|out| out.msg_id == id)
     }
 
     fn allocate_req_id(&mut self) -> u32 {
@@ -570,26 +780,42 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
 
     /// The topic-table slot for `subject`, starting a REGISTER if it is new.
     fn topic_for(&mut self, subject: &[u8]) -> Result<usize, ClientError> {
+        let (slot, exists) = self.topic_slot(subject)?;
+        if !exists {
+            self.add_topic(slot, subject);
+        }
+        Ok(slot)
+    }
+
+    /// The slot holding `subject` (true), or a free one (false). The caller
+    /// checked that `subject` fits `BUF`.
+    fn topic_slot(&self, subject: &[u8]) -> Result<(usize, bool), ClientError> {
         if let Some(slot) = self.topics.iter().position(|entry| {
             entry
                 .as_ref()
-                .is_some_and(|entry| entry.subject.as_slice() == subject)
+                .is_some_and(|entry| same_bytes(&entry.subject, subject))
         }) {
-            return Ok(slot);
+            return Ok((slot, true));
         }
         let slot = self
             .topics
             .iter()
             .position(Option::is_none)
             .ok_or(ClientError::TopicTableFull)?;
+        Ok((slot, false))
+    }
+
+    /// Puts `subject` in the free `slot` and starts its REGISTER.
+    fn add_topic(&mut self, slot: usize, subject: &[u8]) {
         let req_id = self.allocate_req_id();
-        self.topics[slot] = Some(TopicEntry {
-            subject: Vec::from_slice(subject).map_err(|_| ClientError::TooLarge)?,
+        let entry = self.topics[slot].insert(TopicEntry {
+            subject: Vec::new(),
             id: 0,
             registration: Some((req_id, Retry::now())),
             by_broker: false,
         });
-        Ok(slot)
+        // Fits: publish checked 1 + 5 + subject ≤ BUF, a record ≤ BUF.
+        let _ = entry.subject.extend_from_slice(subject);
     }
 
     /// Subscribes to a NATS filter; returns the request id its `Subscribed`
@@ -616,12 +842,7 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
             .iter()
             .position(Option::is_none)
             .ok_or(ClientError::SubscriptionTableFull)?;
-        let filter = Vec::from_slice(filter).map_err(|_| ClientError::TooLarge)?;
-        self.subscriptions[slot] = Some(Subscription {
-            filter,
-            max_qos,
-            pending,
-        });
+        self.add_subscription(slot, filter, max_qos, pending);
         Ok(req_id)
     }
 
@@ -643,20 +864,31 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
             .iter()
             .position(Option::is_none)
             .ok_or(ClientError::SubscriptionTableFull)?;
-        let filter = Vec::from_slice(filter).map_err(|_| ClientError::TooLarge)?;
-        self.subscriptions[slot] = Some(Subscription {
-            filter,
-            max_qos: Qos::AtMostOnce,
+        self.add_subscription(slot, filter, Qos::AtMostOnce, pending);
+        Ok(req_id)
+    }
+
+    /// Fills the free `slot`; the caller checked `filter` against BUF.
+    fn add_subscription(
+        &mut self,
+        slot: usize,
+        filter: &[u8],
+        max_qos: Qos,
+        pending: Option<(SubscriptionOp, u32, Retry)>,
+    ) {
+        let sub = self.subscriptions[slot].insert(Subscription {
+            filter: Vec::new(),
+            max_qos,
             pending,
         });
-        Ok(req_id)
+        let _ = sub.filter.extend_from_slice(filter);
     }
 
     fn subscription_mut(&mut self, filter: &[u8]) -> Option<&mut Subscription<BUF>> {
         self.subscriptions
             .iter_mut()
             .flatten()
-            .find(|sub| sub.filter.as_slice() == filter)
+            .find(|sub| same_bytes(&sub.filter, filter))
     }
 
     /// Asks the broker to keep the session asleep for `sleep_s` seconds and
@@ -926,13 +1158,13 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
             }
             return;
         }
-        let payload = Vec::from_slice(payload).expect("checked against BUF");
-        self.inbox = Some(Inbox {
+        let inbox = self.inbox.insert(Inbox {
             topic,
             topic_slot,
-            payload,
+            payload: Vec::new(),
             reply_handle,
         });
+        let _ = inbox.payload.extend_from_slice(payload); // checked: fits
         self.inbox_polled = false;
         self.event(PendingEvent::Message);
         if qos == Qos::AtLeastOnce {
@@ -948,12 +1180,12 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
     }
 
     fn on_broker_register(&mut self, id: u32, subject: &[u8]) {
-        let Ok(subject) = Vec::<u8, BUF>::from_slice(subject) else {
+        if subject.len() > BUF {
             return self.ack(Ack::Regack {
                 topic: id,
                 code: Code::TooLarge,
             });
-        };
+        }
         let existing = self.topics.iter().position(|entry| {
             entry
                 .as_ref()
@@ -966,12 +1198,13 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
                 code: Code::NoResources,
             });
         };
-        self.topics[slot] = Some(TopicEntry {
-            subject,
+        let topic = self.topics[slot].insert(TopicEntry {
+            subject: Vec::new(),
             id,
             registration: None,
             by_broker: true,
         });
+        let _ = topic.subject.extend_from_slice(subject); // checked: fits
         self.ack(Ack::Regack {
             topic: id,
             code: Code::Ok,
@@ -993,28 +1226,27 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
             return;
         }
         self.topics[slot] = None;
-        for entry in &mut self.outgoing {
-            if matches!(entry, Some(out) if matches!(out.target, OutgoingTarget::Topic(s) if s == slot))
-            {
-                let msg_id = entry.take().expect("matched Some").msg_id;
-                push_event(
-                    &mut self.events,
-                    &mut self.stats,
-                    PendingEvent::PublishFailed { msg_id, code },
-                );
+        for index in 0..INFLIGHT {
+            let Some(out) = &self.outgoing[index] else {
+                continue;
+            };
+            if matches!(out.target, OutgoingTarget::Topic(s) if s == slot) {
+                let msg_id = out.msg_id;
+                self.release(index);
+                self.event(PendingEvent::PublishFailed { msg_id, code });
             }
         }
     }
 
     fn on_puback(&mut self, msg_id: u32, code: Code) {
-        let Some(entry) = self.outgoing.iter_mut().find(|entry| {
+        let Some(slot) = self.outgoing.iter().position(|entry| {
             entry.as_ref().is_some_and(|out| {
                 out.qos == Qos::AtLeastOnce && out.msg_id == msg_id && out.retry.attempts > 0
             })
         }) else {
             return;
         };
-        *entry = None;
+        self.release(slot);
         self.event(match code {
             Code::Ok => PendingEvent::PublishAcked { msg_id },
             code => PendingEvent::PublishFailed { msg_id, code },
@@ -1043,6 +1275,13 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
     /// Time passed: retransmit, send keepalive PINGs, reconnect.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.advance(now_ms);
+        if S::PERSISTENT && self.unremoved != 0 {
+            for slot in 0..INFLIGHT {
+                if self.unremoved & (1 << slot) != 0 && self.outgoing[slot].is_none() {
+                    self.remove_record(slot);
+                }
+            }
+        }
         let now = self.now_ms;
         let retries_max = self.config.retries_max;
         match self.state {
@@ -1063,27 +1302,24 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
             }
             State::Established | State::Waking => {}
         }
+        // Plain loops rather than one chained iterator: less code.
         let mut lost = false;
-        let retries = self
-            .topics
-            .iter_mut()
-            .flatten()
-            .filter_map(|topic| topic.registration.as_mut().map(|(_, retry)| retry))
-            .chain(
-                self.subscriptions
-                    .iter_mut()
-                    .flatten()
-                    .filter_map(|sub| sub.pending.as_mut().map(|(_, _, retry)| retry)),
-            )
-            .chain(
-                self.outgoing
-                    .iter_mut()
-                    .flatten()
-                    .filter(|out| out.qos == Qos::AtLeastOnce)
-                    .map(|out| &mut out.retry),
-            )
-            .chain(self.ping.as_mut());
-        for retry in retries {
+        for topic in self.topics.iter_mut().flatten() {
+            if let Some((_, retry)) = &mut topic.registration {
+                lost |= retry.on_timeout(now, retries_max).is_err();
+            }
+        }
+        for sub in self.subscriptions.iter_mut().flatten() {
+            if let Some((_, _, retry)) = &mut sub.pending {
+                lost |= retry.on_timeout(now, retries_max).is_err();
+            }
+        }
+        for out in self.outgoing.iter_mut().flatten() {
+            if out.qos == Qos::AtLeastOnce {
+                lost |= out.retry.on_timeout(now, retries_max).is_err();
+            }
+        }
+        if let Some(retry) = &mut self.ping {
             lost |= retry.on_timeout(now, retries_max).is_err();
         }
         if lost {
@@ -1192,10 +1428,7 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
     /// frame that does not fit stays queued.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
         let next = self.next_transmit()?;
-        let len = {
-            let frame = self.frame_for(next);
-            frame.encode(out).ok()?
-        };
+        let len = self.encode_next(next, out)?;
         self.mark_sent(next);
         Some(len)
     }
@@ -1258,66 +1491,57 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
         }
     }
 
-    fn frame_for(&self, next: Next) -> Frame<'_> {
-        match next {
-            Next::Connect => Frame::Connect {
-                version: perch_wire::PROTOCOL_VERSION,
-                clean_session: self.config.clean_session && !self.connected_once,
-                keepalive_s: self.config.keepalive_s,
-                client_id: &self.config.client_id,
-                will: None,
-            },
-            Next::Resume => Frame::Resume {
-                session_token: self.session_token,
-            },
+    /// Writes the frame for `next` with the wire crate's per-frame encoders
+    /// (so only the encoders of frames a device sends are linked). `None`
+    /// if it does not fit `out`.
+    fn encode_next(&self, next: Next, out: &mut [u8]) -> Option<usize> {
+        let written = match next {
+            Next::Connect => encode::connect(
+                out,
+                perch_wire::PROTOCOL_VERSION,
+                self.config.clean_session && !self.connected_once,
+                self.config.keepalive_s,
+                &self.config.client_id,
+                None,
+            ),
+            Next::Resume => encode::resume(out, self.session_token),
             Next::Ack => match *self.acks.front().expect("next_transmit saw an ack") {
-                Ack::Puback { msg_id, code } => Frame::Puback { msg_id, code },
-                Ack::Regack { topic, code } => Frame::Regack {
-                    req_id: topic,
-                    topic: if code == Code::Ok { topic } else { 0 },
-                    code,
-                },
+                Ack::Puback { msg_id, code } => encode::puback(out, msg_id, code),
+                Ack::Regack { topic, code } => {
+                    let bound = if code == Code::Ok { topic } else { 0 };
+                    encode::regack(out, topic, bound, code)
+                }
             },
             Next::Register(slot) => {
                 let topic = self.topics[slot].as_ref().expect("next_transmit saw it");
                 let (req_id, _) = topic.registration.expect("next_transmit saw it");
-                Frame::Register {
-                    id: req_id,
-                    subject: &topic.subject,
-                }
+                encode::register(out, req_id, &topic.subject)
             }
             Next::Subscription(slot) => {
                 let sub = self.subscriptions[slot]
                     .as_ref()
                     .expect("next_transmit saw it");
                 match sub.pending.expect("next_transmit saw it") {
-                    (SubscriptionOp::Subscribe, req_id, _) => Frame::Subscribe {
-                        req_id,
-                        max_qos: sub.max_qos,
-                        filter: &sub.filter,
-                    },
-                    (SubscriptionOp::Unsubscribe, req_id, _) => Frame::Unsubscribe {
-                        req_id,
-                        filter: &sub.filter,
-                    },
+                    (SubscriptionOp::Subscribe, req_id, _) => {
+                        encode::subscribe(out, req_id, sub.max_qos, &sub.filter)
+                    }
+                    (SubscriptionOp::Unsubscribe, req_id, _) => {
+                        encode::unsubscribe(out, req_id, &sub.filter)
+                    }
                 }
             }
             Next::Publish(slot) => {
-                let out = self.outgoing[slot].as_ref().expect("next_transmit saw it");
-                let topic = self.resolve(out.target).expect("next_transmit resolved it");
-                Frame::Publish {
-                    qos: out.qos,
-                    topic,
-                    msg_id: out.msg_id,
-                    payload: &out.payload,
-                }
+                let publish = self.outgoing[slot].as_ref().expect("next_transmit saw it");
+                let topic = self
+                    .resolve(publish.target)
+                    .expect("next_transmit resolved it");
+                encode::publish(out, publish.qos, topic, publish.msg_id, &publish.payload)
             }
-            Next::Ping => Frame::Ping,
-            Next::Sleep(sleep_s) => Frame::Disconnect {
-                sleep_s: Some(sleep_s),
-            },
-            Next::Disconnect => Frame::Disconnect { sleep_s: None },
-        }
+            Next::Ping => encode::ping(out),
+            Next::Sleep(sleep_s) => encode::disconnect(out, Some(sleep_s)),
+            Next::Disconnect => encode::disconnect(out, None),
+        };
+        written.ok()
     }
 
     fn mark_sent(&mut self, next: Next) {
@@ -1426,6 +1650,21 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
     }
 }
 
+/// `a == b` for subjects, as a loop: the only comparisons of byte strings in
+/// the client, and short, so not worth linking `memcmp`.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Zeroed counters, built out of line: inlined, the zeroing lands in the
+/// 8-aligned client and links `__aeabi_memclr8` (174 bytes) just for it.
+#[inline(never)]
+fn no_stats() -> Stats {
+    Stats::default()
+}
+
+// Out of line: a `Deque` push at each of a dozen call sites is large.
+#[inline(never)]
 fn push_event(
     events: &mut Deque<PendingEvent, EVENTS_MAX>,
     stats: &mut Stats,

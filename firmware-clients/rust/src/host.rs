@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::{Client, Event};
+use crate::{Client, Event, Storage};
 
 /// One frame out, one frame in.
 pub trait Transport {
@@ -169,8 +169,14 @@ impl Default for Clock {
 /// `Ok(true)`) or `timeout` passes (`Ok(false)`). Sends whatever the client
 /// has, waits for input or the client's next timer, and hands every event to
 /// `on_event`.
-pub fn run_until<T: Transport, const SUBS: usize, const INFLIGHT: usize, const BUF: usize>(
-    client: &mut Client<SUBS, INFLIGHT, BUF>,
+pub fn run_until<
+    T: Transport,
+    const SUBS: usize,
+    const INFLIGHT: usize,
+    const BUF: usize,
+    S: Storage,
+>(
+    client: &mut Client<SUBS, INFLIGHT, BUF, S>,
     transport: &mut T,
     clock: &Clock,
     timeout: Duration,

@@ -4,10 +4,12 @@
 
 use std::collections::VecDeque;
 
-use perch_device::{Client, ClientError, Config, DisconnectReason, Event, Target};
+use perch_device::{
+    Client, ClientError, Config, DisconnectReason, Event, NoStorage, Storage, StorageError, Target,
+};
 use perch_wire::{decode_from_device, Code, Frame, FrameType, Qos, TopicRef};
 
-type TestClient = Client<4, 4, 256>;
+type TestClient<S = NoStorage> = Client<4, 4, 256, S>;
 
 struct Rng(u64);
 
@@ -484,11 +486,11 @@ impl From<Event<'_>> for Seen {
     }
 }
 
-struct Sim {
+struct Sim<S = NoStorage> {
     seed: u64,
     now: u64,
     rng: Rng,
-    client: TestClient,
+    client: TestClient<S>,
     broker: FakeBroker,
     to_broker: Link,
     to_device: Link,
@@ -498,6 +500,79 @@ struct Sim {
 }
 
 const BROKER_RETRY_MS: u64 = 300;
+
+/// A device's flash: one record per slot and the msg id counter, with
+/// switches that make writes fail.
+#[derive(Debug, Default)]
+struct Flash {
+    slots: [Option<Vec<u8>>; 4],
+    counter: Option<u32>,
+    fail_stores: bool,
+    fail_removes: bool,
+    fail_counter: bool,
+    fail_loads: bool,
+    /// Successful writes of any kind.
+    writes: usize,
+}
+
+impl Flash {
+    fn new() -> Flash {
+        Flash::default()
+    }
+
+    fn records(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+}
+
+impl Storage for Flash {
+    fn store(&mut self, slot: usize, record: &[u8]) -> Result<(), StorageError> {
+        assert!(record.len() <= 256, "a record fits BUF");
+        if self.fail_stores {
+            return Err(StorageError);
+        }
+        self.writes += 1;
+        self.slots[slot] = Some(record.to_vec());
+        Ok(())
+    }
+
+    fn remove(&mut self, slot: usize) -> Result<(), StorageError> {
+        if self.fail_removes {
+            return Err(StorageError);
+        }
+        self.writes += 1;
+        self.slots[slot] = None;
+        Ok(())
+    }
+
+    fn load(&mut self, slot: usize, buf: &mut [u8]) -> Result<Option<usize>, StorageError> {
+        if self.fail_loads {
+            return Err(StorageError);
+        }
+        let Some(record) = &self.slots[slot] else {
+            return Ok(None);
+        };
+        let out = buf.get_mut(..record.len()).ok_or(StorageError)?;
+        out.copy_from_slice(record);
+        Ok(Some(record.len()))
+    }
+
+    fn store_msg_id_counter(&mut self, next: u32) -> Result<(), StorageError> {
+        if self.fail_counter {
+            return Err(StorageError);
+        }
+        self.writes += 1;
+        self.counter = Some(next);
+        Ok(())
+    }
+
+    fn load_msg_id_counter(&mut self) -> Result<Option<u32>, StorageError> {
+        if self.fail_loads {
+            return Err(StorageError);
+        }
+        Ok(self.counter)
+    }
+}
 
 impl Sim {
     fn new(
@@ -520,9 +595,44 @@ impl Sim {
             auto_reply: None,
         }
     }
+}
 
+impl Sim<Flash> {
+    fn with_flash(seed: u64, loss_percent: u64, duplicate_percent: u64, flash: Flash) -> Self {
+        let settings = Config::new(b"dev1").unwrap();
+        Sim {
+            seed,
+            now: 0,
+            rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            client: TestClient::with_storage(settings, flash).unwrap(),
+            broker: FakeBroker::new(),
+            to_broker: Link::new(loss_percent, duplicate_percent),
+            to_device: Link::new(loss_percent, duplicate_percent),
+            events: Vec::new(),
+            auto_reply: None,
+        }
+    }
+
+    /// The device resets: the client and what it had in RAM are gone (so
+    /// are frames on their way to it); the flash, the broker and the frames
+    /// already on their way to the broker remain. A new client is built from
+    /// the flash, as firmware does at boot.
+    fn reboot(&mut self) {
+        let placeholder = TestClient::with_storage(Config::new(b"dev1").unwrap(), Flash::new());
+        let old = std::mem::replace(&mut self.client, placeholder.unwrap());
+        self.to_device.in_flight.clear();
+        self.client = TestClient::with_storage(Config::new(b"dev1").unwrap(), old.into_storage())
+            .expect("the flash reads");
+    }
+
+    fn flash(&mut self) -> &mut Flash {
+        self.client.storage_mut()
+    }
+}
+
+impl<S: Storage> Sim<S> {
     /// Moves frames and time until `until_ms` or until `stop` holds.
-    fn drive_until(&mut self, until_ms: u64, mut stop: impl FnMut(&Sim) -> bool) -> bool {
+    fn drive_until(&mut self, until_ms: u64, mut stop: impl FnMut(&Self) -> bool) -> bool {
         let mut buf = [0u8; 256];
         let mut next_broker_retry = self.now + BROKER_RETRY_MS;
         loop {
@@ -744,7 +854,7 @@ fn qos1_is_delivered_once_under_loss_and_duplication() {
     }
 }
 
-impl Sim {
+impl<S: Storage> Sim<S> {
     fn count_acked(&self) -> usize {
         self.events
             .iter()
@@ -1054,4 +1164,321 @@ fn unsubscribe_round_trip() {
     });
     assert!(sim.broker.subscriptions.is_empty());
     assert_eq!(sim.to_broker.log.last().unwrap().1, b"\x90\x02a.>");
+}
+
+impl<S: Storage> Sim<S> {
+    fn acked_ids(&self) -> Vec<u32> {
+        self.events
+            .iter()
+            .filter_map(|event| match event {
+                Seen::PublishAcked { msg_id } => Some(*msg_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every QoS 1 PUBLISH the device sent from log entry `from` on:
+    /// (msg id, encoded frame).
+    fn qos1_publishes(&self, from: usize) -> Vec<(u32, Vec<u8>)> {
+        self.to_broker.log[from..]
+            .iter()
+            .filter_map(|(_, bytes)| match decode_from_device(bytes).unwrap() {
+                Frame::Publish {
+                    qos: Qos::AtLeastOnce,
+                    msg_id,
+                    ..
+                } => Some((msg_id, bytes.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn routed_payloads(&self) -> Vec<Vec<u8>> {
+        let mut payloads: Vec<Vec<u8>> =
+            self.broker.routed.iter().map(|(_, p)| p.clone()).collect();
+        payloads.sort();
+        payloads
+    }
+}
+
+/// QoS 1 across a reboot: publishes, the link dies with some of them routed
+/// but not acknowledged, the device resets and builds its client from the
+/// same flash. Every message is routed once and acknowledged once, the
+/// retransmissions carry the same msg ids (byte for byte the same frames),
+/// the flash ends empty, and new publishes after the reboot get fresh ids
+/// that the broker's de-duplication window does not swallow.
+#[test]
+fn qos1_survives_a_reboot_with_the_same_msg_ids() {
+    for seed in 1..=30 {
+        let mut sim = Sim::with_flash(seed, 20, 20, Flash::new());
+        sim.connect();
+        let mut ids = Vec::new();
+        for index in 0..4u8 {
+            let target = if index % 2 == 0 {
+                Target::Subject(b"sensors.t")
+            } else {
+                Target::Predefined(3)
+            };
+            let msg_id = sim
+                .client
+                .publish(target, &[b'a', index], Qos::AtLeastOnce, sim.now)
+                .unwrap();
+            ids.push(msg_id);
+        }
+        assert_eq!(sim.flash().records(), 4, "seed {seed}: kept before sent");
+        // Run until (seed-dependent) 1 to 3 messages reached the broker, then
+        // the link dies and the device resets.
+        let routed_before = 1 + (seed as usize % 3);
+        sim.drive_until(sim.now + 120_000, |sim| {
+            sim.broker.routed.len() >= routed_before
+        });
+        sim.to_broker.loss_percent = 100;
+        sim.to_device.loss_percent = 100;
+        sim.drive_until(sim.now + 500, |_| false);
+        let acked_before = sim.acked_ids();
+        assert!(
+            acked_before.len() < 4,
+            "seed {seed}: a reboot with nothing in flight"
+        );
+        sim.reboot();
+        sim.to_broker.loss_percent = 20;
+        sim.to_device.loss_percent = 20;
+        let log_at_reboot = sim.to_broker.log.len();
+        sim.client.connect(sim.now);
+        let done = sim.drive_until(sim.now + 600_000, |sim| sim.acked_ids().len() >= 4);
+        assert!(done, "seed {seed}: {:?}", sim.events);
+        sim.drive_until(sim.now + 5_000, |_| false);
+
+        let mut acked = sim.acked_ids();
+        acked.sort_unstable();
+        assert_eq!(acked, ids, "seed {seed}: each acknowledged exactly once");
+        assert_eq!(
+            sim.routed_payloads(),
+            [
+                b"a\0".to_vec(),
+                b"a\x01".to_vec(),
+                b"a\x02".to_vec(),
+                b"a\x03".to_vec()
+            ],
+            "seed {seed}: each routed exactly once"
+        );
+        let after = sim.qos1_publishes(log_at_reboot);
+        for id in ids.iter().filter(|id| !acked_before.contains(id)) {
+            assert!(
+                after.iter().any(|(msg_id, _)| msg_id == id),
+                "seed {seed}: msg {id} resent after the reboot"
+            );
+        }
+        let all = sim.qos1_publishes(0);
+        for (msg_id, bytes) in &all {
+            assert!(ids.contains(msg_id), "seed {seed}: only the original ids");
+            assert!(
+                all.iter()
+                    .filter(|(id, _)| id == msg_id)
+                    .all(|(_, b)| b == bytes),
+                "seed {seed}: msg {msg_id} resent differently"
+            );
+        }
+        let reconnect = sim.frames_to_broker()[log_at_reboot..]
+            .iter()
+            .find(|frame| matches!(frame, Frame::Connect { .. }))
+            .copied();
+        assert!(
+            matches!(
+                reconnect,
+                Some(Frame::Connect {
+                    clean_session: false,
+                    ..
+                })
+            ),
+            "seed {seed}: a restored client keeps the session"
+        );
+        assert_eq!(
+            sim.flash().records(),
+            0,
+            "seed {seed}: acked records removed"
+        );
+
+        // After the reboot, new ids continue past every id handed out before.
+        let mut fresh = Vec::new();
+        for index in 0..4u8 {
+            let msg_id = sim
+                .client
+                .publish(
+                    Target::Predefined(3),
+                    &[b'b', index],
+                    Qos::AtLeastOnce,
+                    sim.now,
+                )
+                .unwrap();
+            assert!(
+                !ids.contains(&msg_id),
+                "seed {seed}: msg id {msg_id} reused"
+            );
+            fresh.push(msg_id);
+        }
+        let done = sim.drive_until(sim.now + 600_000, |sim| sim.acked_ids().len() >= 8);
+        assert!(done, "seed {seed}: {:?}", sim.events);
+        assert_eq!(
+            sim.broker.routed.len(),
+            8,
+            "seed {seed}: fresh ids are not duplicates"
+        );
+        assert_eq!(sim.client.stats().storage_errors, 0);
+    }
+}
+
+/// A store that fails makes `publish` fail: nothing is queued or sent, and
+/// the next publish, once the flash works, goes through. A failed counter
+/// write is the same. A remove that fails after PUBACK is retried.
+#[test]
+fn storage_failures_are_reported_not_dropped() {
+    let mut sim = Sim::with_flash(11, 0, 0, Flash::new());
+    sim.connect();
+    // The counter is written before the first msg id is handed out.
+    sim.flash().fail_counter = true;
+    assert_eq!(
+        sim.client
+            .publish(Target::Predefined(3), b"1", Qos::AtLeastOnce, sim.now),
+        Err(ClientError::Storage)
+    );
+    sim.flash().fail_counter = false;
+    sim.flash().fail_stores = true;
+    for target in [Target::Subject(b"sensors.t"), Target::Predefined(3)] {
+        assert_eq!(
+            sim.client.publish(target, b"1", Qos::AtLeastOnce, sim.now),
+            Err(ClientError::Storage)
+        );
+    }
+    sim.drive_until(sim.now + 5_000, |_| false);
+    assert!(
+        !sim.frames_to_broker()
+            .iter()
+            .any(|frame| matches!(frame, Frame::Publish { .. } | Frame::Register { .. })),
+        "nothing was queued: {:?}",
+        sim.frames_to_broker()
+    );
+    assert_eq!(sim.client.stats().storage_errors, 3);
+    assert!(sim
+        .events
+        .iter()
+        .all(|event| matches!(event, Seen::Connected { .. })));
+    // QoS 0 is not kept, so it does not need the flash.
+    sim.client
+        .publish(Target::Predefined(3), b"0", Qos::AtMostOnce, sim.now)
+        .unwrap();
+    sim.drive_until(sim.now + 1_000, |sim| sim.broker.routed.len() == 1);
+    assert_eq!(sim.flash().records(), 0);
+    sim.flash().fail_stores = false;
+    // Four slots are still free: the failures took none.
+    let ids: Vec<u32> = (0..4u8)
+        .map(|index| {
+            sim.client
+                .publish(Target::Predefined(3), &[index], Qos::AtLeastOnce, sim.now)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(sim.flash().records(), 4);
+    assert!(sim.flash().counter.is_some());
+    // The broker acknowledges them but the flash cannot erase.
+    sim.flash().fail_removes = true;
+    sim.drive_until(sim.now + 5_000, |sim| sim.acked_ids().len() == 4);
+    let mut acked = sim.acked_ids();
+    acked.sort_unstable();
+    assert_eq!(acked, ids);
+    assert_eq!(sim.flash().records(), 4, "the removes failed");
+    let errors = sim.client.stats().storage_errors;
+    assert!(errors >= 3 + 4, "{errors}");
+    sim.flash().fail_removes = false;
+    sim.client.handle_timeout(sim.now + 1);
+    assert_eq!(sim.flash().records(), 0, "retried once the flash works");
+    assert_eq!(sim.broker.routed.len(), 5, "four QoS 1, one QoS 0");
+
+    // A record too large for BUF with its subject is refused up front.
+    let subject = [b's'; 200];
+    assert_eq!(
+        sim.client.publish(
+            Target::Subject(&subject),
+            &[0u8; 60],
+            Qos::AtLeastOnce,
+            sim.now
+        ),
+        Err(ClientError::TooLarge)
+    );
+    // Unreadable flash: the client is not built and nothing is lost.
+    let mut flash = sim.client.into_storage();
+    flash.slots[0] = Some(b"\x02\x07\x03x".to_vec());
+    flash.fail_loads = true;
+    let settings = Config::new(b"dev1").unwrap();
+    assert!(matches!(
+        TestClient::with_storage(settings, &mut flash),
+        Err(ClientError::Storage)
+    ));
+    assert_eq!(flash.records(), 1);
+}
+
+/// What a boot finds in the flash: a record that does not parse is removed
+/// and counted; the others are queued in their slots with their ids; the
+/// counter says where new ids start; and a restored client connects
+/// without cleaning the session.
+#[test]
+fn restored_records_and_counter() {
+    let mut flash = Flash::new();
+    flash.slots[0] = Some(b"\x02\x07\x03x".to_vec()); // msg 7 to predefined 3, "x"
+    flash.slots[1] = Some(b"\x09garbage".to_vec());
+    flash.slots[3] = Some(b"\x01\x05\x09sensors.ty".to_vec()); // msg 5 to "sensors.t", "y"
+    flash.counter = Some(40);
+    let mut sim = Sim::with_flash(12, 0, 0, flash);
+    assert_eq!(sim.client.stats().records_discarded, 1);
+    assert_eq!(sim.flash().records(), 2);
+    sim.connect();
+    sim.drive_until(sim.now + 5_000, |sim| sim.acked_ids().len() == 2);
+    let mut acked = sim.acked_ids();
+    acked.sort_unstable();
+    assert_eq!(acked, [5, 7]);
+    assert_eq!(
+        sim.routed_payloads(),
+        [b"x".to_vec(), b"y".to_vec()],
+        "{:?}",
+        sim.broker.routed
+    );
+    assert!(matches!(
+        sim.frames_to_broker()[0],
+        Frame::Connect {
+            clean_session: false,
+            ..
+        }
+    ));
+    let msg_id = sim
+        .client
+        .publish(Target::Predefined(3), b"z", Qos::AtLeastOnce, sim.now)
+        .unwrap();
+    assert_eq!(msg_id, 40);
+    assert_eq!(sim.flash().counter, Some(40 + 16), "a lease of 16 ids");
+    assert_eq!(sim.flash().records(), 1);
+
+    // An empty flash: a clean session, ids from 1, and one counter write
+    // per 16 ids.
+    let mut sim = Sim::with_flash(13, 0, 0, Flash::new());
+    sim.connect();
+    assert!(matches!(
+        sim.frames_to_broker()[0],
+        Frame::Connect {
+            clean_session: true,
+            ..
+        }
+    ));
+    for expected in 1..=20u32 {
+        let msg_id = sim
+            .client
+            .publish(Target::Predefined(3), b"z", Qos::AtLeastOnce, sim.now)
+            .unwrap();
+        assert_eq!(msg_id, expected);
+        sim.drive_until(sim.now + 5_000, |sim| {
+            sim.acked_ids().len() == expected as usize
+        });
+    }
+    assert_eq!(sim.flash().counter, Some(33));
+    // 20 stores, 20 removes, 2 counter writes.
+    assert_eq!(sim.flash().writes, 42);
 }

@@ -26,6 +26,7 @@ pub fn decode_from_broker(bytes: &[u8]) -> Result<Frame<'_>, DecodeError> {
 
 /// Decodes exactly one frame: `bytes` is one UDP datagram, one TCP frame
 /// without its length prefix, or one deframed serial frame without its CRC.
+#[inline]
 pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
     let Some((&header, body)) = bytes.split_first() else {
         return Err(DecodeError::new(None, Kind::Empty));
@@ -70,10 +71,30 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
     }
     let mut reader = Reader {
         bytes: body,
-        frame_type,
+        error: Kind::Truncated,
     };
+    match decode_body(frame_type, flags, origin, &mut reader) {
+        Some(frame) => Ok(frame),
+        None => Err(fail(reader.error)),
+    }
+}
+
+/// The fields after the header. `None` when a read failed; the reader then
+/// holds what was wrong (one place builds the error, so a failed read costs
+/// a branch, not a copy of the error at every `?`). Inlined into each
+/// `decode_from_*`, so each keeps only the frames of its direction.
+#[inline(always)]
+fn decode_body<'a>(
+    frame_type: FrameType,
+    flags: u8,
+    origin: Origin,
+    reader: &mut Reader<'a>,
+) -> Option<Frame<'a>> {
+    // The guards repeat `decode`'s direction check where the optimiser sees
+    // them, so `decode_from_broker` carries no device-frame code and back.
+    let from_device = origin == Origin::Device;
     let frame = match frame_type {
-        FrameType::Connect => {
+        FrameType::Connect if from_device => {
             let version = reader.u8()?;
             let keepalive_s = reader.varint()?;
             let client_id = reader.str("client id", CLIENT_ID_BYTES_MAX)?;
@@ -81,7 +102,7 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
                 let qos = match reader.u8()? {
                     0 => Qos::AtMostOnce,
                     1 => Qos::AtLeastOnce,
-                    _ => return Err(fail(Kind::InvalidField("will QoS"))),
+                    _ => return reader.fail(Kind::InvalidField("will QoS")),
                 };
                 let subject = reader.str("will subject", SUBJECT_BYTES_MAX)?;
                 Some(Will {
@@ -100,12 +121,12 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
                 will,
             }
         }
-        FrameType::Connack => Frame::Connack {
+        FrameType::Connack if !from_device => Frame::Connack {
             session_present: flags & 1 != 0,
             code: reader.code()?,
             session_token: reader.u32le()?,
         },
-        FrameType::Publish => decode_publish(flags, &mut reader, origin)?,
+        FrameType::Publish => decode_publish(flags, reader, origin)?,
         FrameType::Puback => Frame::Puback {
             msg_id: reader.varint()?,
             code: reader.code()?,
@@ -119,11 +140,11 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
             topic: reader.varint()?,
             code: reader.code()?,
         },
-        FrameType::Subscribe => {
+        FrameType::Subscribe if from_device => {
             let max_qos = match flags & 0b11 {
                 0 => Qos::AtMostOnce,
                 1 => Qos::AtLeastOnce,
-                _ => return Err(fail(Kind::ReservedFlags(flags))),
+                _ => return reader.fail(Kind::ReservedFlags(flags)),
             };
             Frame::Subscribe {
                 req_id: reader.varint()?,
@@ -131,20 +152,20 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
                 filter: reader.rest_limited("filter", SUBJECT_BYTES_MAX)?,
             }
         }
-        FrameType::Suback => Frame::Suback {
+        FrameType::Suback if !from_device => Frame::Suback {
             req_id: reader.varint()?,
             code: reader.code()?,
         },
-        FrameType::Unsubscribe => Frame::Unsubscribe {
+        FrameType::Unsubscribe if from_device => Frame::Unsubscribe {
             req_id: reader.varint()?,
             filter: reader.rest_limited("filter", SUBJECT_BYTES_MAX)?,
         },
-        FrameType::Unsuback => Frame::Unsuback {
+        FrameType::Unsuback if !from_device => Frame::Unsuback {
             req_id: reader.varint()?,
             code: reader.code()?,
         },
-        FrameType::Ping => Frame::Ping,
-        FrameType::Pong => Frame::Pong,
+        FrameType::Ping if from_device => Frame::Ping,
+        FrameType::Pong if !from_device => Frame::Pong,
         FrameType::Disconnect => Frame::Disconnect {
             sleep_s: if flags & 1 != 0 {
                 Some(reader.varint()?)
@@ -152,16 +173,16 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
                 None
             },
         },
-        FrameType::Resume => Frame::Resume {
+        FrameType::Resume if from_device => Frame::Resume {
             session_token: reader.u32le()?,
         },
-        FrameType::Error => {
+        FrameType::Error if !from_device => {
             let code = reader.code()?;
             let ref_type = match reader.u8()? {
                 0 => None,
                 value => match FrameType::from_u8(value) {
                     Some(ref_type) => Some(ref_type),
-                    None => return Err(fail(Kind::InvalidField("ref_type"))),
+                    None => return reader.fail(Kind::InvalidField("ref_type")),
                 },
             };
             Frame::Error {
@@ -170,18 +191,25 @@ pub fn decode(bytes: &[u8], origin: Origin) -> Result<Frame<'_>, DecodeError> {
                 ref_id: reader.varint()?,
             }
         }
+        // Refused by `decode` before the body is read.
+        FrameType::Connect
+        | FrameType::Subscribe
+        | FrameType::Unsubscribe
+        | FrameType::Ping
+        | FrameType::Resume
+        | FrameType::Connack
+        | FrameType::Suback
+        | FrameType::Unsuback
+        | FrameType::Pong
+        | FrameType::Error => return reader.fail(Kind::WrongDirection),
     };
     reader.finish()?;
-    Ok(frame)
+    Some(frame)
 }
 
 /// PUBLISH flags: b0-1 QoS (0, 1, 3), b2 predefined, b3 reply.
-fn decode_publish<'a>(
-    flags: u8,
-    reader: &mut Reader<'a>,
-    origin: Origin,
-) -> Result<Frame<'a>, DecodeError> {
-    let fail = || DecodeError::new(Some(FrameType::Publish), Kind::ReservedFlags(flags));
+#[inline(always)]
+fn decode_publish<'a>(flags: u8, reader: &mut Reader<'a>, origin: Origin) -> Option<Frame<'a>> {
     let predefined = flags & 0b0100 != 0;
     let reply = flags & 0b1000 != 0;
     let qos = match (flags & 0b11, origin) {
@@ -190,17 +218,17 @@ fn decode_publish<'a>(
         (3, Origin::Device) => {
             // Connectionless: predefined topics only, and no reply handle.
             if !predefined || reply {
-                return Err(fail());
+                return reader.fail(Kind::ReservedFlags(flags));
             }
             let client_id = reader.str("client id", CLIENT_ID_BYTES_MAX)?;
             let topic = reader.varint()?;
-            return Ok(Frame::PublishAnonymous {
+            return Some(Frame::PublishAnonymous {
                 client_id,
                 topic,
                 payload: reader.rest(),
             });
         }
-        _ => return Err(fail()),
+        _ => return reader.fail(Kind::ReservedFlags(flags)),
     };
     match origin {
         Origin::Device => {
@@ -209,14 +237,14 @@ fn decode_publish<'a>(
                 (false, false) => TopicRef::Registered(id),
                 (true, false) => TopicRef::Predefined(id),
                 (false, true) => TopicRef::Reply(id),
-                (true, true) => return Err(fail()),
+                (true, true) => return reader.fail(Kind::ReservedFlags(flags)),
             };
             let msg_id = if qos == Qos::AtLeastOnce {
                 reader.varint()?
             } else {
                 0
             };
-            Ok(Frame::Publish {
+            Some(Frame::Publish {
                 qos,
                 topic,
                 msg_id,
@@ -236,7 +264,7 @@ fn decode_publish<'a>(
             } else {
                 0
             };
-            Ok(Frame::Deliver {
+            Some(Frame::Deliver {
                 qos,
                 topic,
                 reply_handle,
@@ -247,78 +275,72 @@ fn decode_publish<'a>(
     }
 }
 
-/// A cursor over a frame's body. Each read either returns a field or an
-/// error that names the frame type.
+/// A cursor over a frame's body. A read returns `None` when it fails and
+/// leaves the reason in `error` (`Truncated` unless it says otherwise).
 struct Reader<'a> {
     bytes: &'a [u8],
-    frame_type: FrameType,
+    error: Kind,
 }
 
 impl<'a> Reader<'a> {
-    fn fail(&self, kind: Kind) -> DecodeError {
-        DecodeError::new(Some(self.frame_type), kind)
+    fn fail<T>(&mut self, kind: Kind) -> Option<T> {
+        self.error = kind;
+        None
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        let Some((&byte, rest)) = self.bytes.split_first() else {
-            return Err(self.fail(Kind::Truncated));
-        };
+    fn u8(&mut self) -> Option<u8> {
+        let (&byte, rest) = self.bytes.split_first()?;
         self.bytes = rest;
-        Ok(byte)
+        Some(byte)
     }
 
-    fn code(&mut self) -> Result<Code, DecodeError> {
+    fn code(&mut self) -> Option<Code> {
         self.u8().map(Code::from_u8)
     }
 
-    fn u32le(&mut self) -> Result<u32, DecodeError> {
-        let Some((bytes, rest)) = self.bytes.split_first_chunk::<4>() else {
-            return Err(self.fail(Kind::Truncated));
-        };
+    fn u32le(&mut self) -> Option<u32> {
+        let (bytes, rest) = self.bytes.split_first_chunk::<4>()?;
         self.bytes = rest;
-        Ok(u32::from_le_bytes(*bytes))
+        Some(u32::from_le_bytes(*bytes))
     }
 
-    fn varint(&mut self) -> Result<u32, DecodeError> {
-        let (value, len) = varint::decode(self.bytes)
-            .map_err(|error| DecodeError::varint(Some(self.frame_type), error))?;
-        self.bytes = self.bytes.get(len..).unwrap_or_default();
-        Ok(value)
+    fn varint(&mut self) -> Option<u32> {
+        match varint::decode(self.bytes) {
+            Ok((value, len)) => {
+                self.bytes = self.bytes.get(len..).unwrap_or_default();
+                Some(value)
+            }
+            Err(error) => self.fail(DecodeError::varint(None, error).kind),
+        }
     }
 
     /// `str`: a varint length, then that many bytes.
-    fn str(&mut self, field: &'static str, bytes_max: usize) -> Result<&'a [u8], DecodeError> {
+    fn str(&mut self, field: &'static str, bytes_max: usize) -> Option<&'a [u8]> {
         let len = self.varint()? as usize;
         if len > bytes_max {
-            return Err(self.fail(Kind::TooLong(field)));
+            return self.fail(Kind::TooLong(field));
         }
-        let Some(value) = self.bytes.get(..len) else {
-            return Err(self.fail(Kind::Truncated));
-        };
+        let value = self.bytes.get(..len)?;
         self.bytes = self.bytes.get(len..).unwrap_or_default();
-        Ok(value)
+        Some(value)
     }
 
     fn rest(&mut self) -> &'a [u8] {
         core::mem::take(&mut self.bytes)
     }
 
-    fn rest_limited(
-        &mut self,
-        field: &'static str,
-        bytes_max: usize,
-    ) -> Result<&'a [u8], DecodeError> {
+    fn rest_limited(&mut self, field: &'static str, bytes_max: usize) -> Option<&'a [u8]> {
         if self.bytes.len() > bytes_max {
-            return Err(self.fail(Kind::TooLong(field)));
+            return self.fail(Kind::TooLong(field));
         }
-        Ok(self.rest())
+        Some(self.rest())
     }
 
-    fn finish(&self) -> Result<(), DecodeError> {
+    fn finish(&mut self) -> Option<()> {
         if self.bytes.is_empty() {
-            Ok(())
+            Some(())
         } else {
-            Err(self.fail(Kind::TrailingBytes))
+            self.fail(Kind::TrailingBytes)
         }
     }
 }

@@ -19,6 +19,11 @@
 //! * Encoding needs no direction: [`Frame::encoded_len`] and
 //!   [`Frame::encode`] into a caller's buffer. Whatever `encode` accepts,
 //!   the matching decoder returns unchanged.
+//! * [`encode`] — one function per frame a device sends
+//!   ([`encode::connect`], [`encode::publish`], [`encode::puback`], ...),
+//!   taking the fields instead of a [`Frame`]. `Frame::encode` calls them,
+//!   so the bytes and errors are the same; firmware that calls them directly
+//!   links no encoder for the broker's frames.
 //! * The wire type 0x3 (PUBLISH) has three Rust shapes, one per layout of the
 //!   design table: [`Frame::Publish`] (device → broker, session QoS 0/1),
 //!   [`Frame::PublishAnonymous`] (device → broker, QoS 3, no session) and
@@ -47,7 +52,7 @@
 
 mod code;
 mod decode;
-mod encode;
+pub mod encode;
 mod error;
 mod frame;
 pub mod serial;

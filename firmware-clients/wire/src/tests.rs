@@ -628,3 +628,76 @@ fn mutated_examples_never_panic() {
         }
     }
 }
+
+/// The per-frame encoders, called the way firmware calls them, write the
+/// bytes of every device → broker example (and of the both-way frames), and
+/// report a short buffer with the length they need.
+#[test]
+fn per_frame_encoders_match_the_examples() {
+    let mut checked = 0;
+    for (_, frame, bytes) in examples() {
+        let mut out = [0u8; 512];
+        let written = match frame {
+            Frame::Connect {
+                version,
+                clean_session,
+                keepalive_s,
+                client_id,
+                will,
+            } => encode::connect(
+                &mut out,
+                version,
+                clean_session,
+                keepalive_s,
+                client_id,
+                will,
+            ),
+            Frame::Publish {
+                qos,
+                topic,
+                msg_id,
+                payload,
+            } => encode::publish(&mut out, qos, topic, msg_id, payload),
+            Frame::PublishAnonymous {
+                client_id,
+                topic,
+                payload,
+            } => encode::publish_anonymous(&mut out, client_id, topic, payload),
+            Frame::Puback { msg_id, code } => encode::puback(&mut out, msg_id, code),
+            Frame::Register { id, subject } => encode::register(&mut out, id, subject),
+            Frame::Regack {
+                req_id,
+                topic,
+                code,
+            } => encode::regack(&mut out, req_id, topic, code),
+            Frame::Subscribe {
+                req_id,
+                max_qos,
+                filter,
+            } => encode::subscribe(&mut out, req_id, max_qos, filter),
+            Frame::Unsubscribe { req_id, filter } => encode::unsubscribe(&mut out, req_id, filter),
+            Frame::Ping => encode::ping(&mut out),
+            Frame::Disconnect { sleep_s } => encode::disconnect(&mut out, sleep_s),
+            Frame::Resume { session_token } => encode::resume(&mut out, session_token),
+            _ => continue,
+        };
+        assert_eq!(written.map(|len| &out[..len]), Ok(bytes), "{frame:?}");
+        checked += 1;
+    }
+    assert!(checked >= 15, "{checked}");
+    let mut short = [0u8; 3];
+    assert_eq!(
+        encode::publish(
+            &mut short,
+            Qos::AtLeastOnce,
+            TopicRef::Registered(5),
+            300,
+            b"21.5"
+        ),
+        Err(EncodeError::BufferTooSmall { needed: 8 })
+    );
+    assert_eq!(
+        encode::publish(&mut short, Qos::AtMostOnce, TopicRef::Registered(5), 3, b""),
+        Err(EncodeError::InvalidField("msg_id on a QoS 0 publish"))
+    );
+}
