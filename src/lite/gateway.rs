@@ -68,7 +68,9 @@ pub enum Action {
 pub struct GatewayLimits {
     pub sessions_max: usize,
     pub payload_bytes_max: usize,
-    /// Addresses remembered as belonging to another shard's sessions.
+    /// Addresses remembered as belonging to another shard's sessions (the
+    /// shell sets it to sessions_max × shards: every device of every other
+    /// shard may send here).
     pub foreign_addrs_max: usize,
 }
 
@@ -77,7 +79,7 @@ impl Default for GatewayLimits {
         GatewayLimits {
             sessions_max: 10_000,
             payload_bytes_max: wire::FRAME_BYTES_MAX,
-            foreign_addrs_max: 4096,
+            foreign_addrs_max: 10_000,
         }
     }
 }
@@ -265,7 +267,11 @@ pub struct Gateway {
     by_client: SessionIndex<[u8]>,
     by_sid: HashMap<u64, usize>,
     /// Addresses whose sessions live on another shard (forward to it).
-    foreign: HashMap<SocketAddr, usize>,
+    /// Keyed by the address's 64-bit hash, the shard as one byte (shards ≤ 64):
+    /// a few bytes per device whose datagrams reach this shard but whose
+    /// session lives elsewhere. A hash clash forwards to the wrong shard, which
+    /// answers UNKNOWN_SESSION; the device RESUMEs and the entry is corrected.
+    foreign: HashMap<u64, u8>,
     next_token: u32,
     next_sid: u64,
     /// The second `errors_this_second` counts in.
@@ -341,7 +347,8 @@ impl Gateway {
             _ => None,
         };
         if let Some(addr) = udp_from {
-            if let Some(&shard) = self.foreign.get(&addr) {
+            if let Some(&shard) = self.foreign.get(&Peer::Udp(addr).hash64()) {
+                let shard = usize::from(shard);
                 if !self.by_addr.contains(&from, &self.sessions) {
                     out.push(Action::Forward {
                         shard,
@@ -460,14 +467,14 @@ impl Gateway {
     }
 
     fn remember_foreign(&mut self, from: SocketAddr, shard: usize) {
-        if self.foreign.len() >= self.limits.foreign_addrs_max && !self.foreign.contains_key(&from)
-        {
+        let key = Peer::Udp(from).hash64();
+        if self.foreign.len() >= self.limits.foreign_addrs_max && !self.foreign.contains_key(&key) {
             // Bounded: forget an arbitrary one (its device will RESUME again).
             if let Some(&any) = self.foreign.keys().next() {
                 self.foreign.remove(&any);
             }
         }
-        self.foreign.insert(from, shard);
+        self.foreign.insert(key, shard as u8);
     }
 
     fn heard(&mut self, slot: usize, now_ms: u64) {
@@ -484,7 +491,7 @@ impl Gateway {
         self.by_addr.remove(&old, slot);
         self.by_addr.insert(&to, slot, &self.sessions);
         if let Peer::Udp(addr) = to {
-            self.foreign.remove(&addr);
+            self.foreign.remove(&Peer::Udp(addr).hash64());
         }
     }
 
@@ -561,7 +568,7 @@ impl Gateway {
                 }
                 self.by_addr.insert(&from, slot, &self.sessions);
                 if let Peer::Udp(addr) = from {
-                    self.foreign.remove(&addr);
+                    self.foreign.remove(&Peer::Udp(addr).hash64());
                 }
                 (slot, false)
             }

@@ -171,6 +171,8 @@ impl DeviceSession {
         if count >= TOPICS_PER_SESSION_MAX || subject.len() > usize::from(u8::MAX) {
             return None;
         }
+        // Exactly what is needed: thousands of sessions each keep theirs.
+        self.names.reserve_exact(2 + subject.len());
         self.names.push(subject.len() as u8);
         self.names.push(u8::from(confirmed));
         self.names.extend_from_slice(subject);

@@ -243,6 +243,8 @@ impl DeviceRuntime {
                 shard.shared.shard_count,
                 GatewayLimits {
                     sessions_max: shard.config().device.sessions_max,
+                    foreign_addrs_max: shard.config().device.sessions_max
+                        * shard.shared.shard_count,
                     ..GatewayLimits::default()
                 },
                 predefined,
