@@ -22,6 +22,9 @@ use crate::server::{proc_cpu_time, RunningServer};
 
 /// Bytes of PUB frames a publisher hands to one write.
 pub(crate) const PUB_BATCH_BYTES: usize = 64 * 1024;
+/// req-rep-queue: requesters and the queue group's responders.
+const QUEUE_REQUESTERS: usize = 8;
+const QUEUE_RESPONDERS: usize = 2;
 /// How long a request may wait for its reply before the scenario fails.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a throttled publisher sleeps before re-checking its window.
@@ -34,6 +37,8 @@ pub enum Scenario {
     FanOut,
     FanIn,
     ReqRep,
+    /// 8 requesters, each sequential, through 2 responders in a queue group.
+    ReqRepQueue,
     IdleConn,
     /// pub-sub's shape, traffic from nats.go.
     NatsGoPubSub,
@@ -57,12 +62,13 @@ impl Scenario {
     /// with real clients. The JetStream ones are opt-in (`--scenario
     /// js-publish --scenario js-replay`): with their pre-fill they would
     /// more than double a default run.
-    pub const DEFAULT: [Scenario; 10] = [
+    pub const DEFAULT: [Scenario; 11] = [
         Scenario::PubOnly,
         Scenario::PubSub,
         Scenario::FanOut,
         Scenario::FanIn,
         Scenario::ReqRep,
+        Scenario::ReqRepQueue,
         Scenario::IdleConn,
         Scenario::NatsGoPubSub,
         Scenario::NatsGoFanIn,
@@ -77,6 +83,7 @@ impl Scenario {
             Scenario::FanOut => "fan-out",
             Scenario::FanIn => "fan-in",
             Scenario::ReqRep => "req-rep",
+            Scenario::ReqRepQueue => "req-rep-queue",
             Scenario::IdleConn => "idle-conn",
             Scenario::NatsGoPubSub => "nats-go-pub-sub",
             Scenario::NatsGoFanIn => "nats-go-fan-in",
@@ -146,6 +153,9 @@ impl Scenario {
             Scenario::ReqRep => format!(
                 "sequential request/reply round trips through one responder, {payload_bytes} B"
             ),
+            Scenario::ReqRepQueue => format!(
+                "{QUEUE_REQUESTERS} requesters, each sequential, through {QUEUE_RESPONDERS} responders in a queue group, {payload_bytes} B"
+            ),
             Scenario::IdleConn => format!(
                 "{} idle connections, each with one SUB: server RSS per connection",
                 params.idle_conns
@@ -189,7 +199,7 @@ impl Scenario {
             Scenario::PubSub => &PUB_SUB_METRICS,
             Scenario::FanOut => &FAN_OUT_METRICS,
             Scenario::FanIn => &FAN_IN_METRICS,
-            Scenario::ReqRep => &REQ_REP_METRICS,
+            Scenario::ReqRep | Scenario::ReqRepQueue => &REQ_REP_METRICS,
             Scenario::IdleConn => &IDLE_CONN_METRICS,
             Scenario::NatsGoPubSub | Scenario::LibnatsPubSub => &CLIENT_PUB_SUB_METRICS,
             Scenario::NatsGoFanIn | Scenario::LibnatsFanIn => &CLIENT_FAN_IN_METRICS,
@@ -209,7 +219,8 @@ impl Scenario {
             Scenario::PubSub => fan_out(server, params, 1),
             Scenario::FanOut => fan_out(server, params, params.fan_out_subscribers),
             Scenario::FanIn => fan_in(server, params),
-            Scenario::ReqRep => req_rep(server, params),
+            Scenario::ReqRep => req_rep(server, params, 1, 1),
+            Scenario::ReqRepQueue => req_rep(server, params, QUEUE_REQUESTERS, QUEUE_RESPONDERS),
             Scenario::IdleConn => idle_conn(server, params),
             Scenario::NatsGoPubSub
             | Scenario::NatsGoFanIn
@@ -1248,6 +1259,7 @@ fn respond(mut conn: Conn, stop: &AtomicBool, deadline: Instant) -> Result<u64> 
 /// `latencies_ns` when given.
 fn request_loop(
     conn: &mut Conn,
+    inbox: &str,
     payload: &[u8],
     duration: Duration,
     next_request_id: &mut u64,
@@ -1266,14 +1278,14 @@ fn request_loop(
         request.clear();
         write!(
             request,
-            "PUB svc.echo _INBOX.lg.{request_id} {}\r\n",
+            "PUB svc.echo {inbox}.{request_id} {}\r\n",
             payload.len()
         )
         .context("formatting a request")?;
         request.extend_from_slice(payload);
         request.extend_from_slice(b"\r\n");
         expected_line.clear();
-        write!(expected_line, "MSG _INBOX.lg.{request_id} ").context("formatting")?;
+        write!(expected_line, "MSG {inbox}.{request_id} ").context("formatting")?;
 
         let sent_at = Instant::now();
         conn.stream
@@ -1306,62 +1318,114 @@ pub fn percentile(sorted: &[u64], quantile: f64) -> Option<u64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-fn req_rep(server: &RunningServer, params: &Params) -> Result<Measurement> {
+/// Sequential round trips from `requesters` connections (each its own
+/// inbox) through `responders` (a queue group when more than one), measured
+/// together over one window.
+fn req_rep(
+    server: &RunningServer,
+    params: &Params,
+    requesters: usize,
+    responders: usize,
+) -> Result<Measurement> {
     let setup_deadline = Instant::now() + params.timeout;
-    let mut responder =
-        Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline).context("responder")?;
-    responder
-        .handshake(b"SUB svc.echo 1\r\n", setup_deadline)
-        .context("responder")?;
-    let mut requester =
-        Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline).context("requester")?;
-    requester
-        .handshake(b"SUB _INBOX.lg.* 1\r\n", setup_deadline)
-        .context("requester")?;
+    let subscribe: &[u8] = if responders > 1 {
+        b"SUB svc.echo workers 1\r\n"
+    } else {
+        b"SUB svc.echo 1\r\n"
+    };
+    let mut responder_conns = Vec::new();
+    for i in 0..responders {
+        let mut conn = Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline)
+            .with_context(|| format!("responder {i}"))?;
+        conn.handshake(subscribe, setup_deadline)
+            .with_context(|| format!("responder {i}"))?;
+        responder_conns.push(conn);
+    }
+    let mut requester_conns = Vec::new();
+    for k in 0..requesters {
+        let inbox = if requesters == 1 {
+            "_INBOX.lg".to_string()
+        } else {
+            format!("_INBOX.lg{k}")
+        };
+        let mut conn = Conn::open(server.addr, STREAM_READ_BUFFER_BYTES, setup_deadline)
+            .with_context(|| format!("requester {k}"))?;
+        conn.handshake(format!("SUB {inbox}.* 1\r\n").as_bytes(), setup_deadline)
+            .with_context(|| format!("requester {k}"))?;
+        requester_conns.push((inbox, conn));
+    }
     let payload = vec![b'x'; params.payload_bytes];
     let run_deadline = Instant::now() + params.warmup + params.duration + params.timeout;
     let stop = AtomicBool::new(false);
     let failed = AtomicBool::new(false);
+    // Requesters warm up, then all start measuring together with the CPU window.
+    let warmed = std::sync::Barrier::new(requesters + 1);
 
     thread::scope(|scope| -> Result<Measurement> {
-        let (stop, failed) = (&stop, &failed);
-        let responder_handle = scope.spawn(move || {
-            let result = respond(responder, stop, run_deadline);
-            if result.is_err() {
-                failed.store(true, Ordering::Relaxed);
+        let (stop, failed, warmed, payload) = (&stop, &failed, &warmed, &payload);
+        let responder_handles: Vec<_> = responder_conns
+            .into_iter()
+            .map(|conn| {
+                scope.spawn(move || {
+                    let result = respond(conn, stop, run_deadline);
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        let requester_handles: Vec<_> = requester_conns
+            .into_iter()
+            .map(|(inbox, mut conn)| {
+                scope.spawn(move || -> Result<Vec<u64>> {
+                    let mut next_request_id = 0u64;
+                    let warm = request_loop(
+                        &mut conn,
+                        &inbox,
+                        payload,
+                        params.warmup,
+                        &mut next_request_id,
+                        None,
+                        failed,
+                    );
+                    warmed.wait();
+                    warm?;
+                    let mut latencies_ns = Vec::with_capacity(1 << 14);
+                    request_loop(
+                        &mut conn,
+                        &inbox,
+                        payload,
+                        params.duration,
+                        &mut next_request_id,
+                        Some(&mut latencies_ns),
+                        failed,
+                    )?;
+                    Ok(latencies_ns)
+                })
+            })
+            .collect();
+        warmed.wait();
+        let cpu = CpuWindow::start(server);
+        let mut latencies_ns = Vec::new();
+        let mut requests_result = Ok(());
+        for (k, handle) in requester_handles.into_iter().enumerate() {
+            match join_thread(handle, "requester") {
+                Ok(mut l) => latencies_ns.append(&mut l),
+                Err(e) if requests_result.is_ok() => {
+                    requests_result = Err(e.context(format!("requester {k}")))
+                }
+                Err(_) => {}
             }
-            result
-        });
-        let mut latencies_ns = Vec::with_capacity(1 << 16);
-        let mut cpu_use = None;
-        let requests_result = (|| -> Result<()> {
-            let mut next_request_id = 0u64;
-            request_loop(
-                &mut requester,
-                &payload,
-                params.warmup,
-                &mut next_request_id,
-                None,
-                failed,
-            )?;
-            let cpu = CpuWindow::start(server)?;
-            request_loop(
-                &mut requester,
-                &payload,
-                params.duration,
-                &mut next_request_id,
-                Some(&mut latencies_ns),
-                failed,
-            )?;
-            cpu_use = Some(cpu.finish(server)?);
-            Ok(())
-        })();
+        }
+        let cpu = cpu.and_then(|cpu| cpu.finish(server));
         stop.store(true, Ordering::Relaxed);
-        let responder_result = join_thread(responder_handle, "responder");
-        // The responder's error explains a requester's timeout: report it first.
-        responder_result?;
+        for handle in responder_handles {
+            // The responder's error explains a requester's timeout: report it first.
+            join_thread(handle, "responder")?;
+        }
         requests_result?;
-        let cpu = cpu_use.context("the measurement window did not complete")?;
+        let cpu = cpu?;
         latencies_ns.sort_unstable();
         let micros = |quantile| percentile(&latencies_ns, quantile).map(|ns| ns as f64 / 1000.0);
         // Each round trip delivers two messages: the request to the
