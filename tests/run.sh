@@ -105,6 +105,9 @@ if py:
         elif what == "skipped": s += int(n)
         else: f += int(n)
 p += len(re.findall(r"^\s*--- PASS", text, re.M))
+# The C client's runners: "gcc: 30 passed, 0 failed", "c client: 10 passed, 0 failed".
+for m in re.finditer(r"^[\w ]+: (\d+) passed, (\d+) failed$", text, re.M):
+    p += int(m[1]); f += int(m[2])
 f += len(re.findall(r"^\s*--- FAIL", text, re.M))
 s += len(re.findall(r"^\s*--- SKIP", text, re.M))
 print(p, f, s)
@@ -148,7 +151,10 @@ install_prereqs() {
     # Debian packages. nats-server is the reference the Rust tests compare
     # against; the Go client's -dev package pulls its deps (nkeys, nuid, x/crypto).
     local need=() pkg
-    for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev; do
+    # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
+    # libnats-dev is only for the benchmarks (not needed here).
+    for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang gcc-arm-none-eabi \
+        libnewlib-arm-none-eabi; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -177,6 +183,8 @@ install_prereqs() {
     # Check, don't trust: a missing tool must fail here, not turn into skips.
     command -v nats-server >/dev/null || fail "nats-server is not installed"
     command -v go >/dev/null || fail "go is not installed"
+    command -v clang >/dev/null || fail "clang is not installed"
+    command -v arm-none-eabi-gcc >/dev/null || fail "arm-none-eabi-gcc is not installed"
     [ -f "$GOPATH/src/github.com/nats-io/nats.go/nats.go" ] || fail "the nats.go source is not under $GOPATH"
     py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"
@@ -263,6 +271,12 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = rust ]; then
     # The Rust firmware client as firmware: no_std on thumbv7em, its flash use.
     step "firmware example, thumbv7em (size.sh)" bash firmware-clients/rust/size.sh
+    # The C firmware client: generated files current, unit tests under
+    # ASan/UBSan with gcc and clang, its Cortex-M4 size, a bounded fuzz run.
+    counted_step "C client: generated files + unit tests (gcc, clang, ASan/UBSan)" no \
+        make -C firmware-clients/c test
+    step "C client: flash size (arm-none-eabi-gcc -Os)" make -C firmware-clients/c size
+    step "C client: fuzz the frame decoder (30 s)" make -C firmware-clients/c fuzz FUZZ_SECONDS=30
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = rust ]; then
@@ -277,12 +291,15 @@ if [ "$WHAT" = all ] || [ "$WHAT" = clients ]; then
     if [ "${NATS_REFERENCE:-}" != 1 ] && [ -z "$PERCH_BIN_GIVEN" ]; then
         step "cargo build (perch binary)" cargo build --bin perch
     fi
+    step "C client: build the examples" make -C firmware-clients/c
     step "go vet + build client tests" bash -c \
         'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
     if [ "${NATS_REFERENCE:-}" = 1 ]; then
         client_suites reference
     else
         for io in $BACKENDS; do client_suites "$io"; done
+        counted_step "C client against the broker (UDP, serial, restart, sleep)" no \
+            env PERCH_BIN="$PERCH_BIN" timeout -k 10 "$STEP_TIMEOUT" bash firmware-clients/c/tests/integration.sh
     fi
 fi
 
