@@ -352,10 +352,13 @@ pub fn nats_server_path() -> PathBuf {
 /// that cannot be bound.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
+    // Below Linux's ephemeral range (32768–60999 by default): a port handed
+    // out here must not be taken by some client socket's outgoing connection
+    // before the server binds it (seen: nats-server failing to restart on one).
     const FIRST: u32 = 20_000;
-    const SPAN: u32 = 40_000;
+    const SPAN: u32 = 12_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = (std::process::id() % 400) * 100;
+    let base = (std::process::id() % 120) * 100;
     loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = (FIRST + (base + n) % SPAN) as u16;
