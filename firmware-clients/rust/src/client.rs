@@ -21,6 +21,16 @@ pub const CONNECT_RETRY_MS_DEFAULT: u32 = 1_000;
 /// Non-message events the client holds until `poll_event` (messages have
 /// their own one-slot inbox).
 const EVENTS_MAX: usize = 8;
+/// A new QoS 1 msg id is less than this past the oldest unacknowledged one.
+/// The broker de-duplicates over the last 16 msg ids it accepted; while an
+/// id X may still be retried, the ids it can accept besides X then lie in
+/// (X − 8, X + 8), at most 14 of them, so X is still in the window when its
+/// retry arrives. (Bounding only the count in flight does not do that:
+/// reordering and lost PUBACKs let other ids push X out, and its retry is
+/// passed on twice.)
+const MSG_ID_SPAN_MAX: u32 = DEDUP_WINDOW_MSG_IDS as u32 / 2;
+const _: () = assert!(2 * MSG_ID_SPAN_MAX - 2 < DEDUP_WINDOW_MSG_IDS as u32);
+
 /// Acks (PUBACK, REGACK) waiting for `poll_transmit`. When full, an ack is
 /// dropped: the broker retransmits and the client acks the copy.
 const ACKS_MAX: usize = 8;
@@ -159,7 +169,9 @@ pub enum Event<'a> {
 /// Why a call was refused. Nothing is queued when one is returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientError {
-    /// `INFLIGHT` publishes are already queued or unacknowledged.
+    /// `INFLIGHT` publishes are already queued or unacknowledged, or (QoS 1)
+    /// the new msg id would be 8 or more past the oldest unacknowledged one:
+    /// the publish waits for that one's PUBACK.
     InflightFull,
     /// `SUBS` topic ids are already held.
     TopicTableFull,
@@ -294,7 +306,8 @@ struct TopicEntry<const BUF: usize> {
     id: u32,
     /// Set while our REGISTER awaits its REGACK.
     registration: Option<(u32, Retry)>,
-    /// Registered by the broker (dropped when a session is not resumed).
+    /// Registered by the broker and not published to by us (dropped when a
+    /// session is not resumed; ours are registered again).
     by_broker: bool,
 }
 
@@ -433,8 +446,9 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, IN
 impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
     Client<SUBS, INFLIGHT, BUF, S>
 {
-    // The broker de-duplicates over 16 msg ids: more in flight could let a
-    // late retry through twice. A CONNECT with the longest id must fit BUF.
+    // At most 16 slots: `unremoved` has a bit per slot (and QoS 1 is held
+    // to the msg id span, `MSG_ID_SPAN_MAX`, anyway). A CONNECT with the
+    // longest id must fit BUF.
     const BOUNDS: () = {
         assert!(INFLIGHT >= 1 && INFLIGHT <= DEDUP_WINDOW_MSG_IDS);
         assert!(SUBS >= 1);
@@ -635,12 +649,16 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
                 if subject.len() > SUBJECT_BYTES_MAX || 1 + 5 + subject.len() > BUF {
                     return Err(ClientError::TooLarge);
                 }
-                let slot = self.outgoing_slot()?;
+                let slot = self.outgoing_slot(qos)?;
                 self.check_publish_len(payload)?;
                 let (topic, exists) = self.topic_slot(subject)?;
                 let msg_id = self.keep(slot, qos, RecordTarget::Subject(subject), payload)?;
-                if !exists {
-                    self.add_topic(topic, subject);
+                match &mut self.topics[topic] {
+                    // We publish there: the subject is ours now, registered
+                    // again in a new session rather than forgotten, so the
+                    // queued publish never points at a freed or reused slot.
+                    Some(entry) if exists => entry.by_broker = false,
+                    _ => self.add_topic(topic, subject),
                 }
                 self.enqueue(slot, OutgoingTarget::Topic(topic), qos, msg_id, payload);
                 return Ok(msg_id);
@@ -648,7 +666,7 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
             Target::Predefined(id) => (TopicRef::Predefined(id), RecordTarget::Predefined(id)),
             Target::Registered(id) => (TopicRef::Registered(id), RecordTarget::Registered(id)),
         };
-        let slot = self.outgoing_slot()?;
+        let slot = self.outgoing_slot(qos)?;
         self.check_publish_len(payload)?;
         let msg_id = self.keep(slot, qos, record, payload)?;
         self.enqueue(slot, OutgoingTarget::Fixed(target), qos, msg_id, payload);
@@ -716,18 +734,34 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
         now_ms: u64,
     ) -> Result<(), ClientError> {
         self.advance(now_ms);
-        let slot = self.outgoing_slot()?;
+        let slot = self.outgoing_slot(Qos::AtMostOnce)?;
         self.check_publish_len(payload)?;
         let target = OutgoingTarget::Fixed(TopicRef::Reply(reply_handle));
         self.enqueue(slot, target, Qos::AtMostOnce, 0, payload);
         Ok(())
     }
 
-    fn outgoing_slot(&self) -> Result<usize, ClientError> {
-        self.outgoing
-            .iter()
-            .position(Option::is_none)
-            .ok_or(ClientError::InflightFull)
+    /// A free outgoing slot for a publish of `qos`. A QoS 1 publish also
+    /// waits while its msg id would be [`MSG_ID_SPAN_MAX`] or more past an
+    /// unacknowledged one (restored ones included).
+    fn outgoing_slot(&self, qos: Qos) -> Result<usize, ClientError> {
+        let mut free = None;
+        for (slot, entry) in self.outgoing.iter().enumerate() {
+            match entry {
+                None => free = free.or(Some(slot)),
+                Some(out) => {
+                    // Ids count up and wrap past 0: the distance is at
+                    // most one too large across the wrap, never too small.
+                    if qos == Qos::AtLeastOnce
+                        && out.qos == Qos::AtLeastOnce
+                        && self.next_msg_id.wrapping_sub(out.msg_id) >= MSG_ID_SPAN_MAX
+                    {
+                        return Err(ClientError::InflightFull);
+                    }
+                }
+            }
+        }
+        free.ok_or(ClientError::InflightFull)
     }
 
     /// Header, topic and msg id at their largest, then the payload.
@@ -969,7 +1003,12 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
                 ref_type,
                 ref_id,
             }),
-            _ if !self.in_session() => {}
+            // Asleep again after a wake's PONG, the broker may still send
+            // the deliveries it held for a REGACK, and their REGISTERs: they
+            // are taken and acknowledged (the acks go out while asleep).
+            _ if !(self.in_session()
+                || (self.state == State::Asleep
+                    && matches!(frame, Frame::Deliver { .. } | Frame::Register { .. }))) => {}
             Frame::Deliver {
                 qos,
                 topic,
@@ -1198,11 +1237,16 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
                 code: Code::NoResources,
             });
         };
+        // A retransmitted REGISTER of a subject we have since published to
+        // leaves it ours (see `publish`).
+        let by_broker = self.topics[slot]
+            .as_ref()
+            .is_none_or(|topic| topic.by_broker);
         let topic = self.topics[slot].insert(TopicEntry {
             subject: Vec::new(),
             id,
             registration: None,
-            by_broker: true,
+            by_broker,
         });
         let _ = topic.subject.extend_from_slice(subject); // checked: fits
         self.ack(Ack::Regack {

@@ -17,9 +17,13 @@
 //!
 //! Every table has a bound fixed at compile time:
 //! `Client<SUBS, INFLIGHT, BUF>` keeps at most `SUBS` subscriptions and
-//! `SUBS` topic ids, at most `INFLIGHT` (≤ 16, the broker's de-duplication
-//! window) queued or unacknowledged publishes, and builds and stores frames
-//! of at most `BUF` bytes. Memory is about `(2 × SUBS + INFLIGHT + 1) × BUF`.
+//! `SUBS` topic ids, at most `INFLIGHT` (≤ 16) queued or unacknowledged
+//! publishes, and builds and stores frames of at most `BUF` bytes. A QoS 1
+//! publish also waits ([`ClientError::InflightFull`]) while its msg id would
+//! be 8 or more past the oldest unacknowledged one: the broker de-duplicates
+//! over the last 16 ids it accepted, and with that span every id it may
+//! accept while one can still be retried lies within 7 of it, so the retry
+//! always meets it in the window (so at most 8 QoS 1 are in flight). Memory is about `(2 × SUBS + INFLIGHT + 1) × BUF`.
 //! Topic ids are kept for the session and never evicted: a device that
 //! publishes to more than `SUBS` subjects gets `TopicTableFull` (use
 //! predefined ids for the long tail).
@@ -96,7 +100,9 @@
 //!   [`Stats::storage_errors`] and retried by `handle_timeout`.
 //! * `with_storage` takes back every record: they are queued in their slots
 //!   with their msg ids and sent once a session is up, byte for byte as
-//!   before (a subject is registered again). The broker de-duplicates a
+//!   before (a subject is registered again). They count toward the msg id
+//!   span like any unacknowledged publish, so new QoS 1 publishes may wait
+//!   until they are acknowledged. The broker de-duplicates a
 //!   retransmission by msg id within its 16-id window, and a stream by
 //!   `Nats-Msg-Id: dev.<client>.<msg_id>`, so a message that was routed but
 //!   not yet acknowledged before the reset is not routed twice. For the same

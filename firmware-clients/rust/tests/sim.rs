@@ -32,6 +32,9 @@ struct Link {
     loss_percent: u64,
     duplicate_percent: u64,
     latency_ms: u64,
+    /// Each frame is delayed by up to this much more (frames sent close
+    /// together may arrive out of order).
+    jitter_ms: u64,
     /// Every frame offered to the link, lost or not, with its send time.
     log: Vec<(u64, Vec<u8>)>,
 }
@@ -43,6 +46,7 @@ impl Link {
             loss_percent,
             duplicate_percent,
             latency_ms: 20,
+            jitter_ms: 15,
             log: Vec::new(),
         }
     }
@@ -52,7 +56,7 @@ impl Link {
         if rng.chance(self.loss_percent) {
             return;
         }
-        let jitter = rng.next() % 15;
+        let jitter = rng.next() % self.jitter_ms;
         if rng.chance(self.duplicate_percent) {
             self.in_flight
                 .push((now + self.latency_ms + jitter + 7, frame.clone()));
@@ -118,6 +122,8 @@ struct FakeBroker {
     subscriptions: Vec<(Vec<u8>, Qos)>,
     /// Messages the broker accepted: (subject, payload).
     routed: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The msg id of every QoS 1 message it accepted (passed on), in order.
+    routed_msg_ids: Vec<u32>,
     replies: Vec<(u32, Vec<u8>)>,
     /// Deliveries not yet acknowledged (QoS 1) or waiting for a REGACK.
     pending: Vec<Delivery>,
@@ -128,6 +134,10 @@ struct FakeBroker {
     pings: usize,
     /// A PING woke the session: PONG once every buffered message was sent.
     pong_owed: bool,
+    /// Like the real broker: the PONG goes once the buffered frames are
+    /// sent, without waiting for the deliveries held for a REGACK (they go
+    /// when it arrives, possibly after the PONG).
+    pong_before_held: bool,
 }
 
 impl FakeBroker {
@@ -263,6 +273,7 @@ impl FakeBroker {
                 if qos == Qos::AtLeastOnce {
                     if !self.seen_msg_ids.contains(&msg_id) {
                         self.routed.push((subject, payload.to_vec()));
+                        self.routed_msg_ids.push(msg_id);
                         if self.seen_msg_ids.len() == 16 {
                             self.seen_msg_ids.pop_front();
                         }
@@ -418,7 +429,16 @@ impl FakeBroker {
             delivery.sent = true;
             delivery.qos == Qos::AtLeastOnce
         });
-        if self.pong_owed && self.pending.iter().all(|delivery| delivery.sent) {
+        let acked = |subject: &[u8]| {
+            self.device_topics
+                .iter()
+                .any(|(_, s, acked)| *acked && s == subject)
+        };
+        if self.pong_owed
+            && self.pending.iter().all(|delivery| {
+                delivery.sent || (self.pong_before_held && !acked(&delivery.subject))
+            })
+        {
             self.pong_owed = false;
             frames.push(encode(Frame::Pong));
         }
@@ -1432,6 +1452,13 @@ fn restored_records_and_counter() {
     assert_eq!(sim.client.stats().records_discarded, 1);
     assert_eq!(sim.flash().records(), 2);
     sim.connect();
+    // Restored ids count toward the msg id span: new id 40 would be 35 past
+    // msg 5, so a QoS 1 publish waits (and spends no id) until 5 is acked.
+    assert_eq!(
+        sim.client
+            .publish(Target::Predefined(3), b"w", Qos::AtLeastOnce, sim.now),
+        Err(ClientError::InflightFull)
+    );
     sim.drive_until(sim.now + 5_000, |sim| sim.acked_ids().len() == 2);
     let mut acked = sim.acked_ids();
     acked.sort_unstable();
@@ -1481,4 +1508,309 @@ fn restored_records_and_counter() {
     assert_eq!(sim.flash().counter, Some(33));
     // 20 stores, 20 removes, 2 counter writes.
     assert_eq!(sim.flash().writes, 42);
+}
+
+/// The broker de-duplicates over the last 16 msg ids it *accepted*. If only
+/// the number of unacknowledged publishes were bounded, reordering and lost
+/// PUBACKs would let later ids (and earlier ones accepted late) push a
+/// long-unacknowledged id out of that window, and its next retry would be
+/// passed on a second time. The client keeps every new msg id less than 8
+/// past the oldest unacknowledged one, so each id is passed on exactly once.
+#[test]
+fn qos1_msg_ids_stay_within_the_brokers_window_under_reordering() {
+    let mut doubled = Vec::new();
+    for seed in 1..=20 {
+        let mut sim = Sim::new(seed, 25, 10, |config| {
+            config.retries_max = 8;
+            config.retry_interval_ms = 200;
+        });
+        // Frames overtake each other by up to 150 ms.
+        sim.to_broker.jitter_ms = 150;
+        sim.to_device.jitter_ms = 150;
+        sim.connect();
+        let mut ids = Vec::new();
+        for index in 0..48u32 {
+            loop {
+                match sim.client.publish(
+                    Target::Predefined(3),
+                    &index.to_le_bytes(),
+                    Qos::AtLeastOnce,
+                    sim.now,
+                ) {
+                    Ok(msg_id) => {
+                        ids.push(msg_id);
+                        break;
+                    }
+                    Err(ClientError::InflightFull) => {
+                        let acked = sim.count_acked();
+                        sim.drive_until(sim.now + 60_000, |sim| sim.count_acked() > acked);
+                    }
+                    Err(error) => panic!("seed {seed}: {error}"),
+                }
+            }
+        }
+        let done = sim.drive_until(sim.now + 600_000, |sim| sim.count_acked() == 48);
+        assert!(done, "seed {seed}: {} of 48 acked", sim.count_acked());
+        for msg_id in &ids {
+            let copies = sim
+                .broker
+                .routed_msg_ids
+                .iter()
+                .filter(|id| *id == msg_id)
+                .count();
+            if copies != 1 {
+                doubled.push((seed, *msg_id, copies));
+            }
+        }
+    }
+    assert!(
+        doubled.is_empty(),
+        "(seed, msg id, times passed on): {doubled:?}"
+    );
+}
+
+/// The span bound itself: with msg id 1 unacknowledged, ids 2..=8 may go
+/// (and be acknowledged), a 9th waits for id 1's PUBACK.
+#[test]
+fn a_new_msg_id_stays_less_than_8_past_the_oldest_unacknowledged() {
+    let mut client: Client<4, 16, 128> = Client::new(Config::new(b"dev1").unwrap());
+    let mut buf = [0u8; 128];
+    client.connect(0);
+    client.poll_transmit(&mut buf).expect("CONNECT");
+    let connack = encode(Frame::Connack {
+        session_present: false,
+        code: Code::Ok,
+        session_token: 1,
+    });
+    client.handle_input(&connack, 0).unwrap();
+    let first = client
+        .publish(Target::Predefined(1), b"x", Qos::AtLeastOnce, 0)
+        .unwrap();
+    assert_eq!(first, 1);
+    client.poll_transmit(&mut buf).expect("PUBLISH 1");
+    let mut sent = Vec::new();
+    for _ in 0..20 {
+        match client.publish(Target::Predefined(1), b"x", Qos::AtLeastOnce, 0) {
+            Ok(msg_id) => {
+                sent.push(msg_id);
+                client.poll_transmit(&mut buf).expect("PUBLISH");
+                let puback = encode(Frame::Puback {
+                    msg_id,
+                    code: Code::Ok,
+                });
+                client.handle_input(&puback, 0).unwrap();
+            }
+            Err(error) => {
+                assert_eq!(error, ClientError::InflightFull);
+                break;
+            }
+        }
+    }
+    assert_eq!(sent, (2..=8).collect::<Vec<_>>(), "id 9 waits for id 1");
+    // QoS 0 and replies are not held back.
+    client
+        .publish(Target::Predefined(1), b"x", Qos::AtMostOnce, 0)
+        .unwrap();
+    let puback = encode(Frame::Puback {
+        msg_id: 1,
+        code: Code::Ok,
+    });
+    client.handle_input(&puback, 0).unwrap();
+    assert_eq!(
+        client.publish(Target::Predefined(1), b"x", Qos::AtLeastOnce, 0),
+        Ok(9)
+    );
+}
+
+/// The broker releases the deliveries it held for a REGACK as soon as the
+/// REGACK arrives, which may be after the PONG that ends a wake: the client
+/// is asleep again by then, and still answers REGISTER and takes them.
+#[test]
+fn deliveries_after_the_pong_of_a_wake_are_accepted() {
+    for seed in 1..=10 {
+        let loss = if seed == 1 { 0 } else { 15 };
+        let mut sim = Sim::new(seed, loss, 0, |config| config.retries_max = 8);
+        sim.broker.pong_before_held = true;
+        sim.connect();
+        sim.client
+            .subscribe(b"cmd.>", Qos::AtLeastOnce, sim.now)
+            .unwrap();
+        let subscribed = sim.drive_until(sim.now + 60_000, |sim| {
+            sim.count(&Seen::Subscribed { code: Code::Ok }) == 1
+        });
+        assert!(subscribed, "seed {seed}: {:?}", sim.events);
+        sim.client.sleep(600, sim.now).unwrap();
+        let asleep = sim.drive_until(sim.now + 60_000, |sim| sim.events.contains(&Seen::Asleep));
+        assert!(asleep, "seed {seed}: {:?}", sim.events);
+        // New subjects: each needs a REGISTER before its message.
+        sim.broker
+            .deliver(b"cmd.dev1.a", b"a", Qos::AtLeastOnce, None);
+        sim.broker
+            .deliver(b"cmd.dev1.b", b"b", Qos::AtLeastOnce, None);
+        sim.client.wake(sim.now).unwrap();
+        let done = sim.drive_until(sim.now + 60_000, |sim| {
+            sim.events.contains(&Seen::WakeDone)
+                && sim.broker.pending.is_empty()
+                && sim.messages().len() >= 2
+        });
+        assert!(
+            done,
+            "seed {seed}: {:?}, broker still holds {}",
+            sim.events,
+            sim.broker.pending.len()
+        );
+        let mut messages = sim.messages();
+        messages.sort();
+        assert_eq!(
+            messages,
+            [
+                (Some(b"cmd.dev1.a".to_vec()), b"a".to_vec()),
+                (Some(b"cmd.dev1.b".to_vec()), b"b".to_vec())
+            ],
+            "seed {seed}"
+        );
+        if seed == 1 {
+            // Without loss the PONG came first: both arrived while asleep.
+            let wake_done = sim.events.iter().position(|e| *e == Seen::WakeDone);
+            let first = sim
+                .events
+                .iter()
+                .position(|e| matches!(e, Seen::Message { .. }));
+            assert!(wake_done < first, "{:?}", sim.events);
+        }
+        assert!(sim.broker.device_topics.iter().all(|(_, _, acked)| *acked));
+        assert_eq!(sim.client.poll_timeout(), None, "seed {seed}: still asleep");
+    }
+}
+
+/// A subject the broker registered (for a delivery) and that the device
+/// then publishes to: a publish to it queued across a lost session must
+/// still go to that subject, registered again, not stay stuck or follow the
+/// freed topic slot to another subject.
+#[test]
+fn a_queued_publish_to_a_broker_registered_subject_survives_a_new_session() {
+    let mut sim = Sim::new(14, 0, 0, |_| {});
+    sim.connect();
+    sim.client
+        .subscribe(b"cmd.>", Qos::AtMostOnce, sim.now)
+        .unwrap();
+    sim.drive_until(sim.now + 1_000, |sim| {
+        sim.count(&Seen::Subscribed { code: Code::Ok }) == 1
+    });
+    sim.broker
+        .deliver(b"cmd.dev1.a", b"hello", Qos::AtMostOnce, None);
+    sim.drive_until(sim.now + 1_000, |sim| !sim.messages().is_empty());
+    assert_eq!(
+        sim.messages(),
+        [(Some(b"cmd.dev1.a".to_vec()), b"hello".to_vec())]
+    );
+    // The broker goes away with the publish unacknowledged, and comes back
+    // without the session (a restart): its topic ids are gone.
+    sim.broker.answering = false;
+    let msg_id = sim
+        .client
+        .publish(
+            Target::Subject(b"cmd.dev1.a"),
+            b"queued",
+            Qos::AtLeastOnce,
+            sim.now,
+        )
+        .unwrap();
+    let lost = sim.drive_until(sim.now + 120_000, |sim| {
+        sim.count(&Seen::Disconnected {
+            reason: DisconnectReason::Timeout,
+        }) == 1
+    });
+    assert!(lost, "{:?}", sim.events);
+    sim.broker.answering = true;
+    sim.broker.has_session = false;
+    let fresh = Seen::Connected {
+        session_present: false,
+    };
+    let connected = sim.drive_until(sim.now + 120_000, |sim| sim.count(&fresh) == 2);
+    assert!(connected, "{:?}", sim.events);
+    // A publish to another subject takes the first free topic slot.
+    sim.client
+        .publish(Target::Subject(b"other"), b"o", Qos::AtMostOnce, sim.now)
+        .unwrap();
+    let acked = sim.drive_until(sim.now + 60_000, |sim| {
+        sim.count(&Seen::PublishAcked { msg_id }) == 1 && sim.broker.routed.len() == 2
+    });
+    assert!(acked, "{:?}, routed {:?}", sim.events, sim.broker.routed);
+    let mut routed = sim.broker.routed.clone();
+    routed.sort();
+    assert_eq!(
+        routed,
+        [
+            (b"cmd.dev1.a".to_vec(), b"queued".to_vec()),
+            (b"other".to_vec(), b"o".to_vec())
+        ]
+    );
+}
+
+/// The same by hand, with the broker's REGISTER retransmitted (its REGACK
+/// lost) after the device published to the subject: the subject stays the
+/// device's, and the new session registers it again for the queued publish.
+#[test]
+fn a_retransmitted_broker_register_leaves_a_published_subject_ours() {
+    let mut client: TestClient = Client::new(Config::new(b"dev1").unwrap());
+    let mut buf = [0u8; 256];
+    let connack = encode(Frame::Connack {
+        session_present: false,
+        code: Code::Ok,
+        session_token: 1,
+    });
+    let register = encode(Frame::Register {
+        id: 5,
+        subject: b"cmd.dev1.a",
+    });
+    client.connect(0);
+    client.poll_transmit(&mut buf).expect("CONNECT");
+    client.handle_input(&connack, 0).unwrap();
+    client.handle_input(&register, 0).unwrap();
+    client.poll_transmit(&mut buf).expect("REGACK");
+    let msg_id = client
+        .publish(Target::Subject(b"cmd.dev1.a"), b"q", Qos::AtLeastOnce, 0)
+        .unwrap();
+    let len = client.poll_transmit(&mut buf).expect("PUBLISH");
+    assert!(matches!(
+        decode_from_device(&buf[..len]).unwrap(),
+        Frame::Publish {
+            topic: TopicRef::Registered(5),
+            ..
+        }
+    ));
+    client.handle_input(&register, 0).unwrap();
+    client.poll_transmit(&mut buf).expect("REGACK again");
+    // The broker ends the session; the reconnect finds none.
+    client
+        .handle_input(&encode(Frame::Disconnect { sleep_s: None }), 0)
+        .unwrap();
+    client.handle_timeout(client.poll_timeout().expect("a reconnect is due"));
+    client.poll_transmit(&mut buf).expect("CONNECT");
+    client.handle_input(&connack, 0).unwrap();
+    let len = client.poll_transmit(&mut buf).expect("REGISTER");
+    assert_eq!(
+        decode_from_device(&buf[..len]).unwrap(),
+        Frame::Register {
+            id: 1,
+            subject: b"cmd.dev1.a"
+        }
+    );
+    let regack = encode(Frame::Regack {
+        req_id: 1,
+        topic: 9,
+        code: Code::Ok,
+    });
+    client.handle_input(&regack, 0).unwrap();
+    let len = client.poll_transmit(&mut buf).expect("the queued PUBLISH");
+    assert_eq!(
+        decode_from_device(&buf[..len]).unwrap(),
+        Frame::Publish {
+            qos: Qos::AtLeastOnce,
+            topic: TopicRef::Registered(9),
+            msg_id,
+            payload: b"q"
+        }
+    );
 }
