@@ -334,3 +334,11 @@ int host_open(host_transport_t *host, host_kind_t kind, const char *host_name,
     }
     return -1;
 }
+
+int host_disconnect_is_final(const perch_event_t *event)
+{
+    return event->detail == PERCH_REASON_CLOSED ||
+           (event->detail == PERCH_REASON_REFUSED &&
+            (event->code == PERCH_CODE_NOT_PERMITTED ||
+             event->code == PERCH_CODE_UNSUPPORTED_VERSION));
+}

@@ -45,4 +45,9 @@ uint32_t host_now_ms(void);
 /* Sleeps `ms` milliseconds. */
 void host_sleep_ms(uint32_t ms);
 
+/* Whether a DISCONNECTED event ends the program: the application closed the
+ * session, or the broker refused it for good (not permitted, unsupported
+ * version); other reasons are retried by the client. */
+int host_disconnect_is_final(const perch_event_t *event);
+
 #endif /* PERCH_EXAMPLE_HOST_H */

@@ -83,10 +83,7 @@ static int on_event(void *context, perch_client_t *client, const perch_event_t *
     case PERCH_EVENT_DISCONNECTED:
         fprintf(stderr, "disconnected (reason %u, code %u)\n", event->detail, event->code);
         state->asleep = 0;
-        if (event->detail == PERCH_REASON_CLOSED ||
-            (event->detail == PERCH_REASON_REFUSED &&
-             (event->code == PERCH_CODE_NOT_PERMITTED ||
-              event->code == PERCH_CODE_UNSUPPORTED_VERSION))) {
+        if (host_disconnect_is_final(event)) {
             state->closed = 1;
             return 1;
         }
