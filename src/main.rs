@@ -87,6 +87,11 @@ enum DeviceCommand {
     Sub {
         #[command(flatten)]
         common: DeviceCommon,
+        /// The subscription's max QoS: 1 gets QoS 1 messages (a device's QoS 1
+        /// publish, or a NATS message with `Perch-Qos: 1`) acknowledged and
+        /// resent until acknowledged.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
         #[arg(long, default_value_t = 0)]
         count: u64,
         subject: String,
@@ -128,12 +133,14 @@ fn run_device_command(command: DeviceCommand) -> ExitCode {
         ),
         DeviceCommand::Sub {
             common,
+            qos,
             count,
             subject,
         } => subscribe(
             &endpoint(&common),
             &client_id(&common),
             &subject,
+            qos == 1,
             count,
             std::time::Duration::from_millis(common.timeout_ms),
             &mut std::io::stdout().lock(),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use perch_wire::{self as wire, Code, Frame, FrameType, Qos, TopicRef};
 
 use super::predefined::Predefined;
-use super::session::{DeviceSession, Presence, Will};
+use super::session::{DeviceSession, Presence, Qos1Send, QueuedQos1, SnapshotError, Will};
 
 /// Where a frame came from and where its answers go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,14 +41,17 @@ pub enum Action {
         payload: Vec<u8>,
         /// QoS 1: send PUBACK to `to` for `msg_id` once routed.
         ack: Option<(Peer, u32)>,
+        /// Published at QoS 1 (a QoS 1 publish or will): the message carries
+        /// the `Perch-Qos: 1` header, so devices subscribed at QoS 1 get it so.
+        qos1: bool,
     },
     /// Subscribe the gateway's internal session under `sid`; once every shard
-    /// routes to it, send SUBACK `req_id` to `to`.
+    /// routes to it, send SUBACK `req_id` to `to` (None: a session restored
+    /// from the store, nobody to tell).
     Subscribe {
         sid: u64,
         filter: Vec<u8>,
-        to: Peer,
-        req_id: u32,
+        suback: Option<(Peer, u32)>,
     },
     /// Drop the internal subscription `sid`.
     Unsubscribe { sid: u64 },
@@ -91,6 +94,10 @@ pub struct Stats {
     pub unknown_session_frames: u64,
     pub duplicate_publishes: u64,
     pub sleep_buffer_dropped: u64,
+    /// QoS 1 messages for devices refused because the device's queue was full.
+    pub qos1_queue_full: u64,
+    /// QoS 1 messages for devices dropped after `QOS1_SENDS_MAX` sends.
+    pub qos1_undeliverable: u64,
     pub sessions_expired: u64,
     pub refused: u64,
     /// ERROR replies not sent because the per-second budget was spent.
@@ -277,7 +284,29 @@ pub struct Gateway {
     /// The second `errors_this_second` counts in.
     error_second: u64,
     errors_this_second: u32,
+    /// Sessions are kept in the store: the client ids whose stored copy is
+    /// out of date (see [`Gateway::take_changes`]).
+    persist: bool,
+    changed: std::collections::HashSet<Box<[u8]>>,
+    /// Stand-in addresses for restored sessions whose device was on a stream
+    /// connection (counting down from u64::MAX, never a live stream's id).
+    next_restored_stream: u64,
     pub stats: Stats,
+}
+
+/// A kept session to write (client id, its bytes) or, with None, to remove.
+pub type StoredChange = (Box<[u8]>, Option<Vec<u8>>);
+
+/// How a QoS 1 pass treats a session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Qos1Pass {
+    /// The device woke or reconnected: everything in the window goes again.
+    Wake,
+    /// The device was just heard (a PUBACK, a REGACK): new ones go, even if
+    /// it is between sleeps.
+    Heard,
+    /// New messages and due retries, to an awake device only.
+    Timer,
 }
 
 /// ERROR replies per shard per second to peers that may have no session.
@@ -309,7 +338,160 @@ impl Gateway {
             next_sid: 1,
             error_second: 0,
             errors_this_second: 0,
+            persist: false,
+            changed: std::collections::HashSet::new(),
+            next_restored_stream: u64::MAX,
             stats: Stats::default(),
+        }
+    }
+
+    /// Keep sessions in the store: from now on [`Gateway::take_changes`]
+    /// reports what to write.
+    pub fn enable_persistence(&mut self) {
+        self.persist = true;
+    }
+
+    /// The stored sessions to update since the last call: (client id, the
+    /// session's bytes) to write, or (client id, None) to remove. Kept: the
+    /// persistent sessions (CONNECT without clean_session) and the sleeping
+    /// ones.
+    pub fn take_changes(&mut self) -> Vec<StoredChange> {
+        let changed = std::mem::take(&mut self.changed);
+        changed
+            .into_iter()
+            .map(|client_id| {
+                let bytes = self
+                    .by_client
+                    .get(&client_id, &self.sessions)
+                    .and_then(|slot| self.sessions[slot].as_ref())
+                    .filter(|s| s.persistent || s.presence() != Presence::Awake)
+                    .map(DeviceSession::snapshot);
+                (client_id, bytes)
+            })
+            .collect()
+    }
+
+    /// A write of `client_id`'s stored session failed: report it again.
+    pub fn retry_change(&mut self, client_id: Box<[u8]>) {
+        self.changed.insert(client_id);
+    }
+
+    /// Marks the session at `slot` as changed for the store.
+    fn touch(&mut self, slot: usize) {
+        if self.persist {
+            if let Some(session) = self.sessions[slot].as_ref() {
+                if !self.changed.contains(session.client_id()) {
+                    self.changed.insert(session.client_id().into());
+                }
+            }
+        }
+    }
+
+    /// Brings back a session the store kept (at start-up). Its subscriptions
+    /// are made again (`Action::Subscribe` without SUBACK). Returns the
+    /// client id, or None when the session belongs to another shard (it
+    /// loads it) or this client id is already live.
+    pub fn restore(
+        &mut self,
+        bytes: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let stand_in = Peer::Stream(self.next_restored_stream);
+        let mut session = DeviceSession::restore(bytes, now_ms, stand_in)?;
+        let client_id = session.client_id().to_vec();
+        if owner_of(&client_id, self.shard_count) != self.shard
+            || self.by_client.contains(&client_id[..], &self.sessions)
+            || self.by_client.len() >= self.limits.sessions_max
+        {
+            return Ok(None);
+        }
+        if session.addr == stand_in {
+            self.next_restored_stream -= 1;
+        }
+        // Its token names the shard that made it; a new one if that is not us
+        // (the shard count changed), so RESUME finds it here.
+        if (session.token >> TOKEN_SHARD_SHIFT) as usize != self.shard {
+            session.token = self.new_token();
+        }
+        let counter = session.token & ((1 << TOKEN_SHARD_SHIFT) - 1);
+        if counter >= self.next_token {
+            self.next_token = counter.wrapping_add(1).max(1);
+        }
+        let filters: Vec<Box<[u8]>> = session
+            .subscriptions()
+            .iter()
+            .map(|s| s.filter.clone())
+            .collect();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.sessions[slot] = Some(session);
+                slot
+            }
+            None => {
+                self.sessions.push(Some(session));
+                self.sessions.len() - 1
+            }
+        };
+        self.by_client.insert(&client_id, slot, &self.sessions);
+        let addr = self.sessions[slot].as_ref().map(|s| s.addr);
+        if let Some(addr) = addr {
+            if self.by_addr.get(&addr, &self.sessions).is_none() {
+                self.by_addr.insert(&addr, slot, &self.sessions);
+            }
+        }
+        for filter in filters {
+            let sid = self.next_sid;
+            self.next_sid += 1;
+            if let Some(sub) = self.sessions[slot]
+                .as_mut()
+                .and_then(|s| s.subscription_mut(&filter))
+            {
+                sub.sid = sid;
+            }
+            self.by_sid.insert(sid, slot);
+            out.push(Action::Subscribe {
+                sid,
+                filter: filter.into_vec(),
+                suback: None,
+            });
+        }
+        Ok(Some(client_id))
+    }
+
+    fn new_token(&mut self) -> u32 {
+        let token = ((self.shard as u32) << TOKEN_SHARD_SHIFT)
+            | (self.next_token & ((1 << TOKEN_SHARD_SHIFT) - 1));
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        token
+    }
+
+    /// Sends what the session's QoS 1 queue has due.
+    fn pump_qos1(&mut self, slot: usize, now_ms: u64, pass: Qos1Pass, out: &mut Vec<Action>) {
+        let Some(session) = self.sessions[slot].as_mut() else {
+            return;
+        };
+        if session.qos1_queued() == 0
+            || (pass == Qos1Pass::Timer && session.presence() != Presence::Awake)
+        {
+            return;
+        }
+        let mut sends = Vec::new();
+        let dropped = session.qos1_due(now_ms, pass == Qos1Pass::Wake, &mut sends);
+        let to = session.addr;
+        for send in sends {
+            let frame = match send {
+                Qos1Send::Frame(frame) => frame.into_vec(),
+                Qos1Send::Register(id) => match session.topic(id) {
+                    Some(subject) => encode(&Frame::Register { id, subject }),
+                    None => continue,
+                },
+            };
+            out.push(Action::Send { to, frame });
+        }
+        if dropped > 0 {
+            self.stats.qos1_undeliverable += dropped as u64;
+            self.touch(slot);
         }
     }
 
@@ -490,6 +672,9 @@ impl Gateway {
         let old = std::mem::replace(&mut session.addr, to);
         self.by_addr.remove(&old, slot);
         self.by_addr.insert(&to, slot, &self.sessions);
+        if old != to {
+            self.touch(slot);
+        }
         if let Peer::Udp(addr) = to {
             self.foreign.remove(&Peer::Udp(addr).hash64());
         }
@@ -546,9 +731,7 @@ impl Gateway {
                     self.send_connack(out, from, false, Code::NoResources, 0);
                     return;
                 }
-                let token = ((self.shard as u32) << TOKEN_SHARD_SHIFT)
-                    | (self.next_token & ((1 << TOKEN_SHARD_SHIFT) - 1));
-                self.next_token = self.next_token.wrapping_add(1).max(1);
+                let token = self.new_token();
                 let session = DeviceSession::new(client_id, from, token, keepalive_s, now_ms);
                 let slot = match self.free.pop() {
                     Some(slot) => {
@@ -575,12 +758,26 @@ impl Gateway {
         };
         let session = self.sessions[slot].as_mut().expect("slot just filled");
         session.heard(now_ms);
+        session.persistent = !clean_session;
         session.set_will(will.map(|w| Will {
             subject: w.subject.into(),
             payload: w.payload.into(),
+            qos1: w.qos == Qos::AtLeastOnce,
         }));
         let token = session.token;
         self.send_connack(out, from, present, Code::Ok, token);
+        if present {
+            // What waited for the device: buffered messages, its QoS 1 queue.
+            let session = self.sessions[slot].as_mut().expect("slot just filled");
+            for frame in session.take_buffered() {
+                out.push(Action::Send {
+                    to: from,
+                    frame: frame.into_vec(),
+                });
+            }
+            self.pump_qos1(slot, now_ms, Qos1Pass::Wake, out);
+        }
+        self.touch(slot);
     }
 
     /// A frame from a device with a session here.
@@ -625,7 +822,12 @@ impl Gateway {
                     reply: None,
                     payload: payload.to_vec(),
                     ack,
+                    qos1: qos == Qos::AtLeastOnce,
                 });
+                // The de-duplication window changed.
+                if qos == Qos::AtLeastOnce {
+                    self.touch(slot);
+                }
             }
             Frame::Register {
                 id: req_id,
@@ -649,6 +851,9 @@ impl Gateway {
                         code,
                     }),
                 });
+                if code == Code::Ok {
+                    self.touch(slot);
+                }
             }
             // The device acknowledging a broker REGISTER: nothing to do.
             // The device's answer to the broker's REGISTER: deliveries held for
@@ -662,13 +867,29 @@ impl Gateway {
                             frame: frame.into_vec(),
                         });
                     }
+                    self.touch(slot);
+                    self.pump_qos1(slot, now_ms, Qos1Pass::Heard, out);
                 } else {
                     self.stats.refused += session.refuse_topic(topic) as u64;
                 }
             }
-            // Downlink is QoS 0 in this version: nothing waits for a PUBACK.
-            Frame::Puback { .. } => {}
-            Frame::Subscribe { req_id, filter, .. } => {
+            // The device acknowledging a QoS 1 message: it leaves the queue
+            // (any code: a refusal is final too), and the window moves on.
+            Frame::Puback { msg_id, code } => {
+                if session.acked_qos1(msg_id) {
+                    if code != Code::Ok {
+                        self.stats.refused += 1;
+                    }
+                    self.touch(slot);
+                    self.pump_qos1(slot, now_ms, Qos1Pass::Heard, out);
+                }
+            }
+            Frame::Subscribe {
+                req_id,
+                max_qos,
+                filter,
+            } => {
+                let qos1 = max_qos == Qos::AtLeastOnce;
                 if !crate::nats::subject::is_valid_subject(filter) {
                     out.push(Action::Send {
                         to,
@@ -679,7 +900,10 @@ impl Gateway {
                     });
                     return;
                 }
-                if session.subscriptions().iter().any(|(f, _)| **f == *filter) {
+                if let Some(existing) = session.subscription_mut(filter) {
+                    // Subscribing again replaces max_qos.
+                    existing.qos1 = qos1;
+                    self.touch(slot);
                     out.push(Action::Send {
                         to,
                         frame: encode(&Frame::Suback {
@@ -690,7 +914,7 @@ impl Gateway {
                     return;
                 }
                 let sid = self.next_sid;
-                if !session.add_subscription(filter, sid) {
+                if !session.add_subscription(filter, sid, qos1) {
                     out.push(Action::Send {
                         to,
                         frame: encode(&Frame::Suback {
@@ -702,17 +926,18 @@ impl Gateway {
                 }
                 self.next_sid += 1;
                 self.by_sid.insert(sid, slot);
+                self.touch(slot);
                 out.push(Action::Subscribe {
                     sid,
                     filter: filter.to_vec(),
-                    to,
-                    req_id,
+                    suback: Some((to, req_id)),
                 });
             }
             Frame::Unsubscribe { req_id, filter } => {
                 if let Some(sid) = session.remove_subscription(filter) {
                     self.by_sid.remove(&sid);
                     out.push(Action::Unsubscribe { sid });
+                    self.touch(slot);
                 }
                 out.push(Action::Send {
                     to,
@@ -724,6 +949,7 @@ impl Gateway {
             }
             Frame::Ping => {
                 let buffered = session.take_buffered();
+                let asleep = session.presence() != Presence::Awake;
                 session.sleep_again(now_ms);
                 for frame in buffered {
                     out.push(Action::Send {
@@ -731,6 +957,14 @@ impl Gateway {
                         frame: frame.into_vec(),
                     });
                 }
+                // A sleeper's wake: its QoS 1 queue goes again (an awake
+                // device's PING changes nothing for it).
+                let pass = if asleep {
+                    Qos1Pass::Wake
+                } else {
+                    Qos1Pass::Timer
+                };
+                self.pump_qos1(slot, now_ms, pass, out);
                 out.push(Action::Send {
                     to,
                     frame: encode(&Frame::Pong),
@@ -738,6 +972,7 @@ impl Gateway {
             }
             Frame::Disconnect { sleep_s: Some(s) } => {
                 session.sleep(s, now_ms);
+                self.touch(slot);
                 out.push(Action::Send {
                     to,
                     frame: encode(&Frame::Disconnect { sleep_s: None }),
@@ -782,6 +1017,7 @@ impl Gateway {
                 reply: None,
                 payload: payload.to_vec(),
                 ack: None,
+                qos1: false,
             }),
             // Never answered (docs: it must not reflect traffic at a forged
             // address); counted.
@@ -793,12 +1029,20 @@ impl Gateway {
     /// predefined id when the table has it for this device, else as a session
     /// id; a new one is REGISTERed first and the message held until the
     /// device's REGACK. A sleeping device's frames are buffered instead.
+    ///
+    /// It goes at QoS 1 when the subscription asked for QoS 1 and the message
+    /// carries `Perch-Qos: 1` (a device's QoS 1 publish, or a NATS publisher
+    /// asking for it): queued until the device's PUBACK, retried, kept in the
+    /// store for a sleeper.
+    #[allow(clippy::too_many_arguments)]
     pub fn deliver(
         &mut self,
         sid: u64,
         subject: &[u8],
         reply: Option<&[u8]>,
+        headers: &[u8],
         payload: &[u8],
+        now_ms: u64,
         out: &mut Vec<Action>,
     ) {
         let Some(&slot) = self.by_sid.get(&sid) else {
@@ -807,6 +1051,11 @@ impl Gateway {
         let Some(session) = self.sessions[slot].as_mut() else {
             return;
         };
+        let qos1 = session
+            .subscriptions()
+            .iter()
+            .any(|s| s.sid == sid && s.qos1)
+            && wants_qos1(headers);
         let predefined = self.predefined.id_for(subject, session.client_id());
         let mut registered_now = false;
         let (topic, confirmed) = match predefined {
@@ -817,6 +1066,7 @@ impl Gateway {
                     Some(id) => {
                         let register = encode(&Frame::Register { id, subject });
                         self.send_or_buffer(slot, register, out);
+                        self.touch(slot);
                         registered_now = true;
                         (TopicRef::Registered(id), false)
                     }
@@ -832,6 +1082,30 @@ impl Gateway {
             return;
         };
         let reply_handle = reply.map(|r| session.open_reply(r));
+        if qos1 {
+            let msg_id = session.take_msg_id();
+            let frame = encode(&Frame::Deliver {
+                qos: Qos::AtLeastOnce,
+                topic,
+                reply_handle,
+                msg_id,
+                payload,
+            });
+            let queued = session.queue_qos1(QueuedQos1 {
+                msg_id,
+                awaits_topic: if confirmed { 0 } else { topic.id() },
+                frame: frame.into(),
+                sent_at_ms: 0,
+                sends: 0,
+            });
+            if !queued {
+                self.stats.qos1_queue_full += 1;
+                return;
+            }
+            self.touch(slot);
+            self.pump_qos1(slot, now_ms, Qos1Pass::Timer, out);
+            return;
+        }
         let frame = encode(&Frame::Deliver {
             qos: Qos::AtMostOnce,
             topic,
@@ -870,8 +1144,23 @@ impl Gateway {
         }
     }
 
-    /// Ends sessions silent past their keepalive (publishing their wills).
+    /// Ends sessions silent past their keepalive (publishing their wills) and
+    /// retransmits unacknowledged QoS 1 messages whose time has come.
     pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let retries: Vec<usize> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.as_ref()
+                    .and_then(DeviceSession::next_qos1_retry_ms)
+                    .is_some_and(|at| at <= now_ms)
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in retries {
+            self.pump_qos1(slot, now_ms, Qos1Pass::Timer, out);
+        }
         let expired: Vec<usize> = self
             .sessions
             .iter()
@@ -893,7 +1182,9 @@ impl Gateway {
     pub fn next_expiry_ms(&self) -> Option<u64> {
         self.sessions
             .iter()
-            .filter_map(|s| s.as_ref().and_then(DeviceSession::expires_at_ms))
+            .flatten()
+            .flat_map(|s| [s.expires_at_ms(), s.next_qos1_retry_ms()])
+            .flatten()
             .min()
     }
 
@@ -904,9 +1195,12 @@ impl Gateway {
         self.free.push(slot);
         self.by_client.remove(session.client_id(), slot);
         self.by_addr.remove(&session.addr, slot);
-        for (_, sid) in session.subscriptions() {
-            self.by_sid.remove(sid);
-            out.push(Action::Unsubscribe { sid: *sid });
+        if self.persist {
+            self.changed.insert(session.client_id().into());
+        }
+        for sub in session.subscriptions() {
+            self.by_sid.remove(&sub.sid);
+            out.push(Action::Unsubscribe { sid: sub.sid });
         }
         if publish_will {
             if let Some(will) = session.take_will() {
@@ -915,6 +1209,7 @@ impl Gateway {
                     reply: None,
                     payload: will.payload.into_vec(),
                     ack: None,
+                    qos1: will.qos1,
                 });
             }
         }
@@ -1000,6 +1295,26 @@ impl Gateway {
         });
     }
 }
+
+/// Whether a NATS message asks for QoS 1 delivery to devices: a
+/// `Perch-Qos: 1` header (name case-insensitive, as NATS headers are).
+pub fn wants_qos1(headers: &[u8]) -> bool {
+    headers
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            Some((&line[..colon], &line[colon + 1..]))
+        })
+        .any(|(name, value)| {
+            name.trim_ascii()
+                .eq_ignore_ascii_case(QOS_HEADER.as_bytes())
+                && value.trim_ascii() == b"1"
+        })
+}
+
+/// The header that carries a message's QoS between devices and NATS.
+pub const QOS_HEADER: &str = "Perch-Qos";
 
 /// Encodes a broker-made frame (its sizes are ours, so it always fits).
 pub fn encode(frame: &Frame<'_>) -> Vec<u8> {
@@ -1196,8 +1511,8 @@ mod tests {
             10,
         );
         let mut out = Vec::new();
-        g.deliver(sid, b"cmd.a", None, b"1", &mut out);
-        g.deliver(sid, b"cmd.a", Some(b"_INBOX.r"), b"2", &mut out);
+        g.deliver(sid, b"cmd.a", None, b"", b"1", 20, &mut out);
+        g.deliver(sid, b"cmd.a", Some(b"_INBOX.r"), b"", b"2", 20, &mut out);
         assert!(out.is_empty(), "buffered while asleep");
         // Still within its sleep plus 1.5 keepalives: not expired.
         g.expire(60_000, &mut out);
@@ -1245,7 +1560,7 @@ mod tests {
         assert_eq!(frames.len(), 2);
         // Asleep again after the PONG (for another 60 s): buffered again.
         let mut out = Vec::new();
-        g.deliver(sid, b"cmd.a", None, b"3", &mut out);
+        g.deliver(sid, b"cmd.a", None, b"", b"3", 61_020, &mut out);
         assert!(out.is_empty());
         // No PING within 1.5 sleep durations: gone, its will published, its
         // subscription dropped.
@@ -1489,5 +1804,461 @@ mod tests {
         assert!(
             matches!(&out[..], [Action::Publish { subject, .. }] if subject == b"sensors.d0.t")
         );
+    }
+
+    const QOS1: &[u8] = b"NATS/1.0\r\nPerch-Qos: 1\r\n\r\n";
+
+    /// A session "d" at addr(1) subscribed to its predefined subject (no
+    /// REGISTER needed) at `max_qos`; returns the sid.
+    fn subscribed(g: &mut Gateway, max_qos: Qos, keepalive_s: u32) -> u64 {
+        connect(g, addr(1), "d", keepalive_s, 0);
+        let out = feed(
+            g,
+            addr(1),
+            &Frame::Subscribe {
+                req_id: 1,
+                max_qos,
+                filter: b"sensors.d.t",
+            },
+            0,
+        );
+        match &out[..] {
+            [Action::Subscribe { sid, .. }] => *sid,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// (msg id, payload) of every QoS 1 delivery sent; panics on QoS 0 ones.
+    fn qos1_deliveries(actions: &[Action]) -> Vec<(u32, Vec<u8>)> {
+        sent(actions)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Deliver {
+                    qos: Qos::AtLeastOnce,
+                    msg_id,
+                    payload,
+                    ..
+                } => Some((msg_id, payload.to_vec())),
+                Frame::Deliver { .. } => panic!("a QoS 0 delivery"),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn deliver(g: &mut Gateway, sid: u64, headers: &[u8], payload: &[u8], now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        g.deliver(sid, b"sensors.d.t", None, headers, payload, now, &mut out);
+        out
+    }
+
+    fn tick(g: &mut Gateway, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        g.expire(now, &mut out);
+        out
+    }
+
+    fn puback(g: &mut Gateway, msg_id: u32, now: u64) -> Vec<Action> {
+        feed(
+            g,
+            addr(1),
+            &Frame::Puback {
+                msg_id,
+                code: Code::Ok,
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn qos1_downlink_is_retried_with_the_same_msg_id_until_puback() {
+        let mut g = gateway(0, 1);
+        let sid = subscribed(&mut g, Qos::AtLeastOnce, 0);
+        // Without the header the message is QoS 0, whatever the subscription.
+        let plain = deliver(&mut g, sid, b"", b"x", 0);
+        assert!(matches!(
+            sent(&plain)[..],
+            [Frame::Deliver {
+                qos: Qos::AtMostOnce,
+                msg_id: 0,
+                topic: TopicRef::Predefined(1),
+                ..
+            }]
+        ));
+        let first = deliver(&mut g, sid, QOS1, b"m1", 100);
+        assert_eq!(qos1_deliveries(&first), vec![(1, b"m1".to_vec())]);
+        assert!(tick(&mut g, 2_099).is_empty(), "not before the retry time");
+        assert_eq!(g.next_expiry_ms(), Some(2_100));
+        let again = tick(&mut g, 2_100);
+        assert_eq!(qos1_deliveries(&again), vec![(1, b"m1".to_vec())]);
+        // The next retry waits twice as long.
+        assert!(tick(&mut g, 6_099).is_empty());
+        assert_eq!(qos1_deliveries(&tick(&mut g, 6_100)).len(), 1);
+        assert!(puback(&mut g, 1, 6_200).is_empty());
+        assert!(tick(&mut g, 100_000).is_empty(), "acked: never again");
+        assert_eq!(g.next_expiry_ms(), None);
+        // A second message gets the next msg id.
+        let second = deliver(&mut g, sid, QOS1, b"m2", 100_000);
+        assert_eq!(qos1_deliveries(&second), vec![(2, b"m2".to_vec())]);
+    }
+
+    #[test]
+    fn a_qos0_subscription_gets_qos1_messages_at_qos0() {
+        let mut g = gateway(0, 1);
+        let sid = subscribed(&mut g, Qos::AtMostOnce, 0);
+        let out = deliver(&mut g, sid, QOS1, b"x", 0);
+        assert!(matches!(
+            sent(&out)[..],
+            [Frame::Deliver {
+                qos: Qos::AtMostOnce,
+                ..
+            }]
+        ));
+        assert!(tick(&mut g, 100_000).is_empty());
+    }
+
+    #[test]
+    fn qos1_downlink_ids_stay_within_the_span_of_the_oldest_unacked() {
+        let mut g = gateway(0, 1);
+        let sid = subscribed(&mut g, Qos::AtLeastOnce, 0);
+        let mut out = Vec::new();
+        for i in 0..12u8 {
+            out.extend(deliver(&mut g, sid, QOS1, &[i], 1));
+        }
+        let ids: Vec<u32> = qos1_deliveries(&out)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            ids,
+            (1..=8).collect::<Vec<_>>(),
+            "8 past the oldest at most"
+        );
+        // An ack out of order moves nothing: 1 is still the oldest.
+        assert!(qos1_deliveries(&puback(&mut g, 5, 10)).is_empty());
+        let moved = puback(&mut g, 1, 11);
+        assert_eq!(qos1_deliveries(&moved), vec![(9, vec![8])]);
+        // A retry resends the unacked ones of the window, not 5.
+        let retry = tick(&mut g, 2_001);
+        let ids: Vec<u32> = qos1_deliveries(&retry)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![2, 3, 4, 6, 7, 8]);
+    }
+
+    #[test]
+    fn an_unacknowledged_qos1_message_is_dropped_after_its_last_send() {
+        let mut g = gateway(0, 1);
+        let sid = subscribed(&mut g, Qos::AtLeastOnce, 0);
+        let mut sends = qos1_deliveries(&deliver(&mut g, sid, QOS1, b"m", 0)).len();
+        let mut now = 0;
+        while let Some(at) = g.next_expiry_ms() {
+            assert!(at > now, "time moves on");
+            now = at;
+            sends += qos1_deliveries(&tick(&mut g, now)).len();
+        }
+        assert_eq!(sends, usize::from(super::super::session::QOS1_SENDS_MAX));
+        assert_eq!(g.stats.qos1_undeliverable, 1);
+    }
+
+    #[test]
+    fn a_full_qos1_queue_refuses_new_messages_and_counts_them() {
+        let mut g = gateway(0, 1);
+        let sid = subscribed(&mut g, Qos::AtLeastOnce, 0);
+        let max = super::super::session::QOS1_QUEUE_MSGS_MAX;
+        for i in 0..max + 3 {
+            deliver(&mut g, sid, QOS1, format!("{i}").as_bytes(), 0);
+        }
+        assert_eq!(g.stats.qos1_queue_full, 3);
+        // The oldest are kept (they may be in flight): ack the first window
+        // and the next ones follow in order.
+        let mut next = Vec::new();
+        for id in 1..=8 {
+            next.extend(qos1_deliveries(&puback(&mut g, id, 5)));
+        }
+        assert_eq!(next.first(), Some(&(9, b"8".to_vec())));
+    }
+
+    #[test]
+    fn a_sleeper_gets_its_qos1_messages_at_every_wake_until_it_acks() {
+        let mut g = gateway(0, 1);
+        let sid = subscribed(&mut g, Qos::AtLeastOnce, 0);
+        feed(&mut g, addr(1), &Frame::Disconnect { sleep_s: Some(60) }, 0);
+        assert!(deliver(&mut g, sid, QOS1, b"a", 10).is_empty());
+        assert!(deliver(&mut g, sid, QOS1, b"b", 20).is_empty());
+        assert!(tick(&mut g, 30_000).is_empty(), "no retries to a sleeper");
+        let wake = feed(&mut g, addr(1), &Frame::Ping, 60_000);
+        assert_eq!(
+            qos1_deliveries(&wake),
+            vec![(1, b"a".to_vec()), (2, b"b".to_vec())]
+        );
+        assert_eq!(sent(&wake).last(), Some(&Frame::Pong));
+        // It went back to sleep without acking: all again at the next wake.
+        let wake = feed(&mut g, addr(1), &Frame::Ping, 120_000);
+        assert_eq!(qos1_deliveries(&wake).len(), 2);
+        puback(&mut g, 1, 120_001);
+        puback(&mut g, 2, 120_002);
+        let wake = feed(&mut g, addr(1), &Frame::Ping, 180_000);
+        assert_eq!(sent(&wake), vec![Frame::Pong]);
+    }
+
+    #[test]
+    fn a_qos1_message_on_a_new_subject_waits_for_the_regack() {
+        let mut g = gateway(0, 1);
+        connect(&mut g, addr(1), "d", 0, 0);
+        let out = feed(
+            &mut g,
+            addr(1),
+            &Frame::Subscribe {
+                req_id: 1,
+                max_qos: Qos::AtLeastOnce,
+                filter: b"cmd.>",
+            },
+            0,
+        );
+        let [Action::Subscribe { sid, .. }] = out[..] else {
+            panic!("{out:?}");
+        };
+        let mut out = Vec::new();
+        g.deliver(sid, b"cmd.x", None, QOS1, b"go", 100, &mut out);
+        assert_eq!(
+            sent(&out),
+            vec![Frame::Register {
+                id: 1,
+                subject: b"cmd.x"
+            }]
+        );
+        // The REGACK is lost: the REGISTER is asked again at the retry time.
+        assert!(tick(&mut g, 2_099).is_empty());
+        let again = tick(&mut g, 2_100);
+        assert_eq!(
+            sent(&again),
+            vec![Frame::Register {
+                id: 1,
+                subject: b"cmd.x"
+            }]
+        );
+        let confirmed = feed(
+            &mut g,
+            addr(1),
+            &Frame::Regack {
+                req_id: 1,
+                topic: 1,
+                code: Code::Ok,
+            },
+            2_200,
+        );
+        assert_eq!(qos1_deliveries(&confirmed), vec![(1, b"go".to_vec())]);
+    }
+
+    #[test]
+    fn headers_ask_for_qos1_by_name_case_insensitively() {
+        assert!(wants_qos1(b"NATS/1.0\r\nPerch-Qos: 1\r\n\r\n"));
+        assert!(wants_qos1(b"NATS/1.0\r\nX: y\r\nperch-qos:1\r\n\r\n"));
+        assert!(!wants_qos1(b"NATS/1.0\r\nPerch-Qos: 0\r\n\r\n"));
+        assert!(!wants_qos1(b"NATS/1.0\r\nPerch-Qosx: 1\r\n\r\n"));
+        assert!(
+            !wants_qos1(b"Perch-Qos: 1\r\n"),
+            "the status line is no header"
+        );
+        assert!(!wants_qos1(b""));
+    }
+
+    /// A persistent session with a topic, a subscription, a will, a QoS 1
+    /// queue and QoS 1 ids seen, asleep: stored and brought back whole.
+    #[test]
+    fn stored_sessions_come_back_whole() {
+        let mut g = gateway(0, 1);
+        g.enable_persistence();
+        let out = feed(
+            &mut g,
+            addr(1),
+            &Frame::Connect {
+                version: wire::PROTOCOL_VERSION,
+                clean_session: false,
+                keepalive_s: 30,
+                client_id: b"d",
+                will: Some(wire::Will {
+                    qos: Qos::AtLeastOnce,
+                    subject: b"will.d",
+                    payload: b"gone",
+                }),
+            },
+            0,
+        );
+        let Some(Frame::Connack { session_token, .. }) = sent(&out).first().cloned() else {
+            panic!("{out:?}");
+        };
+        let topic = feed(
+            &mut g,
+            addr(1),
+            &Frame::Register {
+                id: 1,
+                subject: b"up.d",
+            },
+            1,
+        );
+        assert_eq!(sent(&topic).len(), 1);
+        feed(
+            &mut g,
+            addr(1),
+            &Frame::Publish {
+                qos: Qos::AtLeastOnce,
+                topic: TopicRef::Registered(1),
+                msg_id: 7,
+                payload: b"r",
+            },
+            2,
+        );
+        let out = feed(
+            &mut g,
+            addr(1),
+            &Frame::Subscribe {
+                req_id: 2,
+                max_qos: Qos::AtLeastOnce,
+                filter: b"sensors.d.t",
+            },
+            3,
+        );
+        let [Action::Subscribe { sid, .. }] = out[..] else {
+            panic!("{out:?}");
+        };
+        let acked = qos1_deliveries(&deliver(&mut g, sid, QOS1, b"one", 4));
+        assert_eq!(acked.len(), 1);
+        puback(&mut g, 1, 5);
+        feed(&mut g, addr(1), &Frame::Disconnect { sleep_s: Some(60) }, 6);
+        assert!(deliver(&mut g, sid, QOS1, b"two", 7).is_empty());
+        assert!(deliver(&mut g, sid, QOS1, b"three", 8).is_empty());
+        let changes = g.take_changes();
+        assert_eq!(changes.len(), 1);
+        let (client_id, Some(bytes)) = &changes[0] else {
+            panic!("a persistent session is stored");
+        };
+        assert_eq!(&**client_id, b"d");
+
+        // A restarted broker.
+        let mut g = gateway(0, 1);
+        g.enable_persistence();
+        let mut out = Vec::new();
+        assert_eq!(g.restore(bytes, 0, &mut out), Ok(Some(b"d".to_vec())));
+        let [Action::Subscribe {
+            sid,
+            ref filter,
+            suback: None,
+        }] = out[..]
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(filter, b"sensors.d.t");
+        // The sleeper wakes from its address: the queued messages, same ids.
+        let wake = feed(&mut g, addr(1), &Frame::Ping, 1_000);
+        assert_eq!(
+            qos1_deliveries(&wake),
+            vec![(2, b"two".to_vec()), (3, b"three".to_vec())]
+        );
+        // New messages continue the ids; the uplink window is kept (7 is a
+        // retransmit) and so is the registered topic.
+        puback(&mut g, 2, 1_001);
+        puback(&mut g, 3, 1_002);
+        let next = deliver(&mut g, sid, QOS1, b"four", 1_003);
+        assert!(next.is_empty(), "asleep again after the PONG");
+        let retransmit = feed(
+            &mut g,
+            addr(1),
+            &Frame::Publish {
+                qos: Qos::AtLeastOnce,
+                topic: TopicRef::Registered(1),
+                msg_id: 7,
+                payload: b"r",
+            },
+            1_004,
+        );
+        assert!(
+            matches!(retransmit[..], [Action::AckAgain { msg_id: 7, .. }]),
+            "{retransmit:?}"
+        );
+        // RESUME with the old token still finds it.
+        let resumed = feed(&mut g, addr(2), &Frame::Resume { session_token }, 1_005);
+        assert!(matches!(
+            sent(&resumed)[..],
+            [Frame::Connack {
+                session_present: true,
+                code: Code::Ok,
+                ..
+            }]
+        ));
+        let wake = feed(&mut g, addr(2), &Frame::Ping, 1_006);
+        assert_eq!(qos1_deliveries(&wake), vec![(4, b"four".to_vec())]);
+        // Its will survived too.
+        let mut out = Vec::new();
+        g.expire(10_000_000, &mut out);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::Publish { subject, qos1: true, .. } if subject == b"will.d"
+        )));
+        // Gone: the stored copy is removed.
+        let changes = g.take_changes();
+        assert!(changes
+            .iter()
+            .any(|(id, bytes)| &**id == b"d" && bytes.is_none()));
+    }
+
+    #[test]
+    fn damaged_stored_sessions_are_refused() {
+        let mut g = gateway(0, 1);
+        g.enable_persistence();
+        connect(&mut g, addr(1), "d", 0, 0);
+        feed(&mut g, addr(1), &Frame::Disconnect { sleep_s: Some(5) }, 1);
+        let changes = g.take_changes();
+        let Some((_, Some(bytes))) = changes.first() else {
+            panic!("a sleeping session is stored: {changes:?}");
+        };
+        let mut fresh = gateway(0, 1);
+        let mut out = Vec::new();
+        for cut in 0..bytes.len() {
+            assert!(
+                fresh.restore(&bytes[..cut], 0, &mut out).is_err(),
+                "cut at {cut}"
+            );
+        }
+        for i in 0..bytes.len() {
+            let mut flipped = bytes.clone();
+            flipped[i] ^= 0x40;
+            assert!(fresh.restore(&flipped, 0, &mut out).is_err(), "flip at {i}");
+        }
+        assert_eq!(fresh.session_count(), 0);
+        assert_eq!(fresh.restore(bytes, 0, &mut out), Ok(Some(b"d".to_vec())));
+        // Another shard's session is left for that shard.
+        let owner = owner_of(b"d", 2);
+        let mut mine = gateway(owner, 2);
+        let mut theirs = gateway(1 - owner, 2);
+        assert_eq!(mine.restore(bytes, 0, &mut out), Ok(Some(b"d".to_vec())));
+        assert_eq!(theirs.restore(bytes, 0, &mut out), Ok(None));
+    }
+
+    #[test]
+    fn only_persistent_and_sleeping_sessions_are_stored() {
+        let mut g = gateway(0, 1);
+        g.enable_persistence();
+        connect(&mut g, addr(1), "clean", 0, 0);
+        feed(
+            &mut g,
+            addr(1),
+            &Frame::Register {
+                id: 1,
+                subject: b"a.b",
+            },
+            1,
+        );
+        let changes = g.take_changes();
+        assert!(
+            changes.iter().all(|(_, bytes)| bytes.is_none()),
+            "{changes:?}"
+        );
+        feed(&mut g, addr(1), &Frame::Disconnect { sleep_s: Some(9) }, 2);
+        assert!(matches!(g.take_changes()[..], [(_, Some(_))]));
+        feed(&mut g, addr(1), &Frame::Disconnect { sleep_s: None }, 3);
+        assert!(matches!(g.take_changes()[..], [(_, None)]));
+        assert!(g.take_changes().is_empty());
     }
 }

@@ -33,9 +33,10 @@ use tokio::sync::Notify;
 
 use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
-use crate::lite::gateway::{encode, Action, Gateway, GatewayLimits, Peer};
+use crate::lite::gateway::{encode, Action, Gateway, GatewayLimits, Peer, QOS_HEADER};
 use crate::lite::predefined::Predefined;
 use crate::nats::session::{Message, Session, SessionLimits, Subscription};
+use crate::store::file::{replace_atomically, Directory, OsDirectory, StorageFile};
 
 /// The internal session drains every pass; a bound still exists.
 const INTERNAL_PENDING_BYTES_MAX: usize = 64 << 20;
@@ -55,6 +56,29 @@ const STORE_ACK_PREFIX: &str = "_PERCH.DACK.";
 const STREAM_PENDING_BYTES_MAX: usize = 64 * 1024;
 /// One read of a stream device.
 const STREAM_READ_BYTES: usize = 4096;
+
+/// Under the store directory: the kept device sessions.
+const SESSIONS_DIR: &str = "devices";
+const SESSION_FILE_SUFFIX: &str = ".ses";
+/// The headers of a device's QoS 1 publish (and will) on the NATS side.
+const QOS1_HEADERS: &str = "NATS/1.0\r\nPerch-Qos: 1\r\n\r\n";
+
+/// A stored session's file: the client id in hex (any bytes make a safe name).
+fn session_file_name(client_id: &[u8]) -> String {
+    let mut name = String::with_capacity(client_id.len() * 2 + SESSION_FILE_SUFFIX.len());
+    for b in client_id {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name.push_str(SESSION_FILE_SUFFIX);
+    name
+}
+
+fn read_whole(dir: &OsDirectory, name: &str) -> std::io::Result<Vec<u8>> {
+    let file = dir.open(name)?;
+    let mut bytes = vec![0u8; file.len()? as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
 
 /// What one shard serves to devices.
 pub(crate) struct DeviceSockets {
@@ -97,6 +121,8 @@ pub(crate) struct DeviceRuntime {
     /// TCP connections and serial lines served here, by stream id.
     streams: RefCell<HashMap<u64, Rc<StreamOut>>>,
     next_stream: Cell<u64>,
+    /// `<store_dir>/devices`, with a store: one file per kept session.
+    sessions_dir: Option<OsDirectory>,
 }
 
 /// A datagram another shard received for a session this shard owns.
@@ -258,6 +284,7 @@ impl DeviceRuntime {
             next_store_ack: Cell::new(1),
             streams: RefCell::new(HashMap::new()),
             next_stream: Cell::new(1),
+            sessions_dir: None,
         });
         super::internal::op(
             &runtime.session,
@@ -269,7 +296,87 @@ impl DeviceRuntime {
             super::internal::op(&runtime.session, shard, line.as_bytes());
             shard.broadcast_interest();
         }
+        let runtime = match &shard.config().store_dir {
+            Some(store) => {
+                let dir = OsDirectory::open(store.join(SESSIONS_DIR))?;
+                let mut runtime = Rc::into_inner(runtime).expect("not shared yet");
+                runtime.sessions_dir = Some(dir);
+                runtime.gateway.get_mut().enable_persistence();
+                let runtime = Rc::new(runtime);
+                runtime.restore_sessions(shard)?;
+                runtime
+            }
+            None => runtime,
+        };
         Ok(runtime)
+    }
+
+    /// Brings back the sessions this shard owns from `<store>/devices`.
+    fn restore_sessions(self: &Rc<Self>, shard: &Rc<Shard>) -> std::io::Result<()> {
+        let Some(dir) = &self.sessions_dir else {
+            return Ok(());
+        };
+        let mut actions = Vec::new();
+        let mut restored = 0usize;
+        for name in dir.list()? {
+            if !name.ends_with(SESSION_FILE_SUFFIX) {
+                continue;
+            }
+            let bytes = match read_whole(dir, &name) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::warn!(
+                        shard = shard.id,
+                        "devices: stored session {name} unreadable: {e}"
+                    );
+                    continue;
+                }
+            };
+            let now = self.now_ms();
+            match self.gateway.borrow_mut().restore(&bytes, now, &mut actions) {
+                Ok(Some(_)) => restored += 1,
+                Ok(None) => {}
+                // Written whole or not at all (temp file + rename), so this is
+                // damage from outside: say so, keep the file for inspection.
+                Err(e) => tracing::warn!(
+                    shard = shard.id,
+                    "devices: stored session {name} not restored: {e}"
+                ),
+            }
+        }
+        if restored > 0 {
+            tracing::info!(
+                shard = shard.id,
+                "devices: restored {restored} stored sessions"
+            );
+        }
+        self.carry_out(shard, actions);
+        Ok(())
+    }
+
+    /// Writes (or removes) the stored sessions the gateway says changed. A
+    /// failed write is retried with the next change; the session in memory is
+    /// untouched by it.
+    fn persist(&self) {
+        let Some(dir) = &self.sessions_dir else {
+            return;
+        };
+        let changes = self.gateway.borrow_mut().take_changes();
+        for (client_id, bytes) in changes {
+            let name = session_file_name(&client_id);
+            let result = match &bytes {
+                Some(bytes) => replace_atomically(dir, &name, bytes).map_err(|e| e.to_string()),
+                None => match dir.remove(&name) {
+                    Ok(()) => dir.sync().map_err(|e| e.to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            if let Err(e) = result {
+                tracing::warn!("devices: storing session {name}: {e}");
+                self.gateway.borrow_mut().retry_change(client_id);
+            }
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -310,12 +417,14 @@ impl DeviceRuntime {
                     reply,
                     payload,
                     ack,
+                    qos1,
                 } => match ack {
                     Some((to, msg_id)) if captured_by_stream(shard, &subject) => {
                         self.publish_to_store(shard, &subject, &payload, to, msg_id)
                     }
                     Some((to, msg_id)) => {
-                        self.publish(shard, &subject, reply.as_deref(), None, &payload);
+                        let headers = qos1.then_some(QOS1_HEADERS.as_bytes());
+                        self.publish(shard, &subject, reply.as_deref(), headers, &payload);
                         self.send(
                             to,
                             &encode(&Frame::Puback {
@@ -324,7 +433,10 @@ impl DeviceRuntime {
                             }),
                         );
                     }
-                    None => self.publish(shard, &subject, reply.as_deref(), None, &payload),
+                    None => {
+                        let headers = qos1.then_some(QOS1_HEADERS.as_bytes());
+                        self.publish(shard, &subject, reply.as_deref(), headers, &payload)
+                    }
                 },
                 Action::AckAgain { to, msg_id } => {
                     let waiting = self
@@ -346,8 +458,7 @@ impl DeviceRuntime {
                 Action::Subscribe {
                     sid,
                     filter,
-                    to,
-                    req_id,
+                    suback,
                 } => {
                     let mut line = b"SUB ".to_vec();
                     line.extend_from_slice(&filter);
@@ -356,6 +467,9 @@ impl DeviceRuntime {
                         self.subscriptions.borrow_mut().insert(sid, sub);
                     }
                     // SUBACK once every shard routes to it (the SUB barrier).
+                    let Some((to, req_id)) = suback else {
+                        continue;
+                    };
                     let (shard, runtime) = (Rc::clone(shard), Rc::clone(self));
                     tokio::task::spawn_local(async move {
                         shard.broadcast_interest_and_wait().await;
@@ -393,6 +507,7 @@ impl DeviceRuntime {
             }
         }
         self.flush(shard);
+        self.persist();
     }
 
     fn send(&self, to: Peer, frame: &[u8]) {
@@ -459,7 +574,7 @@ impl DeviceRuntime {
         let reply = format!("{STORE_ACK_PREFIX}{}.{n}", shard.id);
         let client = self.gateway.borrow().client_id_at(to).unwrap_or_default();
         let headers = format!(
-            "NATS/1.0\r\nNats-Msg-Id: dev.{}.{msg_id}\r\n\r\n",
+            "NATS/1.0\r\nNats-Msg-Id: dev.{}.{msg_id}\r\n{QOS_HEADER}: 1\r\n\r\n",
             String::from_utf8_lossy(&client)
         );
         self.publish(
@@ -735,6 +850,7 @@ async fn deliveries(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
         let frames = runtime.session.take_output(Vec::new());
         runtime.session.written();
         let mut actions = Vec::new();
+        let now = runtime.now_ms();
         {
             let mut gateway = runtime.gateway.borrow_mut();
             super::internal::for_each_frame(shard.id, &frames, |msg| {
@@ -749,7 +865,15 @@ async fn deliveries(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
                     return;
                 }
                 let reply = (!msg.reply.is_empty()).then_some(msg.reply);
-                gateway.deliver(sid, msg.subject, reply, msg.payload, &mut actions);
+                gateway.deliver(
+                    sid,
+                    msg.subject,
+                    reply,
+                    msg.headers,
+                    msg.payload,
+                    now,
+                    &mut actions,
+                );
             });
         }
         runtime.carry_out(&shard, actions);

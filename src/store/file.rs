@@ -73,11 +73,13 @@ pub fn replace_atomically<D: Directory>(
 ) -> Result<(), super::StoreError> {
     use super::StoreError;
     let temp = format!("{name}.tmp");
-    let names = dir
-        .list()
-        .map_err(StoreError::io("list the directory of", name))?;
-    if names.contains(&temp) {
-        dir.remove(&temp).map_err(StoreError::io("remove", &temp))?;
+    // Not by listing first: the device sessions' directory holds a file per
+    // kept session.
+    match dir.remove(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(StoreError::io("remove", &temp)(e));
+        }
+        _ => {}
     }
     let file = dir.create(&temp).map_err(StoreError::io("create", &temp))?;
     file.write_all_at(bytes, 0)

@@ -227,6 +227,7 @@ pub fn subscribe(
     endpoint: &Endpoint,
     client_id: &str,
     filter: &str,
+    qos1: bool,
     count: u64,
     timeout: Duration,
     out: &mut impl Write,
@@ -235,7 +236,15 @@ pub fn subscribe(
     let mut transport = transport(endpoint)?;
     let mut client = connect(client_id, &mut transport, &clock, timeout)?;
     client
-        .subscribe(filter.as_bytes(), Qos::AtMostOnce, clock.now_ms())
+        .subscribe(
+            filter.as_bytes(),
+            if qos1 {
+                Qos::AtLeastOnce
+            } else {
+                Qos::AtMostOnce
+            },
+            clock.now_ms(),
+        )
         .map_err(DeviceToolError::Client)?;
     let mut subscribed = None;
     run_until(

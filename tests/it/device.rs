@@ -55,9 +55,19 @@ impl Device {
     }
 
     fn connect(&self, client_id: &str, keepalive_s: u32, will: Option<Will<'_>>) -> u32 {
+        self.connect_with(client_id, keepalive_s, will, true)
+    }
+
+    fn connect_with(
+        &self,
+        client_id: &str,
+        keepalive_s: u32,
+        will: Option<Will<'_>>,
+        clean_session: bool,
+    ) -> u32 {
         self.send(&Frame::Connect {
             version: perch_wire::PROTOCOL_VERSION,
-            clean_session: true,
+            clean_session,
             keepalive_s,
             client_id: client_id.as_bytes(),
             will,
@@ -90,9 +100,13 @@ impl Device {
     }
 
     fn subscribe(&self, req_id: u32, filter: &str) {
+        self.subscribe_at(req_id, filter, Qos::AtMostOnce);
+    }
+
+    fn subscribe_at(&self, req_id: u32, filter: &str, max_qos: Qos) {
         self.send(&Frame::Subscribe {
             req_id,
-            max_qos: Qos::AtMostOnce,
+            max_qos,
             filter: filter.as_bytes(),
         });
         let reply = self.recv();
@@ -140,9 +154,70 @@ impl Device {
     }
 }
 
+/// What a device got between sending PING and the broker's PONG, acting as a
+/// firmware does: REGACK every REGISTER, PUBACK every QoS 1 message (when
+/// `ack`). Returns (msg id, payload) of the QoS 1 messages, in arrival order,
+/// and waits on after the PONG while REGISTERs are outstanding.
+fn wake_and_collect(device: &Device, ack: bool) -> Vec<(u32, Vec<u8>)> {
+    device.send(&Frame::Ping);
+    let mut got = Vec::new();
+    let mut ponged = false;
+    let mut regacked_after_pong = false;
+    loop {
+        let wait = if ponged && !regacked_after_pong {
+            300
+        } else {
+            REPLY_MS_MAX
+        };
+        let Some(datagram) = device.recv_within(wait) else {
+            assert!(ponged, "no PONG from the broker");
+            return got;
+        };
+        match decode_from_broker(&datagram).expect("broker frame decodes") {
+            Frame::Register { id, .. } => {
+                device.send(&Frame::Regack {
+                    req_id: id,
+                    topic: id,
+                    code: Code::Ok,
+                });
+                regacked_after_pong = !ponged;
+            }
+            Frame::Deliver {
+                qos: Qos::AtLeastOnce,
+                msg_id,
+                payload,
+                ..
+            } => {
+                if ack {
+                    device.send(&Frame::Puback {
+                        msg_id,
+                        code: Code::Ok,
+                    });
+                }
+                got.push((msg_id, payload.to_vec()));
+            }
+            Frame::Pong => {
+                ponged = true;
+                if got.is_empty() && !regacked_after_pong {
+                    // Messages whose subject needed a REGISTER follow its REGACK.
+                    regacked_after_pong = false;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 fn nats(server: &Server) -> Raw {
     let mut raw = Raw::connect(server);
     raw.send(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n");
+    raw
+}
+
+/// A NATS connection that speaks headers (HPUB, HMSG).
+fn nats_with_headers(server: &Server) -> Raw {
+    let mut raw = Raw::connect(server);
+    raw.send(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true}\r\n");
     raw
 }
 
@@ -1041,6 +1116,26 @@ fn device_cli_publishes_and_subscribes() {
     let output = child.wait_with_output().expect("sub exits after 2");
     assert!(output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout), "one\ntwo\n");
+    // At QoS 1 (the client acknowledges; the broker would resend).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args([
+            "device", "sub", "--udp", &addr, "--qos", "1", "--count", "1",
+        ])
+        .args(["--client-id", "cli3", "cli.q1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run perch device sub --qos 1");
+    let mut ready = String::new();
+    BufReader::new(child.stderr.take().expect("stderr"))
+        .read_line(&mut ready)
+        .expect("sub's ready line");
+    assert!(ready.contains("subscribed to cli.q1"), "{ready}");
+    let mut headers_client = nats_with_headers(&server);
+    headers_client.send(b"HPUB cli.q1 26 31\r\nNATS/1.0\r\nPerch-Qos: 1\r\n\r\nq1msg\r\n");
+    let output = child.wait_with_output().expect("sub exits after 1");
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "q1msg\n");
     // No broker: a QoS 1 publish cannot be acknowledged, so it fails.
     let dead = free_port();
     let status = Command::new(env!("CARGO_BIN_EXE_perch"))
@@ -1056,4 +1151,175 @@ fn device_cli_publishes_and_subscribes() {
         .status()
         .expect("run perch device pub");
     assert!(!status.success(), "no broker, no ack: must fail");
+}
+
+/// Downlink QoS 1 to an awake device: a NATS publisher asks for it with the
+/// `Perch-Qos: 1` header; the broker resends the same msg id until the
+/// device's PUBACK. A device's own QoS 1 publish carries the header to NATS
+/// subscribers and reaches QoS 1 device subscribers at QoS 1.
+#[test]
+fn qos1_messages_to_devices_are_resent_until_acknowledged() {
+    let (server, port, _dir) = broker("", "2");
+    let device = Device::new(port);
+    device.connect("q1dev", 30, None);
+    device.subscribe_at(1, "cmd.q1dev", Qos::AtLeastOnce);
+    let mut nats_client = nats_with_headers(&server);
+    nats_client.send(b"HPUB cmd.q1dev 26 28\r\nNATS/1.0\r\nPerch-Qos: 1\r\n\r\nup\r\nPING\r\n");
+    assert_eq!(nats_client.read_line(), "PONG");
+    let topic = match decode_from_broker(&device.recv()) {
+        Ok(Frame::Register { id, .. }) => id,
+        other => panic!("expected REGISTER, got {other:?}"),
+    };
+    device.send(&Frame::Regack {
+        req_id: topic,
+        topic,
+        code: Code::Ok,
+    });
+    let first = device.recv();
+    let Ok(Frame::Deliver {
+        qos: Qos::AtLeastOnce,
+        msg_id,
+        payload: b"up",
+        ..
+    }) = decode_from_broker(&first)
+    else {
+        panic!(
+            "expected a QoS 1 delivery, got {:?}",
+            decode_from_broker(&first)
+        );
+    };
+    // Not acknowledged: the same message, same msg id, again (2 s later).
+    let again = device.recv_within(4_000).expect("a retransmission");
+    assert_eq!(again, first);
+    device.send(&Frame::Puback {
+        msg_id,
+        code: Code::Ok,
+    });
+    assert_eq!(
+        device.recv_within(2_500),
+        None,
+        "acknowledged: not sent again"
+    );
+
+    // Device to device at QoS 1, and to NATS with the header.
+    subscribe_nats(&mut nats_client, "cmd.q1dev");
+    let sender = Device::new(port);
+    sender.connect("q1src", 30, None);
+    let up = sender.register(1, "cmd.q1dev");
+    sender.send(&Frame::Publish {
+        qos: Qos::AtLeastOnce,
+        topic: TopicRef::Registered(up),
+        msg_id: 1,
+        payload: b"d2d",
+    });
+    assert!(matches!(
+        decode_from_broker(&sender.recv()),
+        Ok(Frame::Puback {
+            msg_id: 1,
+            code: Code::Ok
+        })
+    ));
+    assert_eq!(nats_client.read_line(), "HMSG cmd.q1dev 1 26 29");
+    assert_eq!(nats_client.read_line(), "NATS/1.0");
+    assert_eq!(nats_client.read_line(), "Perch-Qos: 1");
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Deliver {
+            qos: Qos::AtLeastOnce,
+            payload: b"d2d",
+            ..
+        })
+    ));
+}
+
+/// With a store, what waits for a sleeping device at QoS 1 survives kill -9:
+/// after the restart the device wakes (PING from the same address) and gets
+/// every message, with the msg ids it would have had; what it acknowledged
+/// stays acknowledged across a second kill -9.
+#[test]
+fn qos1_messages_for_a_sleeper_survive_kill_9() {
+    let port = free_port();
+    let dir = TempDir::new("device-sleep-store");
+    let store = dir.path.join("store");
+    let conf = dir.path.join("perch.toml");
+    std::fs::write(&conf, format!("[device]\nudp = \"127.0.0.1:{port}\"\n")).expect("write config");
+    let args = [
+        "--shards",
+        "2",
+        "--config",
+        conf.to_str().expect("utf-8"),
+        "--store-dir",
+        store.to_str().expect("utf-8"),
+    ];
+    let server = Server::perch(&args);
+    let device = Device::new(port);
+    device.connect_with("sleeper9", 30, None, false);
+    device.subscribe_at(1, "cmd.sleeper9", Qos::AtLeastOnce);
+    device.send(&Frame::Disconnect { sleep_s: Some(60) });
+    assert!(matches!(
+        decode_from_broker(&device.recv()),
+        Ok(Frame::Disconnect { .. })
+    ));
+    let mut nats_client = nats_with_headers(&server);
+    let payloads = ["p-one", "p-two", "p-three", "p-four"];
+    for p in payloads {
+        let msg = format!(
+            "HPUB cmd.sleeper9 26 {}\r\nNATS/1.0\r\nPerch-Qos: 1\r\n\r\n{p}\r\n",
+            26 + p.len()
+        );
+        nats_client.send(msg.as_bytes());
+    }
+    nats_client.send(b"PING\r\n");
+    assert_eq!(nats_client.read_line(), "PONG");
+    // The broker has the messages once its stored copy of the session holds
+    // them (written at the end of the pass that queued them).
+    let file = store.join("devices").join(format!(
+        "{}.ses",
+        b"sleeper9"
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = std::fs::read(&file).unwrap_or_default();
+        let has = |p: &str| stored.windows(p.len()).any(|w| w == p.as_bytes());
+        if payloads.iter().all(|p| has(p)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session was never stored with its messages"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill9();
+
+    let server = Server::perch(&args);
+    // Wakes without acking: everything, once each.
+    let got = wake_and_collect(&device, false);
+    let got_payloads: Vec<&[u8]> = got.iter().map(|(_, p)| p.as_slice()).collect();
+    let want: Vec<&[u8]> = payloads.iter().map(|p| p.as_bytes()).collect();
+    assert_eq!(got_payloads, want);
+    let ids: Vec<u32> = got.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![1, 2, 3, 4]);
+    // Wakes again, acks them all this time.
+    let again = wake_and_collect(&device, true);
+    assert_eq!(again, got);
+    // Wait for the stored copy to drop them, then kill -9 once more.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read(&file)
+        .unwrap_or_default()
+        .windows(5)
+        .any(|w| w == b"p-one")
+    {
+        assert!(Instant::now() < deadline, "acked messages stayed stored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill9();
+    let _server = Server::perch(&args);
+    assert!(
+        wake_and_collect(&device, true).is_empty(),
+        "acked means gone"
+    );
 }
