@@ -761,8 +761,8 @@ pub(crate) fn device_idle(server: &RunningServer, params: &Params) -> Result<Mea
     )?;
     let sessions = params.device_count;
     let sleepers = sessions / 2;
-    if sleepers == 0 {
-        bail!("device-idle needs --device-count of at least 2");
+    if sleepers < 2 {
+        bail!("device-idle needs --device-count of at least 4");
     }
     thread::sleep(params.settle);
     let rss_before_kib = server.rss_kib()?;
@@ -785,22 +785,31 @@ pub(crate) fn device_idle(server: &RunningServer, params: &Params) -> Result<Mea
     thread::sleep(params.settle);
     let rss_idle_kib = server.rss_kib()?;
 
-    // Half of them: SUBSCRIBE cmd.d<i>, then DISCONNECT with a sleep.
-    let sleep_deadline = Instant::now() + params.timeout;
-    for_each_parallel(&mut groups, &|device| {
-        if device.index >= sleepers {
-            return Ok(());
-        }
-        let result = device
-            .subscribe_commands(sleep_deadline)
-            .and_then(|()| device.sleep(sleep_deadline));
-        retransmits.fetch_add(device.retransmits, Ordering::Relaxed);
-        device.retransmits = 0;
-        result
-    })
-    .context("putting sessions to sleep")?;
-    thread::sleep(params.settle);
-    let rss_sleeping_kib = server.rss_kib()?;
+    // A quarter: DISCONNECT with a sleep (the session alone); then another
+    // quarter: SUBSCRIBE cmd.d<i>, then DISCONNECT with a sleep.
+    let quarter = sleepers / 2;
+    let mut sleep_stage = |range: std::ops::Range<usize>, subscribe: bool| -> Result<u64> {
+        let deadline = Instant::now() + params.timeout;
+        for_each_parallel(&mut groups, &|device| {
+            if !range.contains(&device.index) {
+                return Ok(());
+            }
+            let result = if subscribe {
+                device.subscribe_commands(deadline)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| device.sleep(deadline));
+            retransmits.fetch_add(device.retransmits, Ordering::Relaxed);
+            device.retransmits = 0;
+            result
+        })
+        .context("putting sessions to sleep")?;
+        thread::sleep(params.settle);
+        server.rss_kib()
+    };
+    let rss_asleep_kib = sleep_stage(0..quarter, false)?;
+    let rss_sleeping_kib = sleep_stage(quarter..sleepers, true)?;
 
     // Every session must still be there: PING → PONG on each.
     let check_deadline = Instant::now() + params.timeout;
@@ -809,9 +818,12 @@ pub(crate) fn device_idle(server: &RunningServer, params: &Params) -> Result<Mea
     drop(groups);
 
     let per_idle_b = (rss_idle_kib as f64 - rss_before_kib as f64) * 1024.0 / sessions as f64;
-    let sleep_extra_b = (rss_sleeping_kib as f64 - rss_idle_kib as f64) * 1024.0 / sleepers as f64;
+    let asleep_extra_b = (rss_asleep_kib as f64 - rss_idle_kib as f64) * 1024.0 / quarter as f64;
+    let sleep_extra_b =
+        (rss_sleeping_kib as f64 - rss_asleep_kib as f64) * 1024.0 / (sleepers - quarter) as f64;
     Ok(vec![
         ("rss_per_idle_session_b", per_idle_b),
+        ("rss_per_asleep_session_b", per_idle_b + asleep_extra_b),
         ("rss_per_sleeping_session_b", per_idle_b + sleep_extra_b),
         ("rss_sleep_extra_b", sleep_extra_b),
         ("rss_before_kib", rss_before_kib as f64),

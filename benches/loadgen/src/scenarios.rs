@@ -646,7 +646,7 @@ static DEVICE_FAN_IN_METRICS: [MetricDef; 10] = [
 ];
 /// Goal: at most 256 B of server RSS per device session.
 const DEVICE_SESSION_RSS_GOAL: Goal = Goal::PerchAtMost(256.0);
-static DEVICE_IDLE_METRICS: [MetricDef; 9] = [
+static DEVICE_IDLE_METRICS: [MetricDef; 10] = [
     metric(
         "rss_per_idle_session_b",
         "RSS per idle session, CONNECT + REGISTER (B)",
@@ -656,8 +656,16 @@ static DEVICE_IDLE_METRICS: [MetricDef; 9] = [
         Some(DEVICE_SESSION_RSS_GOAL),
     ),
     metric(
+        "rss_per_asleep_session_b",
+        "RSS per sleeping session, + DISCONNECT sleep (B)",
+        1.0,
+        0,
+        Better::Lower,
+        Some(DEVICE_SESSION_RSS_GOAL),
+    ),
+    metric(
         "rss_per_sleeping_session_b",
-        "RSS per sleeping session, + SUBSCRIBE + DISCONNECT sleep (B)",
+        "RSS per sleeping session with a subscription, + SUBSCRIBE + DISCONNECT sleep (B)",
         1.0,
         0,
         Better::Lower,
@@ -665,7 +673,7 @@ static DEVICE_IDLE_METRICS: [MetricDef; 9] = [
     ),
     metric(
         "rss_sleep_extra_b",
-        "of which SUBSCRIBE + sleep, per sleeper (B)",
+        "of which SUBSCRIBE + sleep, per subscribed sleeper (B)",
         1.0,
         0,
         Better::Lower,
@@ -689,7 +697,7 @@ static DEVICE_IDLE_METRICS: [MetricDef; 9] = [
     ),
     metric(
         "rss_sleeping_kib",
-        "server RSS, half asleep (MiB)",
+        "server RSS, half asleep, half of those subscribed (MiB)",
         1024.0,
         1,
         Better::Lower,
