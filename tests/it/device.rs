@@ -1061,6 +1061,83 @@ fn async_nats_requests_a_device_and_hears_it() {
     responder.join().expect("device thread");
 }
 
+/// async-nats, unchanged, on both sides of QoS 1: its publish with the
+/// `Perch-Qos: 1` header reaches a QoS 1 device subscriber at QoS 1, and a
+/// device's QoS 1 publish reaches it with that header.
+#[test]
+fn async_nats_and_devices_exchange_qos1_through_the_header() {
+    let (server, port, _dir) = broker("", "2");
+    let device = Device::new(port);
+    device.connect("valve3", 30, None);
+    device.subscribe_at(1, "dev.valve3.cmd", Qos::AtLeastOnce);
+    let up = device.register(2, "sensors.valve3.t");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use futures::StreamExt;
+        let client = async_nats::connect(server.url())
+            .await
+            .expect("async-nats connects");
+        let mut readings = client.subscribe("sensors.>").await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Perch-Qos", "1");
+        client
+            .publish_with_headers("dev.valve3.cmd", headers, "open".into())
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+        let mut topics = Vec::new();
+        let delivered = loop {
+            let frame = device.recv();
+            match decode_from_broker(&frame).expect("broker frame decodes") {
+                Frame::Register { id, subject } => {
+                    topics.push((id, subject.to_vec()));
+                    device.send(&Frame::Regack {
+                        req_id: id,
+                        topic: id,
+                        code: Code::Ok,
+                    });
+                }
+                Frame::Deliver {
+                    qos,
+                    msg_id,
+                    payload,
+                    ..
+                } => break (qos, msg_id, payload.to_vec()),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(
+            (delivered.0, delivered.2.as_slice()),
+            (Qos::AtLeastOnce, &b"open"[..])
+        );
+        device.send(&Frame::Puback {
+            msg_id: delivered.1,
+            code: Code::Ok,
+        });
+        device.send(&Frame::Publish {
+            qos: Qos::AtLeastOnce,
+            topic: TopicRef::Registered(up),
+            msg_id: 1,
+            payload: b"open:ok",
+        });
+        let reading = tokio::time::timeout(Duration::from_secs(5), readings.next())
+            .await
+            .expect("a reading in time")
+            .expect("subscription open");
+        assert_eq!(&reading.payload[..], b"open:ok");
+        let qos = reading
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Perch-Qos"))
+            .map(|v| v.as_str().to_string());
+        assert_eq!(qos.as_deref(), Some("1"));
+    });
+}
+
 /// `perch device pub|sub`, the Rust firmware client on a host, against the
 /// broker: over UDP and TCP, with a NATS client on the other side.
 #[test]
