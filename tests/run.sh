@@ -153,8 +153,10 @@ install_prereqs() {
     local need=() pkg
     # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
     # libnats-dev is only for the benchmarks (not needed here).
-    for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang gcc-arm-none-eabi \
-        libnewlib-arm-none-eabi; do
+    # libclang-rt-14-dev: clang's sanitizer runtimes (ASan/UBSan), not pulled in
+    # by clang without recommends.
+    for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang libclang-rt-14-dev \
+        gcc-arm-none-eabi libnewlib-arm-none-eabi; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
