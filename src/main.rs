@@ -34,6 +34,11 @@ enum Command {
     /// firmware client on a host): publish or subscribe.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Check this machine against the configuration `serve` would run with
+    /// (takes the same flags): io_uring, limits, CPUs, the store's filesystem,
+    /// space and fsync latency, the clock, ports. Each finding says the fix.
+    /// Exit code 0 all ok, 1 warnings, 2 errors.
+    Doctor(Box<ServeArgs>),
 }
 
 /// Where the broker's device side is (one of the three).
@@ -424,5 +429,26 @@ fn main() -> ExitCode {
         }
         Command::Store(command) => run_store_command(command),
         Command::Device(command) => run_device_command(command),
+        Command::Doctor(args) => {
+            let config = match args.into_config() {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("perch: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            use perch::tools::doctor;
+            let mut out = std::io::stdout().lock();
+            let findings = doctor::run(&config, &mut out);
+            let count = |level| findings.iter().filter(|f| f.level == level).count();
+            let _ = writeln!(
+                out,
+                "perch doctor: {} ok, {} warnings, {} errors",
+                count(doctor::Level::Ok),
+                count(doctor::Level::Warn),
+                count(doctor::Level::Error)
+            );
+            ExitCode::from(doctor::exit_code(&findings))
+        }
     }
 }

@@ -510,6 +510,12 @@ impl Directory for SimDirectory {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         let mut state = self.state.borrow_mut();
+        // Removing nothing changes nothing: not an operation a power cut can
+        // land in (replace_atomically removes a stale temp file this way).
+        state.check_power()?;
+        if !state.live_names.contains_key(name) {
+            return Err(not_found(name));
+        }
         state.mutate()?;
         state
             .live_names

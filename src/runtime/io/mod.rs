@@ -89,6 +89,13 @@ pub fn select(mode: IoMode) -> Result<(Selected, String), String> {
     }
 }
 
+/// Sets up (and drops) a ring as the shards would: Ok when io_uring works here
+/// (`perch doctor` explains the error otherwise). ENOSYS in a build without
+/// the io_uring backend.
+pub fn probe_io_uring() -> io::Result<()> {
+    probe_uring()
+}
+
 /// ENOSYS (old kernel, qemu-user), EPERM (seccomp, io_uring_disabled) and EINVAL
 /// (flags unknown to the kernel) mean "not here"; anything else is a real failure.
 fn uring_missing(e: &io::Error) -> bool {
