@@ -29,6 +29,7 @@ mod crash;
 mod device;
 mod differential;
 mod differential_js;
+mod doctor;
 mod interest_model;
 mod jetstream;
 mod limits;
