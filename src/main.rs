@@ -39,6 +39,179 @@ enum Command {
     /// space and fsync latency, the clock, ports. Each finding says the fix.
     /// Exit code 0 all ok, 1 warnings, 2 errors.
     Doctor(Box<ServeArgs>),
+    /// Publish PAYLOAD to SUBJECT (a NATS client; works against any NATS server).
+    Pub {
+        #[command(flatten)]
+        server: NatsServerArg,
+        /// Publish this many times.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// A header, NAME:VALUE (repeatable), e.g. `-H 'Perch-Qos: 1'`.
+        #[arg(long = "header", short = 'H', value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        /// Reply subject to send with the message.
+        #[arg(long)]
+        reply: Option<String>,
+        subject: String,
+        #[arg(default_value = "")]
+        payload: String,
+    },
+    /// Subscribe to SUBJECT (wildcards allowed) and print each message as
+    /// one line, `SUBJECT PAYLOAD` (escaped onto one line).
+    Sub {
+        #[command(flatten)]
+        server: NatsServerArg,
+        /// Exit after this many messages (0: run until killed).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Join this queue group.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Print the header block too: `SUBJECT [HEADERS] PAYLOAD`.
+        #[arg(long)]
+        headers: bool,
+        subject: String,
+    },
+    /// Send a request and print the reply's payload; exit 1 on no responders
+    /// or no reply in time.
+    Req {
+        #[command(flatten)]
+        server: NatsServerArg,
+        /// How long to wait for the reply, in ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// A header, NAME:VALUE (repeatable).
+        #[arg(long = "header", short = 'H', value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        subject: String,
+        #[arg(default_value = "")]
+        payload: String,
+    },
+    /// Measure publish and delivery rates on SUBJECT: subscribers first, then
+    /// publishers sharing --msgs messages of --size bytes.
+    Bench {
+        #[command(flatten)]
+        server: NatsServerArg,
+        #[arg(long, default_value_t = 100_000)]
+        msgs: u64,
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = 16)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        pubs: usize,
+        #[arg(long, default_value_t = 1)]
+        subs: usize,
+        /// How long subscribers wait for all messages, in ms.
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+        #[arg(default_value = "perch.bench")]
+        subject: String,
+    },
+}
+
+/// Which NATS server the client commands talk to.
+#[derive(Args, Clone, Debug)]
+struct NatsServerArg {
+    /// nats://HOST:PORT or HOST:PORT.
+    #[arg(
+        long,
+        short = 's',
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    server: String,
+}
+
+fn run_nats_command(command: Command) -> ExitCode {
+    use perch::tools::nats::{self, NatsToolError};
+    let headers = |list: &[String]| -> Result<Vec<(String, String)>, NatsToolError> {
+        list.iter().map(|h| nats::parse_header(h)).collect()
+    };
+    let result: Result<(), NatsToolError> = match command {
+        Command::Pub {
+            server,
+            count,
+            headers: h,
+            reply,
+            subject,
+            payload,
+        } => headers(&h).and_then(|h| {
+            nats::publish(
+                &server.server,
+                &subject,
+                payload.as_bytes(),
+                &h,
+                reply.as_deref(),
+                count,
+            )
+        }),
+        Command::Sub {
+            server,
+            count,
+            queue,
+            headers,
+            subject,
+        } => nats::subscribe(
+            &server.server,
+            &subject,
+            queue.as_deref(),
+            count,
+            headers,
+            &mut std::io::stdout().lock(),
+        ),
+        Command::Req {
+            server,
+            timeout_ms,
+            headers: h,
+            subject,
+            payload,
+        } => headers(&h)
+            .and_then(|h| {
+                nats::request(
+                    &server.server,
+                    &subject,
+                    payload.as_bytes(),
+                    &h,
+                    std::time::Duration::from_millis(timeout_ms),
+                )
+            })
+            .and_then(|msg| {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&msg.payload)?;
+                out.write_all(b"\n")?;
+                Ok(())
+            }),
+        Command::Bench {
+            server,
+            msgs,
+            size,
+            pubs,
+            subs,
+            timeout_ms,
+            subject,
+        } => nats::bench(
+            &server.server,
+            &subject,
+            msgs,
+            size,
+            pubs,
+            subs,
+            std::time::Duration::from_millis(timeout_ms),
+        )
+        .map(|report| print!("{report}")),
+        _ => unreachable!("only NATS client commands come here"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // `perch sub | head`: the reader left; not a failure.
+        Err(NatsToolError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("perch: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Where the broker's device side is (one of the three).
@@ -429,6 +602,10 @@ fn main() -> ExitCode {
         }
         Command::Store(command) => run_store_command(command),
         Command::Device(command) => run_device_command(command),
+        command @ (Command::Pub { .. }
+        | Command::Sub { .. }
+        | Command::Req { .. }
+        | Command::Bench { .. }) => run_nats_command(command),
         Command::Doctor(args) => {
             let config = match args.into_config() {
                 Ok(config) => config,

@@ -24,6 +24,7 @@ macro_rules! js_tests {
     };
 }
 
+mod cli;
 mod client;
 mod crash;
 mod device;
