@@ -806,7 +806,13 @@ fn scan_live<D: Directory>(
         let wanted = filter.is_none_or(|filter| subject_matches(filter, record.subject));
         if wanted
             && stream.is_live(record.seq)
-            && !each(record.seq, record.subject, record.timestamp_ns)
+            && !each(
+                record.seq,
+                record.subject,
+                stream
+                    .timestamp_of(record.seq)
+                    .unwrap_or(record.timestamp_ns),
+            )
         {
             break;
         }
@@ -1097,6 +1103,34 @@ impl Consumer {
             0 => self.config.ack_wait_ns,
             len => backoff[(count.saturating_sub(1) as usize).min(len - 1)],
         }
+    }
+
+    /// The wall clock jumped forward by `jump_ns` beyond the monotonic clock:
+    /// every armed timer (redelivery after ack_wait, pull expiries and
+    /// heartbeats, push heartbeats, the inactivity clock) moves by as much,
+    /// so each keeps the length it was set with instead of firing at once.
+    pub fn shift_timers(&mut self, jump_ns: i64) {
+        let later = |t: &mut i64| *t = t.saturating_add(jump_ns);
+        for pending in self.pending.values_mut() {
+            if let Some(deadline) = pending.deadline_ns.as_mut() {
+                later(deadline);
+            }
+        }
+        if let Some(earliest) = self.earliest_deadline_ns.as_mut() {
+            later(earliest);
+        }
+        for request in &mut self.waiting {
+            if let Some(expires) = request.expires_ns.as_mut() {
+                later(expires);
+            }
+            if let Some(at) = request.next_heartbeat_ns.as_mut() {
+                later(at);
+            }
+        }
+        if let Some(at) = self.next_push_heartbeat_ns.as_mut() {
+            later(at);
+        }
+        later(&mut self.idle_since_ns);
     }
 
     fn set_deadline(&mut self, seq: u64, deadline_ns: i64) {
@@ -2561,6 +2595,42 @@ mod tests {
             (info.ack_floor.consumer_seq, info.ack_floor.stream_seq),
             (4, 5)
         );
+    }
+
+    /// A forward jump of the wall clock (NTP setting an unset clock) must not
+    /// fire every armed timer at once: ack_wait and a pull request's expiry
+    /// keep the length they were set with.
+    #[test]
+    fn timers_keep_their_length_across_a_clock_jump() {
+        let s = stream_t();
+        let json = r#"{"filter_subject":"t.a","ack_policy":"explicit","ack_wait":30000000000}"#;
+        let (mut c, mut control) = (consumer(&s, json), consumer(&s, json));
+        let t = T0 + 10 * S;
+        for c in [&mut c, &mut control] {
+            assert_eq!(deliveries(&pull(c, &s, "in", "1", t)), [(1, 1, 1)]);
+            // A waiting request that expires in 60 s.
+            let out = pull(c, &s, "w", r#"{"batch":5,"expires":60000000000}"#, t);
+            assert_eq!(deliveries(&out), [(3, 1, 2)]);
+        }
+        let jump = 3600 * S;
+        c.shift_timers(jump);
+        let after = t + jump + S;
+        let expired = poll(&mut control, &s, after);
+        assert!(
+            expired
+                .iter()
+                .any(|o| o.route_to == b"w" && text(&o.headers).contains("408")),
+            "unshifted, the 60 s request timed out at the jump: {expired:?}"
+        );
+        assert!(
+            poll(&mut c, &s, after).is_empty(),
+            "shifted: nothing is due yet"
+        );
+        assert_eq!(c.next_deadline(), Some(t + jump + 30 * S));
+        // Redelivered after its 30 s, into the request that is still waiting.
+        let out = poll(&mut c, &s, t + jump + 30 * S);
+        assert_eq!(deliveries(&out).len(), 2, "{out:?}");
+        assert!(out.iter().all(|o| o.route_to == b"w"));
     }
 
     #[test]

@@ -588,6 +588,36 @@ impl<R: StoreRoot> Host<R> {
     }
 
     /// Applies the limits that depend on time (max_age).
+    /// The newest timestamp of any hosted stream (0 if none): the floor of
+    /// JetStream's clock after a restart (`jetstream::clock`).
+    pub fn newest_timestamp_ns(&self) -> i64 {
+        self.streams
+            .values()
+            .map(|h| h.stream.last_timestamp_ns())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The wall clock jumped forward by `jump_ns` beyond the monotonic clock:
+    /// messages stamped since it was last trusted move by as much (so they do
+    /// not expire early), and so do the consumers' timers.
+    pub fn clock_jumped(&mut self, jump_ns: i64) -> Result<(), StoreError> {
+        for hosted in self.streams.values_mut() {
+            hosted.stream.clock_jumped(jump_ns)?;
+            for consumer in hosted.consumers.values_mut() {
+                consumer.shift_timers(jump_ns);
+            }
+        }
+        Ok(())
+    }
+
+    /// The clock reads the wall clock and it looks set (see [`Stream::clock_trusted`]).
+    pub fn clock_trusted(&mut self) {
+        for hosted in self.streams.values_mut() {
+            hosted.stream.clock_trusted();
+        }
+    }
+
     pub fn expire(&mut self, now_ns: i64, catalog: &Mutex<Catalog>) -> Result<(), StoreError> {
         let names: Vec<String> = self
             .streams

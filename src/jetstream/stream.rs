@@ -46,6 +46,7 @@ use super::api::{
     errors, headers, ApiError, DiscardPolicy, PubAck, StreamConfig, StreamState, Timestamp,
 };
 use crate::nats::subject::subject_matches;
+use crate::store::file::{read_if_present, replace_atomically};
 use crate::store::{
     Directory, Durability, Log, LogConfig, NewRecord, RunSet, StoreError, SyncTicket,
 };
@@ -309,6 +310,32 @@ impl Index {
         self.bytes += bytes;
     }
 
+    /// Moves the timestamps of sequences `from..=to` (the newest ones) by
+    /// `shift_ns`: live messages, dedupe ids and the last timestamp. The
+    /// dedupe order stays sorted, since only its newest entries move.
+    fn shift_timestamps(&mut self, from: u64, to: u64, shift_ns: i64) {
+        for seq in from..=to {
+            if let Some(meta) = self.live.get_mut(seq) {
+                meta.timestamp_ns = meta.timestamp_ns.saturating_add(shift_ns);
+            }
+        }
+        for (timestamp_ns, id) in self.msg_id_order.iter_mut().rev() {
+            let Some(seen) = self.msg_ids.get_mut(id) else {
+                continue;
+            };
+            if seen.seq < from {
+                break;
+            }
+            if seen.seq <= to && seen.timestamp_ns == *timestamp_ns {
+                seen.timestamp_ns = seen.timestamp_ns.saturating_add(shift_ns);
+                *timestamp_ns = seen.timestamp_ns;
+            }
+        }
+        if (from..=to).contains(&self.last_seq) {
+            self.last_timestamp_ns = self.last_timestamp_ns.saturating_add(shift_ns);
+        }
+    }
+
     /// Removes a live message; returns whether it was live.
     fn remove_live(&mut self, seq: u64) -> bool {
         let Some(meta) = self.live.remove(&seq) else {
@@ -343,6 +370,62 @@ pub struct Stream<D: Directory> {
     first_seq_when_empty: u64,
     /// How it became empty, for the `first_ts` (and `first_seq`) it then reports.
     empty_start: EmptyStart,
+    /// Messages after this sequence were stamped since the clock was last
+    /// trusted (since the open, or the last jump): a forward jump of the wall
+    /// clock moves their timestamps by as much (see `jetstream::clock`).
+    stamped_after_seq: u64,
+    /// The corrections made so far that still cover live messages, kept in
+    /// the `clock` file and applied again at every open.
+    clock_shifts: Vec<ClockShift>,
+}
+
+/// Timestamps of sequences `from_seq..=to_seq` are `shift_ns` later than the
+/// log records them (they were stamped by a clock that was behind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClockShift {
+    from_seq: u64,
+    to_seq: u64,
+    shift_ns: i64,
+}
+
+/// The stream's clock corrections, next to its segments.
+const CLOCK_FILE: &str = "clock";
+const CLOCK_FILE_MAGIC: &[u8; 4] = b"PCK1";
+
+fn encode_clock_shifts(shifts: &[ClockShift]) -> Vec<u8> {
+    let mut out = CLOCK_FILE_MAGIC.to_vec();
+    out.extend_from_slice(&(shifts.len() as u32).to_le_bytes());
+    for s in shifts {
+        out.extend_from_slice(&s.from_seq.to_le_bytes());
+        out.extend_from_slice(&s.to_seq.to_le_bytes());
+        out.extend_from_slice(&s.shift_ns.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode_clock_shifts(bytes: &[u8]) -> Option<Vec<ClockShift>> {
+    let (body, crc) = bytes.split_last_chunk::<4>()?;
+    if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+        return None;
+    }
+    let rest = body.strip_prefix(CLOCK_FILE_MAGIC)?;
+    let (count, mut rest) = rest.split_first_chunk::<4>()?;
+    let count = u32::from_le_bytes(*count) as usize;
+    let mut shifts = Vec::new();
+    for _ in 0..count {
+        let (from, r) = rest.split_first_chunk::<8>()?;
+        let (to, r) = r.split_first_chunk::<8>()?;
+        let (shift, r) = r.split_first_chunk::<8>()?;
+        rest = r;
+        shifts.push(ClockShift {
+            from_seq: u64::from_le_bytes(*from),
+            to_seq: u64::from_le_bytes(*to),
+            shift_ns: i64::from_le_bytes(*shift),
+        });
+    }
+    rest.is_empty().then_some(shifts)
 }
 
 impl<D: Directory> Stream<D> {
@@ -403,6 +486,22 @@ impl<D: Directory> Stream<D> {
             log.last_seq(),
             "recovery visited every record"
         );
+        // Timestamps a clock jump corrected (written whole or not at all; a
+        // damaged file is reported and the log's own timestamps stand).
+        let clock_shifts = match read_if_present(log.dir(), CLOCK_FILE)? {
+            Some(bytes) => decode_clock_shifts(&bytes).unwrap_or_else(|| {
+                tracing::warn!(
+                    "stream {}: unreadable {CLOCK_FILE} file ignored",
+                    config.name
+                );
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        for shift in &clock_shifts {
+            index.shift_timestamps(shift.from_seq, shift.to_seq, shift.shift_ns);
+        }
+        let stamped_after_seq = index.last_seq;
         let mut stream = Stream {
             config,
             durability: options.durability,
@@ -411,6 +510,8 @@ impl<D: Directory> Stream<D> {
             empty_start: EmptyStart::Untouched,
             log,
             index,
+            stamped_after_seq,
+            clock_shifts,
         };
         stream.enforce_limits(now_ns)?;
         Ok(stream)
@@ -418,6 +519,48 @@ impl<D: Directory> Stream<D> {
 
     pub fn config(&self) -> &StreamConfig {
         &self.config
+    }
+
+    /// The timestamp of the last message stored (0 if none).
+    pub fn last_timestamp_ns(&self) -> i64 {
+        self.index.last_timestamp_ns
+    }
+
+    /// The wall clock jumped forward by `jump_ns` beyond the monotonic clock:
+    /// the messages stamped since the clock was last trusted were stamped
+    /// that much too early, so max_age and the duplicate window would count
+    /// them too old. Their timestamps move by `jump_ns`, durably (the `clock`
+    /// file), and the clock is trusted from here on.
+    pub fn clock_jumped(&mut self, jump_ns: i64) -> Result<(), StoreError> {
+        let (from_seq, to_seq) = (self.stamped_after_seq + 1, self.index.last_seq);
+        self.stamped_after_seq = to_seq;
+        if from_seq > to_seq || jump_ns <= 0 {
+            return Ok(());
+        }
+        self.index.shift_timestamps(from_seq, to_seq, jump_ns);
+        let first = self.first_seq();
+        self.clock_shifts.retain(|s| s.to_seq >= first);
+        self.clock_shifts.push(ClockShift {
+            from_seq,
+            to_seq,
+            shift_ns: jump_ns,
+        });
+        replace_atomically(
+            self.log.dir(),
+            CLOCK_FILE,
+            &encode_clock_shifts(&self.clock_shifts),
+        )
+    }
+
+    /// The clock is the wall clock and looks set: what was stamped so far
+    /// needs no correction by a later jump.
+    pub fn clock_trusted(&mut self) {
+        self.stamped_after_seq = self.index.last_seq;
+    }
+
+    /// A live message's timestamp, corrected for clock jumps.
+    pub fn timestamp_of(&self, seq: u64) -> Option<i64> {
+        self.index.live.get(seq).map(|meta| meta.timestamp_ns)
     }
 
     /// When this stream's appends are synced.
@@ -858,7 +1001,7 @@ impl<D: Directory> Stream<D> {
             subject: record.subject.to_vec(),
             headers: record.headers.to_vec(),
             payload: record.payload.to_vec(),
-            timestamp_ns: record.timestamp_ns,
+            timestamp_ns: self.timestamp_of(seq).unwrap_or(record.timestamp_ns),
         })
     }
 
@@ -1353,6 +1496,89 @@ mod tests {
         let stream = open(&dir, &config, T0_NS + 100 * SECOND_NS);
         check(&stream, (0, 6));
         assert_eq!(stream.state().last_seq, 5);
+    }
+
+    /// A gateway without an RTC: it boots in 1970, stores messages, then NTP
+    /// sets the clock to 2026. Stamped by `JsClock`, corrected at its jump,
+    /// the early messages neither mass-expire under max_age nor lose their
+    /// dedupe ids, timestamps stay in order, and a restart keeps all of that.
+    #[test]
+    fn a_clock_set_late_neither_expires_nor_reorders_what_came_before() {
+        use crate::jetstream::clock::JsClock;
+        let config = config(
+            r#"{"name":"C","subjects":["c"],"max_age":3600000000000,"duplicate_window":120000000000}"#,
+        );
+        const YEAR_2026_NS: i64 = 1_796_000_000 * SECOND_NS;
+        let dir = SimDirectory::new();
+        let control_dir = SimDirectory::new();
+        let boot_ns = 10 * SECOND_NS;
+        let mut clock = JsClock::new(boot_ns, 0, 0);
+        let mut stream = open(&dir, &config, boot_ns);
+        let mut control = open(&control_dir, &config, boot_ns);
+        let id = "NATS/1.0\r\nNats-Msg-Id: early\r\n\r\n";
+        for i in 0..5 {
+            let now = clock.read(boot_ns + i * SECOND_NS, i * SECOND_NS).now_ns;
+            let headers = if i == 4 { id } else { "" };
+            publish(&mut stream, "c", headers, b"x", now);
+            publish(&mut control, "c", headers, b"x", now);
+        }
+        // NTP: 2026, five seconds of monotonic time after boot.
+        let reading = clock.read(YEAR_2026_NS, 5 * SECOND_NS);
+        assert!(reading.jumped_ns > 0);
+        stream.clock_jumped(reading.jumped_ns).unwrap();
+        let now = reading.now_ns;
+        stream.expire(now).unwrap();
+        control.expire(now).unwrap();
+        assert_eq!(
+            control.state().messages,
+            0,
+            "uncorrected, all look 56 years old"
+        );
+        assert_eq!(
+            stream.state().messages,
+            5,
+            "corrected, they are seconds old"
+        );
+        assert_eq!(
+            publish(&mut stream, "c", id, b"x", now),
+            r#"{"stream":"C", "seq":5,"duplicate": true}"#,
+            "the dedupe id stored before the jump is still in its window"
+        );
+        publish(
+            &mut stream,
+            "c",
+            "",
+            b"late",
+            clock.read(YEAR_2026_NS + SECOND_NS, 6 * SECOND_NS).now_ns,
+        );
+        let stamps = |stream: &Stream<SimDirectory>| -> Vec<i64> {
+            (1..=6)
+                .map(|seq| stream.get(seq).expect("live").timestamp_ns)
+                .collect()
+        };
+        let before_restart = stamps(&stream);
+        assert!(
+            before_restart.windows(2).all(|w| w[0] <= w[1]),
+            "{before_restart:?}"
+        );
+        assert_eq!(before_restart[0], YEAR_2026_NS - 5 * SECOND_NS);
+        // A restart reads the correction back.
+        drop(stream);
+        let mut stream = open(&dir, &config, now + SECOND_NS);
+        assert_eq!(stream.state().messages, 6);
+        assert_eq!(stamps(&stream), before_restart);
+        // An hour of real time later, the early ones are due, and go.
+        stream
+            .expire(YEAR_2026_NS - 5 * SECOND_NS + 3600 * SECOND_NS + 1)
+            .unwrap();
+        assert_eq!(stream.state().first_seq, 2);
+        // After a trusted reading nothing older moves with a later jump.
+        stream.clock_trusted();
+        stream.clock_jumped(3600 * SECOND_NS).unwrap();
+        let kept: Vec<i64> = (2..=6)
+            .map(|seq| stream.get(seq).expect("live").timestamp_ns)
+            .collect();
+        assert_eq!(kept, before_restart[1..]);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use super::mailbox::{Control, Outgoing};
 use super::shard::Shard;
 use crate::jetstream::api;
+use crate::jetstream::clock::JsClock;
 use crate::jetstream::service::{
     api_target, owner_of, ApiContext, ApiTarget, Catalog, HeldAcks, Host, HostOptions, OsRoot,
     Outbound, FLOW_CONTROL_PREFIX,
@@ -71,6 +72,11 @@ pub(crate) struct JsRuntime {
     subscribed: RefCell<HashMap<String, Rc<Subscription>>>,
     next_sid: std::cell::Cell<u64>,
     syncer: Syncer,
+    /// The time streams and consumers run on: never backwards, from the
+    /// store's newest timestamp on after a boot with an unset clock; forward
+    /// jumps are handed to the host (`jetstream::clock`).
+    clock: RefCell<JsClock>,
+    started: std::time::Instant,
 }
 
 /// A thread that runs `fdatasync`s for one shard, so the shard is not blocked
@@ -110,6 +116,7 @@ impl Syncer {
     }
 }
 
+/// The wall clock (what `JsClock` corrects).
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -140,6 +147,17 @@ impl JsRuntime {
             now_ns(),
             &js.catalog,
         )?;
+        let started = std::time::Instant::now();
+        let wall = now_ns();
+        let floor = host.newest_timestamp_ns();
+        if wall < floor {
+            tracing::warn!(
+                shard = shard.id,
+                "the wall clock is {:.0} s behind the store's newest message: streams go on \
+                 from that time until the clock catches up (no RTC? NTP not synced yet?)",
+                (floor - wall) as f64 / 1e9
+            );
+        }
         let session = Session::new(
             u64::MAX - shard.id as u64,
             SessionLimits {
@@ -156,6 +174,8 @@ impl JsRuntime {
             next_sid: std::cell::Cell::new(1),
             syncer: Syncer::spawn(shard.id)
                 .map_err(StoreError::io("start the sync thread for", "the store"))?,
+            clock: RefCell::new(JsClock::new(wall, 0, floor)),
+            started,
         });
         runtime.op(
             shard,
@@ -165,6 +185,30 @@ impl JsRuntime {
         runtime.op(shard, api.as_bytes());
         runtime.sync_subscriptions(shard, true).await;
         Ok(runtime)
+    }
+
+    /// Reads JetStream's clock; a forward jump of the wall clock moves what
+    /// was measured against the old time (see `jetstream::clock`).
+    fn now(&self, shard: usize) -> i64 {
+        let mono = self.started.elapsed().as_nanos() as i64;
+        let reading = self.clock.borrow_mut().read(now_ns(), mono);
+        let mut host = self.host.borrow_mut();
+        if reading.jumped_ns > 0 {
+            tracing::warn!(
+                shard,
+                "the wall clock jumped forward by {:.3} s: messages stamped since it was \
+                 last trusted and consumer timers move by as much",
+                reading.jumped_ns as f64 / 1e9
+            );
+            if let Err(e) = host.clock_jumped(reading.jumped_ns) {
+                // The timestamps are corrected in memory; only a restart
+                // before the next correction would see the old ones.
+                tracing::warn!(shard, "storing the clock correction failed: {e}");
+            }
+        } else if reading.trusted {
+            host.clock_trusted();
+        }
+        reading.now_ns
     }
 
     /// Runs one protocol op on the internal session, as a client's would run.
@@ -233,9 +277,9 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
         .expect("the JetStream task runs only with a store");
     let mut outgoing = Outgoing::new();
     let mut out: Vec<Outbound> = Vec::new();
-    let mut next_expire = now_ns();
+    let mut next_expire = runtime.now(shard.id);
     let sync_interval_ns = shard.config().store_sync_interval_ms as i64 * 1_000_000;
-    let mut next_sync = now_ns() + sync_interval_ns;
+    let mut next_sync = next_expire + sync_interval_ns;
     let mut push_active: HashMap<(String, String), bool> = HashMap::new();
     let mut push_waiting = false;
     let mut again = false;
@@ -247,7 +291,8 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
             idle_ms = idle_ms.min(PUSH_INTEREST_POLL_MS);
         }
         if let Some(at) = deadline {
-            let until_ms = (at.saturating_sub(now_ns()).max(0) / 1_000_000) as u64 + 1;
+            let now = runtime.clock.borrow().now_ns();
+            let until_ms = (at.saturating_sub(now).max(0) / 1_000_000) as u64 + 1;
             idle_ms = idle_ms.min(until_ms);
         }
         if again {
@@ -261,7 +306,7 @@ pub(crate) async fn run(shard: Rc<Shard>, runtime: Rc<JsRuntime>) {
         }
         let frames = runtime.session.take_output(Vec::new());
         runtime.session.written();
-        let now = now_ns();
+        let now = runtime.now(shard.id);
         let interest = |subject: &[u8]| shard.router.borrow().has_interest(subject);
         let cx = ApiContext {
             now_ns: now,

@@ -224,6 +224,12 @@ impl<D: Directory> Log<D> {
 
     /// The oldest sequence still stored; equals [`Log::next_seq`] when empty. It may
     /// be a deleted one ([`Log::is_deleted`]).
+    /// The directory the log's files are in (the stream keeps small files of
+    /// its own beside them).
+    pub fn dir(&self) -> &D {
+        &self.dir
+    }
+
     pub fn first_seq(&self) -> u64 {
         let front = self.segments.front().expect("never empty").first_seq();
         front.max(self.floor_seq)

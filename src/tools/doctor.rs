@@ -663,8 +663,9 @@ fn time_fsync(dir: &Path) -> Option<(Duration, Duration)> {
 
 // ------------------------------------------------------------------ clock
 
-/// Before this (2024-01-01 UTC) the wall clock cannot be right.
-const CLOCK_PLAUSIBLE_AFTER_S: u64 = 1_704_067_200;
+/// Before this the wall clock cannot be right (JetStream's clock agrees).
+const CLOCK_PLAUSIBLE_AFTER_S: u64 =
+    (crate::jetstream::clock::PLAUSIBLE_AFTER_NS / 1_000_000_000) as u64;
 
 pub fn judge_clock(now: SystemTime) -> Finding {
     const CHECK: &str = "clock";

@@ -68,6 +68,11 @@ impl LiveMessages {
         self.slots.get(index)?.as_ref()
     }
 
+    pub fn get_mut(&mut self, seq: u64) -> Option<&mut MessageMeta> {
+        let index = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.slots.get_mut(index)?.as_mut()
+    }
+
     pub fn first_key_value(&self) -> Option<(u64, &MessageMeta)> {
         Some((self.base, self.slots.front()?.as_ref()?))
     }
