@@ -400,8 +400,17 @@ impl Gateway {
         let stand_in = Peer::Stream(self.next_restored_stream);
         let mut session = DeviceSession::restore(bytes, now_ms, stand_in)?;
         let client_id = session.client_id().to_vec();
-        if owner_of(&client_id, self.shard_count) != self.shard
-            || self.by_client.contains(&client_id[..], &self.sessions)
+        let owner = owner_of(&client_id, self.shard_count);
+        if owner != self.shard {
+            // Its device's datagrams may reach this shard's socket first (the
+            // kernel spreads source addresses over the shards anew after a
+            // restart): forward them to the owner.
+            if let Peer::Udp(addr) = session.addr {
+                self.remember_foreign(addr, owner);
+            }
+            return Ok(None);
+        }
+        if self.by_client.contains(&client_id[..], &self.sessions)
             || self.by_client.len() >= self.limits.sessions_max
         {
             return Ok(None);
@@ -2234,6 +2243,12 @@ mod tests {
         let mut theirs = gateway(1 - owner, 2);
         assert_eq!(mine.restore(bytes, 0, &mut out), Ok(Some(b"d".to_vec())));
         assert_eq!(theirs.restore(bytes, 0, &mut out), Ok(None));
+        // ...but forwards the device's datagrams to the owner.
+        let ping = feed(&mut theirs, addr(1), &Frame::Ping, 1);
+        assert!(
+            matches!(ping[..], [Action::Forward { shard, .. }] if shard == owner),
+            "{ping:?}"
+        );
     }
 
     #[test]
