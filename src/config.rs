@@ -78,6 +78,8 @@ pub struct Config {
     /// The compact device protocol (docs/device-protocol.md); off unless an
     /// address is given.
     pub device: DeviceConfig,
+    /// `[authorization]`: a token or users with permissions; empty: no auth.
+    pub authorization: crate::auth::AuthorizationConfig,
 }
 
 /// Device sessions per shard before CONNECTs are refused (NO_RESOURCES).
@@ -165,6 +167,7 @@ impl Default for Config {
             store_sync_interval_ms: STORE_SYNC_INTERVAL_MS_DEFAULT,
             store_stream_durability: std::collections::BTreeMap::new(),
             device: DeviceConfig::default(),
+            authorization: crate::auth::AuthorizationConfig::default(),
         }
     }
 }
@@ -221,6 +224,8 @@ impl Config {
                 self.max_payload, self.max_pending
             ));
         }
+        crate::auth::Auth::new(&self.authorization)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.max_control_line < 32 {
             return invalid("max_control_line must be at least 32 bytes".into());
         }

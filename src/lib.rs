@@ -1,6 +1,7 @@
 //! perch: a thread-per-core message broker for edge gateways that speaks the NATS
 //! client protocol. See ARCHITECTURE.md for the map; `main.rs` is the CLI.
 
+pub mod auth;
 pub mod config;
 pub mod jetstream;
 pub mod lite;

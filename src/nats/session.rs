@@ -21,6 +21,7 @@ use super::connect::{parse_connect, ConnectOptions};
 use super::encode;
 use super::parser::ClientOp;
 use super::subject::{is_valid_publish_subject, is_valid_queue, is_valid_subject};
+use crate::auth::{Auth, Permissions};
 
 /// A message as it moves through the broker: borrowed, so routing copies nothing.
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +96,9 @@ pub struct Subscription {
     sid_len: u32,
     subject_len: u32,
     has_queue: bool,
+    /// A wildcard subscription that overlaps the client's subscribe deny list:
+    /// each delivery is checked against it (nats-server's delivery filter).
+    deny_filtered: Cell<bool>,
     /// Auto-unsubscribe after this many deliveries in total; 0 = never.
     max_msgs: Cell<u64>,
     delivered: Cell<u64>,
@@ -123,6 +127,7 @@ impl Subscription {
             sid_len: sid.len() as u32,
             subject_len: subject.len() as u32,
             has_queue: queue.is_some(),
+            deny_filtered: Cell::new(false),
             max_msgs: Cell::new(0),
             delivered: Cell::new(0),
             live: Cell::new(true),
@@ -166,6 +171,10 @@ impl Subscription {
     pub fn deliver(&self, msg: &Message<'_>) -> Delivery {
         if !self.live.get() || self.session.is_closing() {
             return Delivery::Dead;
+        }
+        if self.deny_filtered.get() && self.session.delivery_denied(msg.subject) {
+            // Denied to this client: not sent, and not counted against a max.
+            return Delivery::Delivered;
         }
         let delivered = self.delivered.get() + 1;
         self.delivered.set(delivered);
@@ -310,6 +319,17 @@ pub struct Session {
     active_since_ping: Cell<bool>,
     msgs_in: Cell<u64>,
     msgs_out: Cell<u64>,
+    security: RefCell<Security>,
+}
+
+/// Where a session stands with authentication.
+enum Security {
+    /// No authentication configured: everything is allowed.
+    Open,
+    /// CONNECT must carry credentials `Auth` accepts.
+    Required(std::sync::Arc<Auth>),
+    /// Authenticated; None: no restrictions.
+    Granted(Option<std::sync::Arc<Permissions>>),
 }
 
 /// [`Session::hold_from`] when nothing is held.
@@ -344,7 +364,27 @@ impl Session {
             active_since_ping: Cell::new(false),
             msgs_in: Cell::new(0),
             msgs_out: Cell::new(0),
+            security: RefCell::new(Security::Open),
         })
+    }
+
+    /// The client must authenticate in CONNECT (before any other op).
+    pub fn require_auth(&self, auth: std::sync::Arc<Auth>) {
+        *self.security.borrow_mut() = Security::Required(auth);
+    }
+
+    fn permissions(&self) -> Option<std::sync::Arc<Permissions>> {
+        match &*self.security.borrow() {
+            Security::Granted(p) => p.clone(),
+            _ => None,
+        }
+    }
+
+    fn delivery_denied(&self, subject: &[u8]) -> bool {
+        match &*self.security.borrow() {
+            Security::Granted(Some(p)) => p.delivery_denied(subject),
+            _ => false,
+        }
     }
 
     pub fn state(&self) -> State {
@@ -380,6 +420,11 @@ impl Session {
     pub fn handle_op<'a>(self: &Rc<Self>, op: ClientOp<'a>) -> Effect<'a> {
         if self.is_closing() {
             return Effect::Close;
+        }
+        let unauthenticated = matches!(&*self.security.borrow(), Security::Required(_));
+        if unauthenticated && !matches!(op, ClientOp::Connect { .. }) {
+            // With auth on, the first op must be CONNECT (nats-server closes).
+            return self.fail(Some("Authorization Violation"), true);
         }
         match op {
             ClientOp::Connect { json } => self.handle_connect(json),
@@ -425,6 +470,25 @@ impl Session {
     fn handle_connect<'a>(&self, json: &[u8]) -> Effect<'a> {
         match parse_connect(json) {
             Ok(options) => {
+                let required = match &*self.security.borrow() {
+                    Security::Required(auth) => Some(std::sync::Arc::clone(auth)),
+                    _ => None,
+                };
+                if let Some(auth) = required {
+                    match auth.authenticate(&options) {
+                        Ok(permissions) => {
+                            *self.security.borrow_mut() = Security::Granted(permissions)
+                        }
+                        Err(crate::auth::AuthFailed) => {
+                            tracing::debug!(
+                                client_id = self.id,
+                                user = options.user.as_deref().unwrap_or(""),
+                                "authorization violation"
+                            );
+                            return self.fail(Some("Authorization Violation"), true);
+                        }
+                    }
+                }
                 let flags = Flags::from_options(&options);
                 self.flags.set(flags);
                 if self.state.get() == State::AwaitingConnect {
@@ -444,6 +508,12 @@ impl Session {
         headers: Option<&'a [u8]>,
         payload: &'a [u8],
     ) -> Effect<'a> {
+        if let Some(permissions) = self.permissions() {
+            if !permissions.can_publish(subject) {
+                let text = format!("Permissions Violation for Publish to {}", go_quote(subject));
+                return self.fail(Some(&text), false);
+            }
+        }
         let flags = self.flags.get();
         if flags.pedantic && !is_valid_publish_subject(subject) {
             // nats-server complains but still acknowledges and routes the message.
@@ -469,6 +539,23 @@ impl Session {
         if !is_valid_subject(subject) || !queue.is_none_or(is_valid_queue) {
             return self.fail(Some("Invalid Subject"), false);
         }
+        let permissions = self.permissions();
+        if let Some(p) = &permissions {
+            if !p.can_subscribe(subject, queue) {
+                let text = match queue {
+                    Some(q) => format!(
+                        "Permissions Violation for Subscription to {} using queue {}",
+                        go_quote(subject),
+                        go_quote(q)
+                    ),
+                    None => format!(
+                        "Permissions Violation for Subscription to {}",
+                        go_quote(subject)
+                    ),
+                };
+                return self.fail(Some(&text), false);
+            }
+        }
         let mut subs = self.subs.borrow_mut();
         if subs.get(sid).is_some() {
             // nats-server ignores a SUB that reuses a live sid.
@@ -482,6 +569,9 @@ impl Session {
             return self.fail(Some("maximum subscriptions exceeded"), false);
         }
         let sub = Rc::new(Subscription::new(Rc::clone(self), sid, subject, queue));
+        if permissions.is_some_and(|p| p.filters_deliveries(subject)) {
+            sub.deny_filtered.set(true);
+        }
         subs.insert(Rc::clone(&sub));
         Effect::Subscribe(sub)
     }
@@ -725,4 +815,22 @@ impl Session {
     pub fn pending_bytes(&self) -> usize {
         self.out.borrow().len() + self.in_flight_bytes.get()
     }
+}
+
+/// A subject as Go's `%q` writes it, which is what nats-server's permission
+/// errors carry: in double quotes, `"` and `\\` escaped, bytes outside
+/// printable ASCII as `\\xNN`.
+fn go_quote(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 2);
+    out.push('"');
+    for &b in bytes {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out.push('"');
+    out
 }

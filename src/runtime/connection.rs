@@ -38,6 +38,9 @@ pub(crate) async fn serve<S: Socket>(
     reject: bool,
 ) {
     let session = Session::new(client_id, shard.session_limits);
+    if let Some(auth) = &shard.shared.auth {
+        session.require_auth(std::sync::Arc::clone(auth));
+    }
     session.queue_bytes(&shard.info_line(client_id, peer));
     tracing::debug!(client_id, ?peer, "client connected");
     // Only the IP is kept for the closing log line: a whole SocketAddr would sit

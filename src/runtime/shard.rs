@@ -55,10 +55,23 @@ pub(crate) struct Shared {
     pub js: Option<JsShared>,
     /// Shards whose streams are open and subscribed; clients are accepted after all.
     pub js_ready: AtomicUsize,
+    /// Present when `[authorization]` asks for credentials.
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 impl Shared {
     pub(crate) fn new(config: Config, shard_count: usize, peers: Peers) -> Shared {
+        // Checked by Config::validate before the shards start.
+        let auth = crate::auth::Auth::new(&config.authorization)
+            .ok()
+            .flatten()
+            .map(std::sync::Arc::new);
+        for user in auth.iter().flat_map(|a| a.plain_text_users()) {
+            tracing::warn!(
+                user,
+                "authorization: plain-text password in the config; a bcrypt hash is safer"
+            );
+        }
         Shared {
             shard_count,
             server_id: server_id(),
@@ -82,6 +95,7 @@ impl Shared {
                 catalog: Mutex::new(Catalog::default()),
             }),
             js_ready: AtomicUsize::new(0),
+            auth,
             config,
         }
     }
@@ -266,6 +280,7 @@ impl Shard {
             host: config.listen.ip().to_string(),
             port: config.listen.port(),
             headers: true,
+            auth_required: self.shared.auth.is_some(),
             max_payload: config.max_payload,
             jetstream: self.shared.js.is_some(),
             proto: 1,

@@ -171,6 +171,10 @@ struct Case {
     /// The first comment line: what the case checks.
     about: String,
     knobs: Vec<(Knob, u64)>,
+    /// Extra nats-server config lines and perch TOML lines (the same setting
+    /// in each server's syntax, e.g. users and permissions).
+    nats_conf: Vec<String>,
+    perch_toml: Vec<String>,
     steps: Vec<Step>,
     /// Connection names in order of first `conn`.
     conn_names: Vec<String>,
@@ -254,6 +258,8 @@ impl Case {
             name,
             about: String::new(),
             knobs: Vec::new(),
+            nats_conf: Vec::new(),
+            perch_toml: Vec::new(),
             steps: Vec::new(),
             conn_names: Vec::new(),
         };
@@ -267,6 +273,14 @@ impl Case {
                 if case.about.is_empty() {
                     case.about = comment.trim().to_string();
                 }
+                continue;
+            }
+            if let Some(conf) = line.strip_prefix("nats_conf:") {
+                case.nats_conf.push(conf.trim().to_string());
+                continue;
+            }
+            if let Some(toml) = line.strip_prefix("perch_toml:") {
+                case.perch_toml.push(toml.trim().to_string());
                 continue;
             }
             if let Some(knobs) = line.strip_prefix("config:") {
@@ -516,13 +530,19 @@ fn start(case: &Case, target: Target) -> Server {
                 .iter()
                 .flat_map(|(knob, value)| [knob.perch_flag().to_string(), value.to_string()])
                 .collect();
-            Server::perch(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            if case.perch_toml.is_empty() {
+                Server::perch(&args)
+            } else {
+                Server::perch_with_config(&case.perch_toml.join("\n"), &args)
+            }
         }
         Target::NatsServer => {
             let config: Vec<String> = case
                 .knobs
                 .iter()
                 .map(|(k, v)| k.nats_server_line(*v))
+                .chain(case.nats_conf.iter().cloned())
                 .collect();
             Server::nats_server(&config.join("\n"))
         }

@@ -28,6 +28,19 @@ impl Server {
         Server::perch_with_log(extra, None)
     }
 
+    /// [`Server::perch`] with a TOML config file holding `toml`.
+    pub fn perch_with_config(toml: &str, extra: &[&str]) -> Server {
+        let dir = TempDir::new("perch-config");
+        let path = dir.path.join("perch.toml");
+        std::fs::write(&path, toml).expect("write perch config");
+        let path = path.to_string_lossy().into_owned();
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(extra);
+        let mut server = Server::perch(&args);
+        server._config_dir = Some(dir);
+        server
+    }
+
     fn perch_with_log(extra: &[&str], log: Option<&Path>) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");

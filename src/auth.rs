@@ -1,0 +1,583 @@
+//! Authentication and per-subject permissions for NATS clients, with
+//! nats-server's semantics (../shared/reference/security-facts.md): a token, or
+//! users with plain or bcrypt passwords; per user, publish and subscribe allow
+//! and deny lists with wildcards (deny wins), queue entries `"subject queue"`,
+//! and a wildcard subscription that overlaps a deny entry accepted but filtered
+//! at delivery.
+//!
+//! The config types come from the TOML `[authorization]` table; [`Auth`] is
+//! the checked, compiled form every shard shares. Passwords never leave this
+//! module: `Debug` redacts them and errors name the user, not the secret.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::nats::connect::ConnectOptions;
+use crate::nats::subject::{is_valid_queue, is_valid_subject, subject_matches};
+
+/// `[authorization]`: a token, or users (not both, as in nats-server).
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    pub token: Option<String>,
+    pub users: Vec<UserConfig>,
+}
+
+impl fmt::Debug for AuthorizationConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthorizationConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("users", &self.users)
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub user: String,
+    /// Plain text, or a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`).
+    pub password: String,
+    #[serde(default)]
+    pub permissions: Option<PermissionsConfig>,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("permissions", &self.permissions)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PermissionsConfig {
+    pub publish: Option<RulesConfig>,
+    pub subscribe: Option<RulesConfig>,
+}
+
+/// A list alone is an allow list; a table gives allow and deny.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RulesConfig {
+    Allow(Vec<String>),
+    Table {
+        #[serde(default)]
+        allow: Option<Vec<String>>,
+        #[serde(default)]
+        deny: Vec<String>,
+    },
+}
+
+/// Why an `[authorization]` table is refused (names the user, never a secret).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("authorization: a token and users cannot both be set (as in nats-server)")]
+    TokenAndUsers,
+    #[error("authorization: the token is empty")]
+    EmptyToken,
+    #[error("authorization: user {0:?} appears twice")]
+    DuplicateUser(String),
+    #[error("authorization: a user with an empty name")]
+    EmptyUser,
+    #[error("authorization: user {0:?} has an empty password")]
+    EmptyPassword(String),
+    #[error("authorization: user {0:?}: the password looks like bcrypt but is not a valid hash")]
+    BadBcrypt(String),
+    #[error(
+        "authorization: user {user:?}: {kind} permission {entry:?} is not a valid subject{queue}"
+    )]
+    BadEntry {
+        user: String,
+        kind: &'static str,
+        entry: String,
+        queue: &'static str,
+    },
+}
+
+/// CONNECT's credentials were refused (which of them is not said, to the
+/// client or in the error).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AuthFailed;
+
+/// The compiled `[authorization]`, shared by every shard.
+pub struct Auth {
+    token: Option<Box<str>>,
+    users: Vec<User>,
+}
+
+struct User {
+    name: Box<str>,
+    password: Password,
+    permissions: Option<Arc<Permissions>>,
+}
+
+enum Password {
+    Plain(Box<str>),
+    Bcrypt(Box<str>),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "users",
+                &self.users.iter().map(|u| &*u.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// What a client may do; `None` lists mean "everything".
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Permissions {
+    publish: Rules,
+    subscribe: Rules,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Rules {
+    /// None: everything is allowed (unless denied).
+    allow: Option<Vec<Entry>>,
+    deny: Vec<Entry>,
+}
+
+/// A permission entry: a subject pattern, and for subscribe entries an
+/// optional queue group (`"foo v1"`: only queue v1 on foo).
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    subject: Box<[u8]>,
+    queue: Option<Box<[u8]>>,
+}
+
+impl Auth {
+    /// Checks and compiles the table; None when it asks for nothing (no token,
+    /// no users: every client is let in, as nats-server does without auth).
+    pub fn new(config: &AuthorizationConfig) -> Result<Option<Auth>, AuthConfigError> {
+        if config.token.is_some() && !config.users.is_empty() {
+            return Err(AuthConfigError::TokenAndUsers);
+        }
+        if config.token.as_deref() == Some("") {
+            return Err(AuthConfigError::EmptyToken);
+        }
+        let mut users: Vec<User> = Vec::new();
+        for u in &config.users {
+            if u.user.is_empty() {
+                return Err(AuthConfigError::EmptyUser);
+            }
+            if users.iter().any(|known| *known.name == *u.user) {
+                return Err(AuthConfigError::DuplicateUser(u.user.clone()));
+            }
+            if u.password.is_empty() {
+                return Err(AuthConfigError::EmptyPassword(u.user.clone()));
+            }
+            let password = if is_bcrypt(&u.password) {
+                // A hash that cannot verify anything would lock the user out
+                // silently: refuse it at load.
+                if bcrypt::verify("", &u.password).is_err() {
+                    return Err(AuthConfigError::BadBcrypt(u.user.clone()));
+                }
+                Password::Bcrypt(u.password.as_str().into())
+            } else {
+                Password::Plain(u.password.as_str().into())
+            };
+            let permissions = u
+                .permissions
+                .as_ref()
+                .map(|p| Permissions::compile(&u.user, p).map(Arc::new))
+                .transpose()?;
+            users.push(User {
+                name: u.user.as_str().into(),
+                password,
+                permissions,
+            });
+        }
+        if config.token.is_none() && users.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Auth {
+            token: config.token.as_deref().map(Into::into),
+            users,
+        }))
+    }
+
+    /// The users whose password the config holds in plain text (the runtime
+    /// warns of each once).
+    pub fn plain_text_users(&self) -> impl Iterator<Item = &str> {
+        self.users
+            .iter()
+            .filter(|u| matches!(u.password, Password::Plain(_)))
+            .map(|u| &*u.name)
+    }
+
+    /// Checks CONNECT's credentials: Ok with the user's permissions (None: no
+    /// restrictions), or Err (the reference answers `Authorization Violation`
+    /// and closes, whatever was wrong).
+    pub fn authenticate(
+        &self,
+        options: &ConnectOptions,
+    ) -> Result<Option<Arc<Permissions>>, AuthFailed> {
+        if let Some(token) = &self.token {
+            let given = options.auth_token.as_deref().unwrap_or("");
+            return if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                Ok(None)
+            } else {
+                Err(AuthFailed)
+            };
+        }
+        let name = options.user.as_deref().ok_or(AuthFailed)?;
+        let pass = options.pass.as_deref().unwrap_or("");
+        let user = self
+            .users
+            .iter()
+            .find(|u| &*u.name == name)
+            .ok_or(AuthFailed)?;
+        let ok = match &user.password {
+            Password::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
+            Password::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+        };
+        if ok {
+            Ok(user.permissions.clone())
+        } else {
+            Err(AuthFailed)
+        }
+    }
+}
+
+fn is_bcrypt(password: &str) -> bool {
+    ["$2a$", "$2b$", "$2x$", "$2y$"]
+        .iter()
+        .any(|p| password.starts_with(p))
+}
+
+/// Compares without stopping at the first difference (length aside).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Permissions {
+    fn compile(user: &str, config: &PermissionsConfig) -> Result<Permissions, AuthConfigError> {
+        let rules = |kind: &'static str,
+                     rules: &Option<RulesConfig>,
+                     queues: bool|
+         -> Result<Rules, AuthConfigError> {
+            let (allow, deny) = match rules {
+                None => (None, Vec::new()),
+                Some(RulesConfig::Allow(allow)) => (Some(allow.clone()), Vec::new()),
+                Some(RulesConfig::Table { allow, deny }) => (allow.clone(), deny.clone()),
+            };
+            let entry = |text: &String| -> Result<Entry, AuthConfigError> {
+                let bad = |queue: &'static str| AuthConfigError::BadEntry {
+                    user: user.to_string(),
+                    kind,
+                    entry: text.clone(),
+                    queue,
+                };
+                let mut parts = text.split_ascii_whitespace();
+                let subject = parts.next().ok_or_else(|| bad(""))?;
+                let queue = parts.next();
+                if parts.next().is_some() || (!queues && queue.is_some()) {
+                    return Err(bad(" (one subject, and for subscribe an optional queue)"));
+                }
+                if !is_valid_subject(subject.as_bytes()) {
+                    return Err(bad(""));
+                }
+                if queue.is_some_and(|q| !is_valid_queue(q.as_bytes())) {
+                    return Err(bad(" and queue"));
+                }
+                Ok(Entry {
+                    subject: subject.as_bytes().into(),
+                    queue: queue.map(|q| q.as_bytes().into()),
+                })
+            };
+            Ok(Rules {
+                allow: allow
+                    .as_ref()
+                    .map(|list| list.iter().map(entry).collect())
+                    .transpose()?,
+                deny: deny.iter().map(entry).collect::<Result<_, _>>()?,
+            })
+        };
+        Ok(Permissions {
+            publish: rules("publish", &config.publish, false)?,
+            subscribe: rules("subscribe", &config.subscribe, true)?,
+        })
+    }
+
+    /// A publish to `subject` (a literal) is allowed.
+    pub fn can_publish(&self, subject: &[u8]) -> bool {
+        let rules = &self.publish;
+        let allowed = rules
+            .allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|e| subject_matches(&e.subject, subject)));
+        allowed
+            && !rules
+                .deny
+                .iter()
+                .any(|e| subject_matches(&e.subject, subject))
+    }
+
+    /// A subscription to `subject` (wildcards allowed), in `queue` if any, is
+    /// allowed: an allow entry covers all of it, and no deny entry does. (A
+    /// deny entry that covers only part of a wildcard subscription filters
+    /// its deliveries instead: [`Permissions::filters_deliveries`].)
+    pub fn can_subscribe(&self, subject: &[u8], queue: Option<&[u8]>) -> bool {
+        let rules = &self.subscribe;
+        let allowed = rules.allow.as_ref().is_none_or(|allow| {
+            allow
+                .iter()
+                .any(|e| covers(&e.subject, subject) && queue_allowed(e, queue))
+        });
+        allowed
+            && !rules
+                .deny
+                .iter()
+                .any(|e| covers(&e.subject, subject) && queue_denied(e, queue))
+    }
+
+    /// Whether deliveries on a subscription to `subject` must be checked
+    /// against the deny list: a wildcard subject that some deny entry overlaps.
+    pub fn filters_deliveries(&self, subject: &[u8]) -> bool {
+        has_wildcard(subject)
+            && self
+                .subscribe
+                .deny
+                .iter()
+                .any(|e| e.queue.is_none() && overlap(&e.subject, subject))
+    }
+
+    /// A delivery on `subject` (a literal) is denied to this client.
+    pub fn delivery_denied(&self, subject: &[u8]) -> bool {
+        self.subscribe
+            .deny
+            .iter()
+            .any(|e| e.queue.is_none() && subject_matches(&e.subject, subject))
+    }
+}
+
+/// An allow entry admits `queue`: a plain entry admits plain and any queue;
+/// a queue entry only that queue.
+fn queue_allowed(entry: &Entry, queue: Option<&[u8]>) -> bool {
+    match &entry.queue {
+        None => true,
+        Some(q) => queue == Some(&**q),
+    }
+}
+
+/// A deny entry refuses `queue`: a plain entry refuses plain and any queue; a
+/// queue entry only that queue.
+fn queue_denied(entry: &Entry, queue: Option<&[u8]>) -> bool {
+    queue_allowed(entry, queue)
+}
+
+fn has_wildcard(subject: &[u8]) -> bool {
+    subject
+        .split(|&b| b == b'.')
+        .any(|t| t == b"*" || t == b">")
+}
+
+/// Some subject matches both patterns.
+fn overlap(a: &[u8], b: &[u8]) -> bool {
+    let mut a = a.split(|&x| x == b'.');
+    let mut b = b.split(|&x| x == b'.');
+    loop {
+        match (a.next(), b.next()) {
+            (Some(b">"), Some(_)) | (Some(_), Some(b">")) => return true,
+            (Some(x), Some(y)) if x == b"*" || y == b"*" || x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Every subject `pattern` matches is matched by `cover`: token by token, `>`
+/// in `cover` takes the rest, `*` in `cover` takes any one token but `>`, a
+/// literal only itself (nats-server's sublist match of a wildcard subject).
+pub fn covers(cover: &[u8], pattern: &[u8]) -> bool {
+    let mut c = cover.split(|&b| b == b'.');
+    let mut p = pattern.split(|&b| b == b'.');
+    loop {
+        match (c.next(), p.next()) {
+            (Some(b">"), Some(_)) => return true,
+            (Some(b"*"), Some(t)) if t != b">" => {}
+            (Some(ct), Some(pt)) if ct == pt && ct != b"*" && ct != b">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn perms(toml_text: &str) -> Permissions {
+        let config: PermissionsConfig = toml::from_str(toml_text).expect("permissions TOML");
+        Permissions::compile("u", &config).expect("compiles")
+    }
+
+    #[test]
+    fn coverage_is_nats_servers_sublist_match() {
+        assert!(covers(b"foo.>", b"foo.*"));
+        assert!(covers(b"foo.>", b"foo.bar.>"));
+        assert!(covers(b"foo.*", b"foo.*"));
+        assert!(covers(b"foo.*", b"foo.bar"));
+        assert!(!covers(b"foo.*", b"foo.>"));
+        assert!(!covers(b"foo.bar", b"foo.*"));
+        assert!(!covers(b"foo.>", b"foo"));
+        assert!(covers(b">", b"a.b.c"));
+        assert!(!covers(b"a.b", b"a.b.c"));
+    }
+
+    #[test]
+    fn publish_allow_and_deny() {
+        let p = perms(r#"publish = { allow = ["sensors.>"], deny = ["sensors.admin.>"] }"#);
+        assert!(p.can_publish(b"sensors.a.t"));
+        assert!(!p.can_publish(b"sensors.admin.reset"));
+        assert!(!p.can_publish(b"cmd.x"));
+        assert!(
+            p.can_subscribe(b"anything.>", None),
+            "no subscribe rules: all"
+        );
+        let only_list = perms(r#"publish = ["a", "b.*"]"#);
+        assert!(only_list.can_publish(b"b.c") && !only_list.can_publish(b"c"));
+    }
+
+    #[test]
+    fn subscribe_rules_queues_and_filters() {
+        let p = perms(
+            r#"subscribe = { allow = ["cmd.>", "_INBOX.>", "work v1"], deny = ["cmd.secret"] }"#,
+        );
+        assert!(p.can_subscribe(b"cmd.a", None));
+        assert!(p.can_subscribe(b"cmd.*", None), "covered by cmd.>");
+        assert!(!p.can_subscribe(b"cmd.secret", None));
+        assert!(!p.can_subscribe(b"other", None));
+        assert!(!p.can_subscribe(b"work", None), "work only in queue v1");
+        assert!(p.can_subscribe(b"work", Some(b"v1")));
+        assert!(!p.can_subscribe(b"work", Some(b"v2")));
+        assert!(
+            p.can_subscribe(b"cmd.a", Some(b"any")),
+            "plain entries admit queues"
+        );
+        assert!(p.filters_deliveries(b"cmd.*"));
+        assert!(!p.filters_deliveries(b"cmd.a"));
+        assert!(!p.filters_deliveries(b"_INBOX.>"));
+        assert!(p.delivery_denied(b"cmd.secret") && !p.delivery_denied(b"cmd.a"));
+    }
+
+    fn options(user: Option<&str>, pass: Option<&str>, token: Option<&str>) -> ConnectOptions {
+        let json = serde_json::json!({ "user": user, "pass": pass, "auth_token": token });
+        let json = serde_json::to_vec(&json).expect("json");
+        crate::nats::connect::parse_connect(&json).expect("parses")
+    }
+
+    #[test]
+    fn credentials() {
+        let hash = bcrypt::hash("s3cret", 4).expect("hash");
+        let config = AuthorizationConfig {
+            token: None,
+            users: vec![
+                UserConfig {
+                    user: "plain".into(),
+                    password: "pw".into(),
+                    permissions: None,
+                },
+                UserConfig {
+                    user: "hashed".into(),
+                    password: hash,
+                    permissions: Some(PermissionsConfig {
+                        publish: Some(RulesConfig::Allow(vec!["x".into()])),
+                        subscribe: None,
+                    }),
+                },
+            ],
+        };
+        let auth = Auth::new(&config).expect("valid").expect("some");
+        assert_eq!(
+            auth.authenticate(&options(Some("plain"), Some("pw"), None)),
+            Ok(None)
+        );
+        assert!(auth
+            .authenticate(&options(Some("plain"), Some("pW"), None))
+            .is_err());
+        assert!(auth
+            .authenticate(&options(Some("nobody"), Some("pw"), None))
+            .is_err());
+        assert!(auth.authenticate(&options(None, None, None)).is_err());
+        let perms = auth
+            .authenticate(&options(Some("hashed"), Some("s3cret"), None))
+            .expect("bcrypt verifies")
+            .expect("with permissions");
+        assert!(perms.can_publish(b"x") && !perms.can_publish(b"y"));
+        assert!(auth
+            .authenticate(&options(Some("hashed"), Some("nope"), None))
+            .is_err());
+        let debug = format!("{config:?} {auth:?}");
+        assert!(!debug.contains("pw\"") && !debug.contains("$2"), "{debug}");
+
+        let token = Auth::new(&AuthorizationConfig {
+            token: Some("t0k".into()),
+            users: Vec::new(),
+        })
+        .expect("valid")
+        .expect("some");
+        assert_eq!(
+            token.authenticate(&options(None, None, Some("t0k"))),
+            Ok(None)
+        );
+        assert!(token
+            .authenticate(&options(None, None, Some("t0K")))
+            .is_err());
+        assert!(token
+            .authenticate(&options(Some("a"), Some("t0k"), None))
+            .is_err());
+    }
+
+    #[test]
+    fn bad_tables_are_refused() {
+        let user = |name: &str, password: &str| UserConfig {
+            user: name.into(),
+            password: password.into(),
+            permissions: None,
+        };
+        let both = AuthorizationConfig {
+            token: Some("t".into()),
+            users: vec![user("a", "b")],
+        };
+        assert_eq!(Auth::new(&both).err(), Some(AuthConfigError::TokenAndUsers));
+        let twice = AuthorizationConfig {
+            token: None,
+            users: vec![user("a", "b"), user("a", "c")],
+        };
+        assert!(matches!(
+            Auth::new(&twice),
+            Err(AuthConfigError::DuplicateUser(_))
+        ));
+        let broken = AuthorizationConfig {
+            token: None,
+            users: vec![user("a", "$2a$11$notahash")],
+        };
+        assert!(matches!(
+            Auth::new(&broken),
+            Err(AuthConfigError::BadBcrypt(_))
+        ));
+        assert!(Auth::new(&AuthorizationConfig::default())
+            .expect("ok")
+            .is_none());
+        let bad_entry: PermissionsConfig = toml::from_str(r#"publish = ["a b"]"#).expect("parses");
+        assert!(
+            Permissions::compile("u", &bad_entry).is_err(),
+            "queues only for subscribe"
+        );
+    }
+}
