@@ -89,6 +89,10 @@ if ! rustup target list --installed | grep -qx "$TARGET"; then
             rustup component add rust-src --toolchain nightly
         TOOLCHAIN=(+nightly)
         BUILD_STD=(-Zbuild-std=std,panic_abort)
+        # musl's crt objects and libunwind come with rustup's std for the
+        # target (its "self-contained" files), so without it zig supplies its
+        # own musl and libunwind.
+        case $TARGET in *-musl*) export RUSTFLAGS="${RUSTFLAGS:-} -C link-self-contained=no" ;; esac
     fi
 fi
 
