@@ -991,7 +991,7 @@ fn async_nats_requests_a_device_and_hears_it() {
 #[test]
 fn device_cli_publishes_and_subscribes() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let port = free_port();
     let server = Server::perch(&[
         "--device-udp",
@@ -1003,7 +1003,7 @@ fn device_cli_publishes_and_subscribes() {
     let mut sub = nats(&server);
     subscribe_nats(&mut sub, "cli.>");
     for (transport, qos) in [("--udp", "1"), ("--tcp", "1"), ("--udp", "0")] {
-        let status = Command::new(env!("CARGO_BIN_EXE_perch"))
+        let status = crate::support::perch_command()
             .args([
                 "device", "pub", transport, &addr, "--qos", qos, "--count", "3",
             ])
@@ -1016,7 +1016,7 @@ fn device_cli_publishes_and_subscribes() {
             assert_eq!(sub.read_line(), "42");
         }
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_perch"))
+    let mut child = crate::support::perch_command()
         .args([
             "device",
             "sub",
@@ -1043,7 +1043,7 @@ fn device_cli_publishes_and_subscribes() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "one\ntwo\n");
     // No broker: a QoS 1 publish cannot be acknowledged, so it fails.
     let dead = free_port();
-    let status = Command::new(env!("CARGO_BIN_EXE_perch"))
+    let status = crate::support::perch_command()
         .args([
             "device",
             "pub",
