@@ -88,7 +88,7 @@ if ! rustup target list --installed | grep -qx "$TARGET"; then
         rustup component list --toolchain nightly --installed | grep -q '^rust-src' ||
             rustup component add rust-src --toolchain nightly
         TOOLCHAIN=(+nightly)
-        BUILD_STD=(-Zbuild-std=std,panic_abort)
+        BUILD_STD=("-Zbuild-std=std,panic_abort")
         # musl's crt objects and libunwind come with rustup's std for the
         # target (its "self-contained" files), so without it zig supplies its
         # own musl and libunwind.

@@ -78,7 +78,8 @@ field_is() { # DEB FIELD VALUE
 }
 
 unpacked_runs() { # DEB TARGET
-    local root=$SCRATCH/$(basename "$1" .deb) runner
+    local root runner
+    root=$SCRATCH/$(basename "$1" .deb)
     dpkg-deb -x "$1" "$root"
     read -r -a runner <<<"$(bash cross/runner.sh "$2")"
     local out

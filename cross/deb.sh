@@ -16,7 +16,6 @@
 # (timestamps; default: the last commit's time, so rebuilds are identical).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-REPO=$PWD
 
 [ $# -eq 1 ] || {
     sed -n '2,8p' "$0" >&2
