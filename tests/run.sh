@@ -33,6 +33,10 @@ BACKENDS=${PERCH_BACKENDS:-uring epoll}
 # Built once per run (cross/build.sh) and tested under qemu-user, where io_uring
 # is missing, so they run on the epoll backend (`--io auto` falls back).
 CROSS_TARGETS=${PERCH_CROSS_TARGETS:-aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl}
+# Built and checked too, natively: x86_64 gnu for the amd64 .deb, x86_64 musl
+# because only natively can a musl build show its io_uring backend working
+# (the patched tokio-uring; qemu-user has no io_uring).
+NATIVE_TARGETS="x86_64-unknown-linux-gnu x86_64-unknown-linux-musl"
 # The .debs: cross/deb.sh builds one per Debian architecture from these.
 DEB_TARGETS="x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf"
 PERCH_BIN_GIVEN=${PERCH_BIN:-}
@@ -191,7 +195,7 @@ install_prereqs() {
         # steps build the ARM targets and the x86_64 package.
         local installed
         installed=$(rustup target list --installed)
-        for pkg in thumbv7em-none-eabihf x86_64-unknown-linux-gnu $CROSS_TARGETS; do
+        for pkg in thumbv7em-none-eabihf $NATIVE_TARGETS $CROSS_TARGETS; do
             grep -qx "$pkg" <<<"$installed" || rustup target add "$pkg"
         done
     fi
@@ -373,11 +377,11 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = cross ]; then
     # Each target is built once per run; every cross step below reuses it.
     # shellcheck disable=SC2086 # word lists
-    step "cross: build $(echo $CROSS_TARGETS x86_64-unknown-linux-gnu | wc -w) targets (cross/build.sh)" \
-        build_cross $CROSS_TARGETS x86_64-unknown-linux-gnu
+    step "cross: build $(echo $CROSS_TARGETS $NATIVE_TARGETS | wc -w) targets (cross/build.sh)" \
+        build_cross $CROSS_TARGETS $NATIVE_TARGETS
     # shellcheck disable=SC2086
     counted_step "cross: glibc <= 2.28, <= 4 MiB stripped, musl static + io_uring, runs (cross/check.sh)" no \
-        bash cross/check.sh $CROSS_TARGETS x86_64-unknown-linux-gnu
+        bash cross/check.sh $CROSS_TARGETS $NATIVE_TARGETS
     [ -x target/go-client.test ] || step "go vet + build client tests" bash -c \
         'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
     for target in $CROSS_TARGETS; do emulated_suites "$target"; done
