@@ -324,6 +324,88 @@ mod tests {
         );
     }
 
+    /// The packaged /etc/perch/perch.toml (cross/deb/perch.toml): "#key = value"
+    /// lines are defaults, "# key = value" lines examples.
+    const PACKAGED_CONFIG: &str = include_str!("../cross/deb/perch.toml");
+
+    /// The file with its "#key = value" / "#[table]" lines uncommented, and with
+    /// `examples` also its "# key = value" / "# [table]" lines.
+    fn uncommented(examples: bool) -> String {
+        let is_setting = |rest: &str| {
+            rest.starts_with('[')
+                || rest.split_once(" = ").is_some_and(|(key, _)| {
+                    !key.is_empty()
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '"')
+                })
+        };
+        PACKAGED_CONFIG
+            .lines()
+            .map(|line| match line.strip_prefix('#') {
+                Some(rest) if is_setting(rest) => rest.to_string(),
+                Some(rest) if examples && rest.starts_with(' ') && is_setting(&rest[1..]) => {
+                    rest[1..].to_string()
+                }
+                _ => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn packaged_config_states_the_true_defaults() {
+        let as_shipped = Config::from_toml(PACKAGED_CONFIG).expect("the shipped file parses");
+        let defaults = Config::from_toml(&uncommented(false)).expect("its defaults parse");
+        defaults.validate().expect("its defaults are valid");
+        let expected = format!("{:?}", Config::default());
+        assert_eq!(format!("{as_shipped:?}"), expected);
+        assert_eq!(
+            format!("{defaults:?}"),
+            expected,
+            "a commented default is wrong"
+        );
+        // Uncommenting every example too must still give a valid config.
+        let examples = Config::from_toml(&uncommented(true)).expect("its examples parse");
+        examples.validate().expect("its examples are valid");
+        assert_ne!(
+            format!("{examples:?}"),
+            expected,
+            "the examples change nothing"
+        );
+    }
+
+    /// Every key of the config schema is shown in the packaged file, so an
+    /// operator finds each one there (new keys must be added to it).
+    #[test]
+    fn packaged_config_shows_every_key() {
+        let debug = format!("{:#?}", Config::default());
+        let mut keys = Vec::new();
+        let mut table = "";
+        for line in debug.lines() {
+            let indent = line.len() - line.trim_start().len();
+            let Some((name, _)) = line.trim_start().split_once(':') else {
+                continue;
+            };
+            if indent == 4 {
+                table = name;
+                keys.push(name.to_string());
+            } else if indent == 8 && table == "device" {
+                keys.push(name.to_string());
+            }
+        }
+        assert!(keys.len() > 20, "parsed too few keys from {debug}");
+        let text = uncommented(true);
+        for key in keys {
+            let shown = text
+                .lines()
+                .any(|l| l.starts_with(&format!("{key} = ")) || l == format!("[{key}]"))
+                || text.contains(&format!("[device.{key}]"))
+                || text.contains(&format!("[[device.{key}]]"));
+            assert!(shown, "cross/deb/perch.toml does not show `{key}`");
+        }
+    }
+
     #[test]
     fn payload_above_pending_is_rejected() {
         let config = Config {

@@ -568,15 +568,29 @@ impl ServeArgs {
 }
 
 fn init_logging(level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // A default level and `target=level` directives ("info", "perch=debug,warn"),
+    // the way RUST_LOG is usually written. EnvFilter's span and field filters are
+    // not offered: its regex engine was a tenth of the binary, and binary pages
+    // are most of an idle broker's RSS. An empty or unparsable filter means info.
+    let parse = |text: &str| -> Option<Targets> {
+        let text = text.trim();
+        (!text.is_empty()).then(|| text.parse().ok()).flatten()
+    };
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .and_then(|v| parse(&v))
+        .or_else(|| level.and_then(parse))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    // Colour codes only on a terminal: under systemd, stderr is the journal.
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(filter)
         .init();
 }
 

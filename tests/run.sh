@@ -5,6 +5,7 @@
 #   bash tests/run.sh lint       # rustfmt + clippy only
 #   bash tests/run.sh rust       # cargo test, once per I/O backend
 #   bash tests/run.sh clients    # Python (nats-py) and Go (nats.go) client suites, per backend
+#   bash tests/run.sh cross      # ARM builds checked and tested under qemu-user; the .debs
 #
 # Environment knobs:
 #   PERCH_BACKENDS="uring epoll"  I/O backends to run the suites on (default: both)
@@ -13,6 +14,8 @@
 #   PERCH_STEP_TIMEOUT=900        seconds any one test step may take before it is killed
 #   PERCH_BIN=path                run the client suites against this perch binary
 #                                 instead of building target/debug/perch
+#   PERCH_CROSS_TARGETS="..."     targets the cross steps build and test under qemu-user
+#                                 (default: aarch64 gnu, armv7 gnu, aarch64 musl)
 #
 # Fails fast: the first failing step stops the run with its name. The last line
 # is a count of individual tests: "total: N passed, N failed, N skipped".
@@ -27,12 +30,21 @@ NATS_PY_VERSION=2.16.0
 PYTEST_VERSION=9.2.0
 
 BACKENDS=${PERCH_BACKENDS:-uring epoll}
+# Built once per run (cross/build.sh) and tested under qemu-user, where io_uring
+# is missing, so they run on the epoll backend (`--io auto` falls back).
+CROSS_TARGETS=${PERCH_CROSS_TARGETS:-aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl}
+# Built and checked too, natively: x86_64 gnu for the amd64 .deb, x86_64 musl
+# because only natively can a musl build show its io_uring backend working
+# (the patched tokio-uring; qemu-user has no io_uring).
+NATIVE_TARGETS="x86_64-unknown-linux-gnu x86_64-unknown-linux-musl"
+# The .debs: cross/deb.sh builds one per Debian architecture from these.
+DEB_TARGETS="x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf"
 PERCH_BIN_GIVEN=${PERCH_BIN:-}
 PERCH_BIN=${PERCH_BIN:-$REPO/target/debug/perch}
 STEP_TIMEOUT=${PERCH_STEP_TIMEOUT:-900}
 WHAT=${1:-all}
-case $WHAT in all | lint | rust | clients) ;; *)
-    echo "usage: bash tests/run.sh [all|lint|rust|clients]" >&2
+case $WHAT in all | lint | rust | clients | cross) ;; *)
+    echo "usage: bash tests/run.sh [all|lint|rust|clients|cross]" >&2
     exit 2
     ;;
 esac
@@ -154,9 +166,12 @@ install_prereqs() {
     # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
     # libnats-dev is only for the benchmarks (not needed here).
     # libclang-rt-14-dev: clang's sanitizer runtimes (ASan/UBSan), not pulled in
-    # by clang without recommends.
+    # by clang without recommends. qemu-user-static and the arm64/armhf C
+    # libraries run the ARM builds; binutils (objdump, readelf) checks them;
+    # lintian and systemd (systemd-analyze) check the .debs.
     for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang libclang-rt-14-dev \
-        gcc-arm-none-eabi libnewlib-arm-none-eabi; do
+        gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-user-static libc6-arm64-cross \
+        libc6-armhf-cross binutils lintian systemd; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -177,9 +192,24 @@ install_prereqs() {
         for pkg in rustfmt clippy; do
             grep -q "^$pkg" <<<"$have" || rustup component add "$pkg"
         done
-        # The firmware example builds for a Cortex-M4F (no_std).
-        rustup target list --installed | grep -qx thumbv7em-none-eabihf ||
-            rustup target add thumbv7em-none-eabihf
+        # The firmware example builds for a Cortex-M4F (no_std); the cross
+        # steps build the ARM targets and the x86_64 package.
+        local installed
+        installed=$(rustup target list --installed)
+        for pkg in thumbv7em-none-eabihf $NATIVE_TARGETS $CROSS_TARGETS; do
+            grep -qx "$pkg" <<<"$installed" || rustup target add "$pkg"
+        done
+    fi
+
+    # cargo-zigbuild links the cross builds (zig pins glibc 2.28); the versions
+    # are cross/build.sh's.
+    local zigbuild ziglang
+    zigbuild=$(sed -n 's/^CARGO_ZIGBUILD_VERSION=//p' cross/build.sh)
+    ziglang=$(sed -n 's/^ZIGLANG_VERSION=//p' cross/build.sh)
+    if [ "$(cargo-zigbuild --version 2>/dev/null | awk '{print $2}')" != "$zigbuild" ]; then
+        echo "installing cargo-zigbuild==$zigbuild ziglang==$ziglang"
+        PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
+            --root-user-action=ignore "cargo-zigbuild==$zigbuild" "ziglang==$ziglang"
     fi
 
     # Check, don't trust: a missing tool must fail here, not turn into skips.
@@ -191,6 +221,12 @@ install_prereqs() {
     py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"
     cargo clippy --version >/dev/null 2>&1 || fail "clippy is not installed"
+    local tool
+    for tool in qemu-aarch64-static qemu-arm-static objdump readelf lintian systemd-analyze cargo-zigbuild; do
+        command -v "$tool" >/dev/null || fail "$tool is not installed"
+    done
+    [ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || fail "the arm64 C library for qemu is missing"
+    [ -e /usr/arm-linux-gnueabihf/lib/ld-linux-armhf.so.3 ] || fail "the armhf C library for qemu is missing"
     echo "nats-server $(nats-server --version | awk '{print $2}'), $(go version | awk '{print $3}')," \
         "nats-py $NATS_PY_VERSION, pytest $PYTEST_VERSION, $(cargo --version | awk '{print $1, $2}')"
     TIMINGS+=("$(printf '%-52s %5ss' prerequisites $((SECONDS - start)))")
@@ -226,7 +262,8 @@ go_suite() {
     if [ "${NATS_REFERENCE:-}" = 1 ]; then
         nats-server -a 127.0.0.1 -p "$port" >"$srvlog" 2>&1 &
     else
-        RUST_LOG=${RUST_LOG:-warn} "$PERCH_BIN" serve --listen "127.0.0.1:$port" --io "$io" \
+        # shellcheck disable=SC2086 # PERCH_RUNNER is a command line (qemu-user and its flags)
+        RUST_LOG=${RUST_LOG:-warn} ${PERCH_RUNNER:-} "$PERCH_BIN" serve --listen "127.0.0.1:$port" --io "$io" \
             --shards 2 --placement round-robin </dev/null >"$srvlog" 2>&1 &
     fi
     pid=$!
@@ -257,9 +294,42 @@ client_suites() {
     counted_step "go client tests ($label)" no go_suite "$io"
 }
 
+# The client suites and the device tests against one cross-built binary,
+# under qemu-user (PERCH_RUNNER), on the backend `--io auto` picks there (epoll).
+emulated_suites() {
+    local target=$1 bin runner
+    bin=$REPO/target/$target/release/perch
+    runner=$(bash cross/runner.sh "$target")
+    counted_step "python client tests ($target under qemu)" no \
+        env PERCH_IO=auto PERCH_BIN="$bin" PERCH_RUNNER="$runner" \
+        timeout -k 10 "$STEP_TIMEOUT" python3 -m pytest -q -p no:cacheprovider tests/py
+    counted_step "go client tests ($target under qemu)" no emulated_go_suite "$bin" "$runner"
+    counted_step "device tests ($target under qemu)" yes \
+        env PERCH_IO=auto PERCH_BIN="$bin" PERCH_RUNNER="$runner" \
+        timeout -k 10 "$STEP_TIMEOUT" cargo test --test it device::
+}
+
+emulated_go_suite() {
+    local PERCH_BIN=$1 PERCH_RUNNER=$2
+    go_suite auto
+}
+
+build_cross() {
+    local target
+    for target in "$@"; do
+        echo "--- $target"
+        bash cross/build.sh "$target"
+    done
+}
+
+build_debs() {
+    local target
+    for target in $DEB_TARGETS; do bash cross/deb.sh "$target"; done
+}
+
 # ---------------------------------------------------------------------- the run
 
-if [ "$WHAT" = all ] || [ "$WHAT" = clients ] || [ "$WHAT" = lint ]; then
+if [ "$WHAT" = all ] || [ "$WHAT" = clients ] || [ "$WHAT" = lint ] || [ "$WHAT" = cross ]; then
     install_prereqs
 elif ! command -v nats-server >/dev/null; then
     install_prereqs # the Rust integration tests compare against nats-server
@@ -303,6 +373,22 @@ if [ "$WHAT" = all ] || [ "$WHAT" = clients ]; then
         counted_step "C client against the broker (UDP, serial, restart, sleep)" no \
             env PERCH_BIN="$PERCH_BIN" timeout -k 10 "$STEP_TIMEOUT" bash firmware-clients/c/tests/integration.sh
     fi
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = cross ]; then
+    # Each target is built once per run; every cross step below reuses it.
+    # shellcheck disable=SC2086 # word lists
+    step "cross: build $(echo $CROSS_TARGETS $NATIVE_TARGETS | wc -w) targets (cross/build.sh)" \
+        build_cross $CROSS_TARGETS $NATIVE_TARGETS
+    # shellcheck disable=SC2086
+    counted_step "cross: glibc <= 2.28, <= 4 MiB stripped, musl static + io_uring, runs (cross/check.sh)" no \
+        bash cross/check.sh $CROSS_TARGETS $NATIVE_TARGETS
+    [ -x target/go-client.test ] || step "go vet + build client tests" bash -c \
+        'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
+    for target in $CROSS_TARGETS; do emulated_suites "$target"; done
+    step "deb: build the amd64, arm64 and armhf packages (cross/deb.sh)" build_debs
+    counted_step "deb: lintian; install, upgrade, remove, purge amd64 here (cross/deb-test.sh)" no \
+        bash cross/deb-test.sh
 fi
 
 summary

@@ -1143,7 +1143,7 @@ fn async_nats_and_devices_exchange_qos1_through_the_header() {
 #[test]
 fn device_cli_publishes_and_subscribes() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let port = free_port();
     let server = Server::perch(&[
         "--device-udp",
@@ -1155,7 +1155,7 @@ fn device_cli_publishes_and_subscribes() {
     let mut sub = nats(&server);
     subscribe_nats(&mut sub, "cli.>");
     for (transport, qos) in [("--udp", "1"), ("--tcp", "1"), ("--udp", "0")] {
-        let status = Command::new(env!("CARGO_BIN_EXE_perch"))
+        let status = crate::support::perch_command()
             .args([
                 "device", "pub", transport, &addr, "--qos", qos, "--count", "3",
             ])
@@ -1168,7 +1168,7 @@ fn device_cli_publishes_and_subscribes() {
             assert_eq!(sub.read_line(), "42");
         }
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_perch"))
+    let mut child = crate::support::perch_command()
         .args([
             "device",
             "sub",
@@ -1215,7 +1215,7 @@ fn device_cli_publishes_and_subscribes() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "q1msg\n");
     // No broker: a QoS 1 publish cannot be acknowledged, so it fails.
     let dead = free_port();
-    let status = Command::new(env!("CARGO_BIN_EXE_perch"))
+    let status = crate::support::perch_command()
         .args([
             "device",
             "pub",

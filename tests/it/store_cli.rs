@@ -4,7 +4,7 @@
 //! was, and that a flipped byte fails verify with the file's path and offset.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use perch::store::streams::stream_dir;
 use perch::store::{Log, LogConfig, NewRecord, OsDirectory};
@@ -46,7 +46,7 @@ fn write_stream(root: &Path, name: &str, count: u64) -> PathBuf {
 }
 
 fn perch_store(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_perch"))
+    crate::support::perch_command()
         .arg("store")
         .args(args)
         .output()

@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{free_port, TempDir};
@@ -35,7 +35,7 @@ impl Drop for Perch {
 
 fn spawn_perch(port: u16, store: &std::path::Path, file_limit: Option<u64>) -> Perch {
     let io = std::env::var("PERCH_IO").unwrap_or_else(|_| "auto".into());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_perch"));
+    let mut command = crate::support::perch_command();
     command
         .args([
             "serve",

@@ -4,6 +4,11 @@
 //!
 //! The I/O backend perch runs on comes from `PERCH_IO` (uring, epoll or auto), so the
 //! same suite runs once per backend (tests/run.sh does both).
+//!
+//! `PERCH_BIN` runs another perch binary than the one cargo built (a
+//! cross-compiled one), and `PERCH_RUNNER` puts a command in front of it, e.g.
+//! `qemu-aarch64-static -L /usr/aarch64-linux-gnu` to run an aarch64 build
+//! under emulation (tests/run.sh's `cross` steps).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,6 +18,27 @@ use std::time::{Duration, Instant};
 
 /// How long a server may take to start accepting before the test fails.
 const STARTUP_MS_MAX: u64 = 10_000;
+
+/// A command that runs perch: `PERCH_BIN` (default: the binary cargo built for
+/// this test run) behind `PERCH_RUNNER` (default: none), split on whitespace.
+/// With a qemu-user runner the child is the emulated process itself, so its pid
+/// takes signals (SIGTERM, SIGKILL) as perch would.
+pub fn perch_command() -> Command {
+    let binary = std::env::var_os("PERCH_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_perch")));
+    let runner = std::env::var("PERCH_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    match runner.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(runner).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
+}
 
 pub struct Server {
     child: Child,
@@ -58,7 +84,7 @@ impl Server {
             args.extend(["--shards".into(), "2".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_perch"));
+        let mut command = perch_command();
         command
             .args(&args)
             .env(

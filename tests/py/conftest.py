@@ -1,7 +1,9 @@
 """Starts the server the real-client tests talk to: one per test module.
 
 By default that is perch, from PERCH_BIN (default target/debug/perch, built by
-tests/run.sh), on the I/O backend named by PERCH_IO (uring, epoll or auto), with
+tests/run.sh) behind PERCH_RUNNER if set (e.g. "qemu-aarch64-static -L
+/usr/aarch64-linux-gnu" for an emulated ARM build), on the I/O backend named by
+PERCH_IO (uring, epoll or auto), with
 2 shards and round-robin placement so that consecutive connections (publisher,
 subscriber) land on different shards. With NATS_REFERENCE=1 it is Debian's
 nats-server instead, to check the tests themselves against the reference.
@@ -16,6 +18,7 @@ same server with a store directory of its own (nats-server `-js -sd DIR`, perch
 
 import asyncio
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -55,7 +58,7 @@ def _server_command(port, store_dir=None):
         # Fail, never skip: a suite that silently tests nothing must not pass.
         pytest.fail(f"perch binary {binary} not found: run `cargo build` (tests/run.sh does)")
     io = os.environ.get("PERCH_IO", "auto")
-    cmd = [
+    cmd = shlex.split(os.environ.get("PERCH_RUNNER", "")) + [
         str(binary), "serve",
         "--listen", f"127.0.0.1:{port}",
         "--io", io,

@@ -82,7 +82,7 @@ pub fn select(mode: IoMode) -> Result<(Selected, String), String> {
             Ok(()) => Ok((Selected::Uring, "io_uring available".into())),
             Err(e) if uring_missing(&e) => Ok((
                 Selected::Epoll,
-                format!("io_uring unavailable ({e}); falling back to epoll"),
+                format!("io_uring unavailable: {e}; falling back to epoll"),
             )),
             Err(e) => Err(format!("io_uring probe failed unexpectedly: {e}")),
         },
