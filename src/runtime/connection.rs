@@ -37,7 +37,7 @@ pub(crate) async fn serve<S: Socket>(
     peer: Option<SocketAddr>,
     reject: bool,
 ) {
-    let session = Session::new(client_id, shard.session_limits);
+    let session = Session::new(client_id, shard.session_limits());
     session.queue_bytes(&shard.info_line(client_id, peer));
     tracing::debug!(client_id, ?peer, "client connected");
     // Only the IP is kept for the closing log line: a whole SocketAddr would sit
@@ -244,7 +244,7 @@ fn process(
     interest_unconfirmed: &mut bool,
 ) -> Step {
     loop {
-        match parse_op(&buf[*pos..], &shard.parse_limits) {
+        match parse_op(&buf[*pos..], &shard.parse_limits()) {
             Ok(Parsed::Op(op, used)) => {
                 *pos += used;
                 let step = match session.handle_op(op) {
