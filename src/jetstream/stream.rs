@@ -395,7 +395,7 @@ impl<D: Directory> Stream<D> {
         let mut records_read = 0u64;
         let log = Log::open_visiting(dir, options.log, &mut |record| {
             records_read += 1;
-            if records_read % RECOVERY_PROGRESS_RECORDS == 0 {
+            if records_read.is_multiple_of(RECOVERY_PROGRESS_RECORDS) {
                 progress(records_read);
             }
             index.note_stored(record.seq, record.headers, record.timestamp_ns);

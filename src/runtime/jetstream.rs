@@ -135,15 +135,23 @@ impl JsRuntime {
         js: &JsShared,
     ) -> Result<Rc<JsRuntime>, StoreError> {
         // Recovery tells systemd where it is (STATUS=, shown by `systemctl
-        // status`): at each stream's start, then at most every
-        // RECOVERY_STATUS_MS, each report pushing the start timeout back.
+        // status`): at each stream's start and its first progress report, then
+        // at most every RECOVERY_STATUS_MS, each report pushing the start
+        // timeout back.
         let mut last_report: Option<std::time::Instant> = None;
         let mut report = |progress: &RecoveryProgress<'_>| {
-            let due = progress.records_read == 0
-                || last_report
+            let due = if progress.records_read == 0 {
+                last_report = None;
+                true
+            } else {
+                let due = last_report
                     .is_none_or(|at| at.elapsed() >= Duration::from_millis(RECOVERY_STATUS_MS));
+                if due {
+                    last_report = Some(std::time::Instant::now());
+                }
+                due
+            };
             if due {
-                last_report = Some(std::time::Instant::now());
                 super::systemd::starting(&format!(
                     "recovering stream {} ({} of {} on shard {}): {} messages read",
                     progress.stream,

@@ -36,3 +36,4 @@ mod shards;
 mod store_cli;
 mod store_faults;
 mod support;
+mod systemd;
