@@ -152,9 +152,10 @@ install_prereqs() {
     # against; the Go client's -dev package pulls its deps (nkeys, nuid, x/crypto).
     local need=() pkg
     # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
-    # libnats-dev is only for the benchmarks (not needed here).
+    # libnats-dev is only for the benchmarks (not needed here). systemd brings
+    # systemd-analyze, which checks systemd/perch.service (verify, security).
     for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang gcc-arm-none-eabi \
-        libnewlib-arm-none-eabi; do
+        libnewlib-arm-none-eabi systemd; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -185,6 +186,7 @@ install_prereqs() {
     command -v go >/dev/null || fail "go is not installed"
     command -v clang >/dev/null || fail "clang is not installed"
     command -v arm-none-eabi-gcc >/dev/null || fail "arm-none-eabi-gcc is not installed"
+    command -v systemd-analyze >/dev/null || fail "systemd-analyze is not installed"
     [ -f "$GOPATH/src/github.com/nats-io/nats.go/nats.go" ] || fail "the nats.go source is not under $GOPATH"
     py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"
@@ -259,8 +261,8 @@ client_suites() {
 
 if [ "$WHAT" = all ] || [ "$WHAT" = clients ] || [ "$WHAT" = lint ]; then
     install_prereqs
-elif ! command -v nats-server >/dev/null; then
-    install_prereqs # the Rust integration tests compare against nats-server
+elif ! command -v nats-server >/dev/null || ! command -v systemd-analyze >/dev/null; then
+    install_prereqs # the Rust integration tests compare against nats-server and check the unit
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = lint ]; then
