@@ -459,6 +459,59 @@ fn sighup_changes_limits_on_live_connections_without_dropping_them() {
     assert_eq!(subscriber.read_line(), "PONG");
 }
 
+/// A lower max_connections keeps every open client and refuses the next one;
+/// a shorter ping interval reaches a connection whose next PING was a minute
+/// away.
+#[test]
+fn reload_lowers_max_connections_and_ping_interval_for_open_clients() {
+    let dir = TempDir::new("systemd-reload-conns");
+    let manager = Manager::new(&dir.path);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (perch, conf) = start_with_config(
+        &dir.path,
+        &manager,
+        "max_connections = 10\nping_interval_ms = 60000\n",
+        &["--listen", &listen],
+    );
+    let (mut a, _) = connect(port);
+    let (mut b, _) = connect(port);
+    // The first PING comes within 2 s (nats-server's RTT probe); the next one
+    // would be 60 s later.
+    assert_eq!(a.read_line_exact(), "PING");
+    a.send(b"PONG\r\n");
+
+    // b does not answer PINGs until the end: enough of them may be outstanding.
+    std::fs::write(
+        &conf,
+        "max_connections = 2\nping_interval_ms = 300\nping_max_outstanding = 100\n",
+    )
+    .expect("rewrite");
+    assert!(reload(&perch, &manager).contains("config reloaded"));
+    let pinged = Instant::now();
+    assert_eq!(a.read_line_exact(), "PING");
+    assert!(
+        pinged.elapsed() < Duration::from_secs(3),
+        "the new ping interval did not reach an open connection"
+    );
+    a.send(b"PONG\r\n");
+
+    let mut extra = Raw {
+        stream: TcpStream::connect(("127.0.0.1", port)).expect("connect"),
+    };
+    assert!(extra.read_line_exact().starts_with("INFO {"));
+    let (bytes, closed) = extra.read_until_closed(Duration::from_secs(5));
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        "-ERR 'maximum connections exceeded'\r\n"
+    );
+    assert!(closed);
+    for raw in [&mut a, &mut b] {
+        raw.send(b"PING\r\n");
+        assert_eq!(raw.read_line(), "PONG", "an open client was dropped");
+    }
+}
+
 /// A reload that would move the listener is refused whole, naming the key:
 /// the limit changed in the same file is not applied either, and the old port
 /// keeps serving.
