@@ -38,17 +38,6 @@ pub struct Service {
     pub stall: Option<StallHook>,
 }
 
-impl Service {
-    /// No reload source (SIGHUP keeps the running config) and no hooks.
-    pub fn fixed() -> Service {
-        Service {
-            reload: Box::new(|| Err(anyhow::anyhow!("no config source to reload from"))),
-            set_log_level: Box::new(|_| {}),
-            stall: None,
-        }
-    }
-}
-
 /// How long a reload waits for every shard to apply new limits before it
 /// reports READY anyway (a shard that slow is the watchdog's business).
 const RELOAD_APPLY_MS_MAX: u64 = 5_000;
