@@ -41,7 +41,18 @@ pub enum Placement {
     RoundRobin,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -60,6 +71,7 @@ pub struct Config {
     pub ping_interval_ms: u64,
     pub ping_max_outstanding: u32,
     pub log_level: Option<String>,
+    pub log_format: LogFormat,
     /// epoll backend: busy-poll this long after activity before sleeping (0 = never).
     pub spin_us: u64,
     /// Where streams are stored; None: JetStream is off (API requests get the
@@ -86,7 +98,7 @@ pub struct Config {
 pub const DEVICE_SESSIONS_PER_SHARD_MAX_DEFAULT: usize = 10_000;
 
 /// The `[device]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
     /// UDP address for devices (one frame per datagram); None: off.
@@ -160,6 +172,7 @@ impl Default for Config {
             ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
             ping_max_outstanding: PINGS_OUTSTANDING_MAX_DEFAULT,
             log_level: None,
+            log_format: LogFormat::Text,
             spin_us: 0,
             store_dir: None,
             store_segment_bytes: crate::store::log::SEGMENT_BYTES_MAX_DEFAULT,
@@ -170,6 +183,20 @@ impl Default for Config {
             authorization: crate::auth::AuthorizationConfig::default(),
         }
     }
+}
+
+/// The limits a running broker takes from a reloaded config (SIGHUP): every
+/// shard applies them to its live connections, none is dropped for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_payload: usize,
+    pub max_pending: usize,
+    pub max_control_line: usize,
+    pub max_connections: usize,
+    pub max_subscriptions: usize,
+    pub connect_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub ping_max_outstanding: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +281,99 @@ impl Config {
         }
         self.device.predefined_table()?;
         Ok(())
+    }
+
+    /// The limits a reload may change on a running broker.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_payload: self.max_payload,
+            max_pending: self.max_pending,
+            max_control_line: self.max_control_line,
+            max_connections: self.max_connections,
+            max_subscriptions: self.max_subscriptions,
+            connect_timeout_ms: self.connect_timeout_ms,
+            ping_interval_ms: self.ping_interval_ms,
+            ping_max_outstanding: self.ping_max_outstanding,
+        }
+    }
+
+    /// The keys of `new` that differ from `self` but cannot change while the
+    /// broker runs (sockets are bound, shards started, the store open): a reload
+    /// that would change any of them is refused whole.
+    ///
+    /// Every field is named here, so a new key must be sorted into "reloadable"
+    /// or "fixed" before this compiles.
+    pub fn fixed_keys_changed(&self, new: &Config) -> Vec<&'static str> {
+        let Config {
+            listen,
+            shards,
+            io,
+            placement,
+            server_name,
+            max_payload: _,
+            max_pending: _,
+            max_control_line: _,
+            max_connections: _,
+            max_subscriptions: _,
+            connect_timeout_ms: _,
+            ping_interval_ms: _,
+            ping_max_outstanding: _,
+            log_level: _,
+            log_format,
+            spin_us,
+            store_dir,
+            store_segment_bytes,
+            store_durability,
+            store_sync_interval_ms,
+            store_stream_durability,
+            device,
+            // Not reloadable yet: the users and permissions of live sessions
+            // would have to be checked again.
+            authorization,
+        } = new;
+        let mut changed = Vec::new();
+        let mut check = |key: &'static str, same: bool| {
+            if !same {
+                changed.push(key);
+            }
+        };
+        check("listen", *listen == self.listen);
+        check("shards", *shards == self.shards);
+        check("io", *io == self.io);
+        check("placement", *placement == self.placement);
+        check("server_name", *server_name == self.server_name);
+        check("log_format", *log_format == self.log_format);
+        check("spin_us", *spin_us == self.spin_us);
+        check("store_dir", *store_dir == self.store_dir);
+        check(
+            "store_segment_bytes",
+            *store_segment_bytes == self.store_segment_bytes,
+        );
+        check(
+            "store_durability",
+            *store_durability == self.store_durability,
+        );
+        check(
+            "store_sync_interval_ms",
+            *store_sync_interval_ms == self.store_sync_interval_ms,
+        );
+        check(
+            "store_stream_durability",
+            *store_stream_durability == self.store_stream_durability,
+        );
+        check("authorization", *authorization == self.authorization);
+        check("device.udp", device.udp == self.device.udp);
+        check("device.tcp", device.tcp == self.device.tcp);
+        check("device.serial", device.serial == self.device.serial);
+        check(
+            "device.sessions_max",
+            device.sessions_max == self.device.sessions_max,
+        );
+        check(
+            "device.predefined",
+            device.predefined == self.device.predefined,
+        );
+        changed
     }
 
     /// The shard count to run: the configured one, or the CPUs we may run on.
@@ -404,6 +524,37 @@ mod tests {
                 || text.contains(&format!("[[device.{key}]]"));
             assert!(shown, "cross/deb/perch.toml does not show `{key}`");
         }
+    }
+
+    /// A reload may change limits and the log level; everything bound or opened
+    /// at start is named when it differs.
+    #[test]
+    fn fixed_keys_are_named_and_limits_are_not() {
+        let old = Config::default();
+        let limits_only = Config {
+            max_payload: 2048,
+            max_pending: 4096,
+            max_connections: 3,
+            ping_interval_ms: 500,
+            log_level: Some("debug".into()),
+            ..Config::default()
+        };
+        assert_eq!(old.fixed_keys_changed(&limits_only), Vec::<&str>::new());
+        assert_eq!(limits_only.limits().max_payload, 2048);
+        let moved = Config {
+            listen: "127.0.0.1:1".parse().expect("addr"),
+            shards: Some(3),
+            store_dir: Some("/tmp/x".into()),
+            device: DeviceConfig {
+                udp: Some("127.0.0.1:2".parse().expect("addr")),
+                ..DeviceConfig::default()
+            },
+            ..limits_only
+        };
+        assert_eq!(
+            old.fixed_keys_changed(&moved),
+            ["listen", "shards", "store_dir", "device.udp"]
+        );
     }
 
     #[test]

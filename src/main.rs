@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use perch::config::{Config, Placement};
+use perch::config::{Config, LogFormat, Placement};
 use perch::runtime::io::IoMode;
 
 #[derive(Parser)]
@@ -516,10 +516,22 @@ struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace or a tracing directive); RUST_LOG wins.
     #[arg(long)]
     log_level: Option<String>,
+    /// Log lines as text or as one JSON object each [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Test-only: this shard's thread blocks for good (see --debug-stall-after-ms),
+    /// so the systemd watchdog's reaction can be tested.
+    #[arg(long, hide = true)]
+    debug_stall_shard: Option<usize>,
+    /// Test-only: when --debug-stall-shard blocks, in ms after the shard started.
+    #[arg(long, hide = true, default_value_t = 0)]
+    debug_stall_after_ms: u64,
 }
 
 impl ServeArgs {
-    fn into_config(self) -> anyhow::Result<Config> {
+    /// The config file (read again at every call: a reload) with the flags over
+    /// it, validated, log level included.
+    fn to_config(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -542,16 +554,17 @@ impl ServeArgs {
             spin_us,
             store_segment_bytes,
             store_durability,
-            store_sync_interval_ms
+            store_sync_interval_ms,
+            log_format
         );
         if self.shards.is_some() {
             config.shards = self.shards;
         }
         if self.server_name.is_some() {
-            config.server_name = self.server_name;
+            config.server_name.clone_from(&self.server_name);
         }
         if self.store_dir.is_some() {
-            config.store_dir = self.store_dir;
+            config.store_dir.clone_from(&self.store_dir);
         }
         if self.device_udp.is_some() {
             config.device.udp = self.device_udp;
@@ -560,53 +573,123 @@ impl ServeArgs {
             config.device.tcp = self.device_tcp;
         }
         if self.log_level.is_some() {
-            config.log_level = self.log_level;
+            config.log_level.clone_from(&self.log_level);
         }
         config.validate()?;
+        log_filter(config.log_level.as_deref())?;
         Ok(config)
     }
 }
 
-fn init_logging(level: Option<&str>) {
-    use std::io::IsTerminal;
+type LogHandle = tracing_subscriber::reload::Handle<
+    tracing_subscriber::filter::Targets,
+    tracing_subscriber::Registry,
+>;
+
+/// The filter for `log_level`; a valid `RUST_LOG` wins over it. A default
+/// level and `target=level` directives ("info", "perch=debug,warn"), the way
+/// RUST_LOG is usually written. EnvFilter's span and field filters are not
+/// offered: its regex engine was a tenth of the binary, and binary pages are
+/// most of an idle broker's RSS.
+fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::filter::Targets> {
     use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    // A default level and `target=level` directives ("info", "perch=debug,warn"),
-    // the way RUST_LOG is usually written. EnvFilter's span and field filters are
-    // not offered: its regex engine was a tenth of the binary, and binary pages
-    // are most of an idle broker's RSS. An empty or unparsable filter means info.
     let parse = |text: &str| -> Option<Targets> {
         let text = text.trim();
         (!text.is_empty()).then(|| text.parse().ok()).flatten()
     };
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| parse(&v))
-        .or_else(|| level.and_then(parse))
-        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
-    // Colour codes only on a terminal: under systemd, stderr is the journal.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .finish()
+    if let Some(filter) = std::env::var("RUST_LOG").ok().and_then(|v| parse(&v)) {
+        return Ok(filter);
+    }
+    match level {
+        Some(level) => level
+            .trim()
+            .parse::<Targets>()
+            .map_err(|e| anyhow::anyhow!("invalid log_level {level:?}: {e}")),
+        None => Ok(Targets::new().with_default(tracing::Level::INFO)),
+    }
+}
+
+/// Whether stderr goes to the journal (systemd sets `JOURNAL_STREAM` for a
+/// service whose output it collects, `INVOCATION_ID` for every service):
+/// journald stamps each line itself, so ours would be a second timestamp.
+fn under_systemd() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some()
+}
+
+/// Logging to stderr: colour only on a terminal, no timestamp under systemd
+/// (text), or JSON lines. Returns the handle a reload swaps the filter with.
+fn init_logging(config: &Config) -> anyhow::Result<LogHandle> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload};
+    let (filter, handle) = reload::Layer::new(log_filter(config.log_level.as_deref())?);
+    let text = (config.log_format == LogFormat::Text).then(|| {
+        let layer = fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        if under_systemd() {
+            layer.without_time().boxed()
+        } else {
+            layer.boxed()
+        }
+    });
+    let json = (config.log_format == LogFormat::Json).then(|| {
+        fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+    });
+    tracing_subscriber::registry()
         .with(filter)
+        .with(text)
+        .with(json)
         .init();
+    Ok(handle)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let config = match args.into_config() {
+            let config = match args.to_config() {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("perch: {e:#}");
                     return ExitCode::from(2);
                 }
             };
-            init_logging(config.log_level.as_deref());
-            match perch::runtime::run(config) {
+            let log = match init_logging(&config) {
+                Ok(log) => log,
+                Err(e) => {
+                    eprintln!("perch: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let stall = args
+                .debug_stall_shard
+                .map(|shard| perch::runtime::StallHook {
+                    shard,
+                    after_ms: args.debug_stall_after_ms,
+                });
+            let service = perch::runtime::Service {
+                reload: Box::new(move || args.to_config()),
+                set_log_level: Box::new(move |config: &Config| {
+                    if std::env::var_os("RUST_LOG").is_some() {
+                        tracing::info!("RUST_LOG is set: it keeps deciding the log level");
+                    }
+                    // `to_config` checked this filter; a failure here would be ours.
+                    match log_filter(config.log_level.as_deref()) {
+                        Ok(filter) => {
+                            if let Err(e) = log.reload(filter) {
+                                tracing::error!("cannot change the log level: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("{e:#}"),
+                    }
+                }),
+                stall,
+            };
+            match perch::runtime::run(config, service) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("perch stopped: {e:#}");
@@ -621,7 +704,7 @@ fn main() -> ExitCode {
         | Command::Req { .. }
         | Command::Bench { .. }) => run_nats_command(command),
         Command::Doctor(args) => {
-            let config = match args.into_config() {
+            let config = match args.to_config() {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("perch: {e:#}");

@@ -217,6 +217,7 @@ install_prereqs() {
     command -v go >/dev/null || fail "go is not installed"
     command -v clang >/dev/null || fail "clang is not installed"
     command -v arm-none-eabi-gcc >/dev/null || fail "arm-none-eabi-gcc is not installed"
+    command -v systemd-analyze >/dev/null || fail "systemd-analyze is not installed"
     [ -f "$GOPATH/src/github.com/nats-io/nats.go/nats.go" ] || fail "the nats.go source is not under $GOPATH"
     py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"
@@ -331,8 +332,8 @@ build_debs() {
 
 if [ "$WHAT" = all ] || [ "$WHAT" = clients ] || [ "$WHAT" = lint ] || [ "$WHAT" = cross ]; then
     install_prereqs
-elif ! command -v nats-server >/dev/null; then
-    install_prereqs # the Rust integration tests compare against nats-server
+elif ! command -v nats-server >/dev/null || ! command -v systemd-analyze >/dev/null; then
+    install_prereqs # the Rust integration tests compare against nats-server and check the unit
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = lint ]; then

@@ -357,6 +357,16 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("API replies always encode")
 }
 
+/// How far [`Host::open_reporting`] got: stream `stream_index` (from 0) of the
+/// `streams` this shard owns, `records_read` of its records so far.
+#[derive(Debug)]
+pub struct RecoveryProgress<'a> {
+    pub stream: &'a str,
+    pub stream_index: usize,
+    pub streams: usize,
+    pub records_read: u64,
+}
+
 impl<R: StoreRoot> Host<R> {
     /// Opens the streams of `root` that `shard` owns and enters them in `catalog`.
     pub fn open(
@@ -367,6 +377,29 @@ impl<R: StoreRoot> Host<R> {
         now_ns: i64,
         catalog: &Mutex<Catalog>,
     ) -> Result<Host<R>, StoreError> {
+        Self::open_reporting(
+            root,
+            options,
+            shard,
+            shard_count,
+            now_ns,
+            catalog,
+            &mut |_| {},
+        )
+    }
+
+    /// [`Host::open`] telling `progress` which stream it recovers and how far
+    /// it got: once as each stream starts, then every
+    /// [`super::stream::RECOVERY_PROGRESS_RECORDS`] records.
+    pub fn open_reporting(
+        root: R,
+        options: HostOptions,
+        shard: usize,
+        shard_count: usize,
+        now_ns: i64,
+        catalog: &Mutex<Catalog>,
+        progress: &mut dyn FnMut(&RecoveryProgress<'_>),
+    ) -> Result<Host<R>, StoreError> {
         let mut host = Host {
             more: false,
             root,
@@ -375,14 +408,24 @@ impl<R: StoreRoot> Host<R> {
             shard_count,
             streams: BTreeMap::new(),
         };
-        for name in host
+        let owned: Vec<String> = host
             .root
             .list()
             .map_err(StoreError::io("list", "streams"))?
-        {
-            if owner_of(&name, shard_count) != shard {
-                continue;
-            }
+            .into_iter()
+            .filter(|name| owner_of(name, shard_count) == shard)
+            .collect();
+        let streams = owned.len();
+        for (stream_index, name) in owned.into_iter().enumerate() {
+            let mut report = |records_read| {
+                progress(&RecoveryProgress {
+                    stream: &name,
+                    stream_index,
+                    streams,
+                    records_read,
+                })
+            };
+            report(0);
             let dir = host
                 .root
                 .open_stream(&name)
@@ -391,11 +434,12 @@ impl<R: StoreRoot> Host<R> {
                 tracing::warn!(stream = %name, "no {STREAM_META_FILE}: not a stream, skipped");
                 continue;
             };
-            let mut stream = Stream::open_with_options(
+            let mut stream = Stream::open_reporting(
                 dir.clone(),
                 meta.config,
                 host.options.for_stream(&name),
                 now_ns,
+                &mut report,
             )?;
             stream.note_restart();
             tracing::info!(stream = %name, shard, messages = stream.state().messages, "stream opened");

@@ -428,6 +428,9 @@ fn decode_clock_shifts(bytes: &[u8]) -> Option<Vec<ClockShift>> {
     rest.is_empty().then_some(shifts)
 }
 
+/// How many records recovery reads between two progress reports.
+pub const RECOVERY_PROGRESS_RECORDS: u64 = 16 * 1024;
+
 impl<D: Directory> Stream<D> {
     /// Opens (or creates) the stream's log in `dir` and rebuilds its state by scanning
     /// it, then applies the limits as of `now_ns`.
@@ -456,10 +459,28 @@ impl<D: Directory> Stream<D> {
         options: StreamOptions,
         now_ns: i64,
     ) -> Result<Self, StoreError> {
+        Self::open_reporting(dir, config, options, now_ns, &mut |_| {})
+    }
+
+    /// [`Stream::open_with_options`] calling `progress` with the count of
+    /// records read so far every [`RECOVERY_PROGRESS_RECORDS`] records (a
+    /// counter per record; the callback decides whether to tell anyone).
+    pub fn open_reporting(
+        dir: D,
+        config: StreamConfig,
+        options: StreamOptions,
+        now_ns: i64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Self, StoreError> {
         // One pass: the stream's index is built from the records the log's recovery
         // reads and checks anyway (records below the purge floor are not shown).
         let mut index = Index::default();
+        let mut records_read = 0u64;
         let log = Log::open_visiting(dir, options.log, &mut |record| {
+            records_read += 1;
+            if records_read.is_multiple_of(RECOVERY_PROGRESS_RECORDS) {
+                progress(records_read);
+            }
             index.note_stored(record.seq, record.headers, record.timestamp_ns);
             let (headers_len, payload_len) = (record.headers.len(), record.payload.len());
             index.insert_live(

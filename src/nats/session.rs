@@ -295,7 +295,8 @@ pub struct SessionLimits {
 
 pub struct Session {
     pub id: u64,
-    limits: SessionLimits,
+    /// A config reload replaces them ([`Session::set_limits`]).
+    limits: Cell<SessionLimits>,
     state: Cell<State>,
     close_reason: Cell<Option<CloseReason>>,
     flags: Cell<Flags>,
@@ -346,10 +347,17 @@ const FLAGS_BEFORE_CONNECT: Flags = Flags {
 };
 
 impl Session {
+    /// New limits (a config reload) for what comes next: a lower
+    /// `pending_bytes_max` is checked at the next queued frame, a lower
+    /// `subscriptions_max` at the next SUB; nothing already granted is undone.
+    pub fn set_limits(&self, limits: SessionLimits) {
+        self.limits.set(limits);
+    }
+
     pub fn new(id: u64, limits: SessionLimits) -> Rc<Session> {
         Rc::new(Session {
             id,
-            limits,
+            limits: Cell::new(limits),
             state: Cell::new(State::AwaitingConnect),
             close_reason: Cell::new(None),
             flags: Cell::new(FLAGS_BEFORE_CONNECT),
@@ -563,7 +571,7 @@ impl Session {
             self.ok();
             return Effect::None;
         }
-        let max = self.limits.subscriptions_max;
+        let max = self.limits.get().subscriptions_max;
         if max != 0 && subs.len() >= max {
             drop(subs);
             return self.fail(Some("maximum subscriptions exceeded"), false);
@@ -716,7 +724,7 @@ impl Session {
     /// (one atomic operation saved per message on the hot path).
     fn after_queue(&self, was_empty: bool) {
         let pending = self.out.borrow().len() + self.in_flight_bytes.get();
-        if pending > self.limits.pending_bytes_max {
+        if pending > self.limits.get().pending_bytes_max {
             self.out.borrow_mut().clear();
             self.close(CloseReason::SlowConsumer);
             return;

@@ -37,7 +37,7 @@ pub(crate) async fn serve<S: Socket>(
     peer: Option<SocketAddr>,
     reject: bool,
 ) {
-    let session = Session::new(client_id, shard.session_limits);
+    let session = Session::new(client_id, shard.session_limits());
     if let Some(auth) = &shard.shared.auth {
         session.require_auth(std::sync::Arc::clone(auth));
     }
@@ -247,7 +247,7 @@ fn process(
     interest_unconfirmed: &mut bool,
 ) -> Step {
     loop {
-        match parse_op(&buf[*pos..], &shard.parse_limits) {
+        match parse_op(&buf[*pos..], &shard.parse_limits()) {
             Ok(Parsed::Op(op, used)) => {
                 *pos += used;
                 let step = match session.handle_op(op) {

@@ -31,7 +31,7 @@ use crate::jetstream::api;
 use crate::jetstream::clock::JsClock;
 use crate::jetstream::service::{
     api_target, owner_of, ApiContext, ApiTarget, Catalog, HeldAcks, Host, HostOptions, OsRoot,
-    Outbound, FLOW_CONTROL_PREFIX,
+    Outbound, RecoveryProgress, FLOW_CONTROL_PREFIX,
 };
 use crate::nats::session::{Message, Session, SessionLimits, Subscription};
 use crate::store::{StoreError, SyncTicket};
@@ -40,6 +40,8 @@ use crate::store::{StoreError, SyncTicket};
 const API_QUEUE: &str = "perch-jetstream";
 /// How often a push consumer without subscribers looks for one.
 const PUSH_INTEREST_POLL_MS: u64 = 20;
+/// Recovery progress goes to systemd at most this often (plus once per stream).
+const RECOVERY_STATUS_MS: u64 = 250;
 /// How often time-based limits (max_age) are applied.
 const EXPIRE_TICK_MS: u64 = 1_000;
 /// The exit code when the store fails (EX_IOERR).
@@ -139,13 +141,42 @@ impl JsRuntime {
         shard: &Rc<Shard>,
         js: &JsShared,
     ) -> Result<Rc<JsRuntime>, StoreError> {
-        let host = Host::open(
+        // Recovery tells systemd where it is (STATUS=, shown by `systemctl
+        // status`): at each stream's start and its first progress report, then
+        // at most every RECOVERY_STATUS_MS, each report pushing the start
+        // timeout back.
+        let mut last_report: Option<std::time::Instant> = None;
+        let mut report = |progress: &RecoveryProgress<'_>| {
+            let due = if progress.records_read == 0 {
+                last_report = None;
+                true
+            } else {
+                let due = last_report
+                    .is_none_or(|at| at.elapsed() >= Duration::from_millis(RECOVERY_STATUS_MS));
+                if due {
+                    last_report = Some(std::time::Instant::now());
+                }
+                due
+            };
+            if due {
+                super::systemd::starting(&format!(
+                    "recovering stream {} ({} of {} on shard {}): {} messages read",
+                    progress.stream,
+                    progress.stream_index + 1,
+                    progress.streams,
+                    shard.id,
+                    progress.records_read
+                ));
+            }
+        };
+        let host = Host::open_reporting(
             js.root.clone(),
             js.options.clone(),
             shard.id,
             shard.shared.shard_count,
             now_ns(),
             &js.catalog,
+            &mut report,
         )?;
         let started = std::time::Instant::now();
         let wall = now_ns();

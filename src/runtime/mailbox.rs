@@ -188,6 +188,12 @@ pub(crate) enum Control {
     DeviceDatagram(super::device::ForwardedDatagram),
     /// A JetStream API request for a stream this shard owns.
     JsApi(super::jetstream::Forwarded),
+    /// A config reload: apply these limits to new and live connections, then
+    /// report the shard's id on `applied`.
+    Reload {
+        limits: crate::config::Limits,
+        applied: mpsc::UnboundedSender<usize>,
+    },
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,
 }

@@ -9,9 +9,12 @@ pub mod io;
 mod jetstream;
 mod mailbox;
 mod shard;
+mod systemd;
 
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -20,11 +23,36 @@ use io::Selected;
 use mailbox::Control;
 
 pub use device::serial_raw_mode;
+pub use shard::StallHook;
 use shard::{Shard, Shared};
+
+/// What the process around the broker provides: how to reload its config, and
+/// test hooks.
+pub struct Service {
+    /// Reads the config again (SIGHUP): the file with the command line's
+    /// flags over it, validated (log level included). Err: keep the old one.
+    pub reload: Box<dyn FnMut() -> anyhow::Result<Config>>,
+    /// Puts a reloaded config's log level in force (after `reload` accepted it).
+    pub set_log_level: Box<dyn FnMut(&Config)>,
+    /// Test-only: stall a shard (`--debug-stall-shard`).
+    pub stall: Option<StallHook>,
+}
+
+/// How long a reload waits for every shard to apply new limits before it
+/// reports READY anyway (a shard that slow is the watchdog's business).
+const RELOAD_APPLY_MS_MAX: u64 = 5_000;
+/// The watchdog's heartbeat freshness never goes below this many housekeeping
+/// ticks, so a short WatchdogSec does not flap on scheduling noise.
+const HEARTBEAT_TICKS_MIN: u64 = 3;
 
 /// Runs the broker until SIGINT or SIGTERM (then drains clients and returns Ok),
 /// or until a shard fails (returns the error).
-pub fn run(config: Config) -> anyhow::Result<()> {
+///
+/// Under systemd (Type=notify) it reports READY=1 once every shard has started
+/// (listeners bound, store recovered), pings the watchdog while every shard
+/// keeps ticking, reloads the config on SIGHUP (RELOADING=1 … READY=1) and
+/// says STOPPING=1 when it drains.
+pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
     let (backend, why) = io::select(config.io).map_err(anyhow::Error::msg)?;
     let shard_count = config.shard_count();
     let cpus = affinity::allowed_cpus();
@@ -48,18 +76,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (mut terminate, mut interrupt) = signals.block_on(async {
+    let (mut terminate, mut interrupt, mut hangup) = signals.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         anyhow::Ok((
             signal(SignalKind::terminate())?,
             signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
         ))
     })?;
+    systemd::status(&format!("starting {shard_count} shards"));
 
     let mut devices = device_sockets(&config, shard_count)?;
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
-    let shared = Arc::new(Shared::new(config, shard_count, peers));
+    let mut running = config.clone();
+    let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall));
     let (exited_tx, mut exited_rx) =
         tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
     let mut listener = Some(listener);
@@ -86,15 +117,75 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     drop(exited_tx);
 
+    let serving = format!(
+        "serving NATS on {local} ({} shards, {})",
+        shard_count,
+        match backend {
+            Selected::Uring => "io_uring",
+            Selected::Epoll => "epoll",
+        }
+    );
+    let watchdog = systemd::watchdog_timeout();
+    // Ping at half the timeout (sd_watchdog_enabled(3)); a shard counts as
+    // alive if it ticked within that half, so one missed ping is the most a
+    // healthy shard can cost, and a stuck one stops the next ping.
+    let ping_every = watchdog.map(|timeout| timeout / 2);
+    let fresh_ms = ping_every.map_or(0, |every| {
+        (every.as_millis() as u64).max(HEARTBEAT_TICKS_MIN * shard::HOUSEKEEPING_TICK_MS)
+    });
     let outcome = signals.block_on(async {
-        tokio::select! {
-            _ = terminate.recv() => { tracing::info!("SIGTERM: draining clients"); Ok(()) }
-            _ = interrupt.recv() => { tracing::info!("SIGINT: draining clients"); Ok(()) }
-            exited = exited_rx.recv() => match exited {
-                Some((id, Err(e))) => Err(anyhow::anyhow!("shard {id} failed: {e}")),
-                Some((id, Ok(()))) => Err(anyhow::anyhow!("shard {id} stopped unexpectedly")),
-                None => Err(anyhow::anyhow!("all shards stopped")),
-            },
+        let mut ready = false;
+        let mut ping = tokio::time::interval(ping_every.unwrap_or(Duration::from_secs(3600)));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stale_reported: Vec<usize> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {
+                    tracing::info!("SIGTERM: draining clients");
+                    systemd::stopping();
+                    return Ok(());
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("SIGINT: draining clients");
+                    systemd::stopping();
+                    return Ok(());
+                }
+                exited = exited_rx.recv() => return match exited {
+                    Some((id, Err(e))) => Err(anyhow::anyhow!("shard {id} failed: {e}")),
+                    Some((id, Ok(()))) => Err(anyhow::anyhow!("shard {id} stopped unexpectedly")),
+                    None => Err(anyhow::anyhow!("all shards stopped")),
+                },
+                () = shared.serving_changed.notified(), if !ready => {
+                    if shared.shards_serving.load(Ordering::Acquire) == shard_count {
+                        ready = true;
+                        tracing::debug!("every shard started: ready");
+                        systemd::ready(&serving);
+                    }
+                }
+                // A SIGHUP during start-up waits (tokio keeps it) until READY.
+                _ = hangup.recv(), if ready => {
+                    systemd::reloading();
+                    let status = reload(&shared, &mut running, &mut service).await;
+                    systemd::ready(&format!("{serving}; {status}"));
+                }
+                _ = ping.tick(), if ready && ping_every.is_some() => {
+                    let beats: Vec<u64> = shared
+                        .heartbeat_ms
+                        .iter()
+                        .map(|beat| beat.load(Ordering::Acquire))
+                        .collect();
+                    let stale = systemd::stale_shards(&beats, shared.clock_ms(), fresh_ms);
+                    if stale.is_empty() {
+                        systemd::watchdog();
+                    } else if stale != stale_reported {
+                        tracing::error!(
+                            "shard(s) {stale:?} have not run for over {fresh_ms} ms: \
+                             withholding the watchdog ping"
+                        );
+                    }
+                    stale_reported = stale;
+                }
+            }
         }
     });
     for control in &shared.peers.control {
@@ -107,6 +198,112 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     outcome
+}
+
+/// One SIGHUP: reads the config again and, if it is valid and changes nothing
+/// that is fixed while running, puts its limits and log level in force on
+/// every shard (live connections included). All or nothing: on any error the
+/// running config stays whole. Returns a line for systemd's STATUS.
+async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) -> String {
+    let new = match (service.reload)() {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("reload failed, keeping the running config: {e}");
+            return "last reload failed (see the log)".into();
+        }
+    };
+    let fixed = running.fixed_keys_changed(&new);
+    if !fixed.is_empty() {
+        for key in &fixed {
+            tracing::error!(
+                key,
+                "reload refused: {key} cannot change while perch runs (restart to \
+                 change it); keeping the running config"
+            );
+        }
+        return format!("last reload refused: {} need a restart", fixed.join(", "));
+    }
+    (service.set_log_level)(&new);
+    let limits = new.limits();
+    shared
+        .connections_max
+        .store(limits.max_connections, Ordering::Relaxed);
+    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut asked = 0;
+    for control in &shared.peers.control {
+        let reload = Control::Reload {
+            limits,
+            applied: applied_tx.clone(),
+        };
+        if control.send(reload).is_ok() {
+            asked += 1;
+        }
+    }
+    drop(applied_tx);
+    let all_applied = tokio::time::timeout(Duration::from_millis(RELOAD_APPLY_MS_MAX), async {
+        for _ in 0..asked {
+            if applied_rx.recv().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await;
+    if all_applied.is_err() {
+        tracing::warn!(
+            "reload: not every shard applied the new limits within {RELOAD_APPLY_MS_MAX} ms"
+        );
+    }
+    let old = running.limits();
+    tracing::info!(
+        "config reloaded: {}",
+        describe_changes(
+            &old,
+            &limits,
+            running.log_level.as_deref(),
+            new.log_level.as_deref()
+        )
+    );
+    *running = new;
+    "config reloaded".into()
+}
+
+/// "max_payload 1048576 -> 2048, log_level info -> debug", or "nothing changed".
+fn describe_changes(
+    old: &crate::config::Limits,
+    new: &crate::config::Limits,
+    old_level: Option<&str>,
+    new_level: Option<&str>,
+) -> String {
+    let mut changes = Vec::new();
+    macro_rules! compare {
+        ($($field:ident),*) => {$(
+            if old.$field != new.$field {
+                changes.push(format!("{} {} -> {}", stringify!($field), old.$field, new.$field));
+            }
+        )*};
+    }
+    compare!(
+        max_payload,
+        max_pending,
+        max_control_line,
+        max_connections,
+        max_subscriptions,
+        connect_timeout_ms,
+        ping_interval_ms,
+        ping_max_outstanding
+    );
+    if old_level != new_level {
+        changes.push(format!(
+            "log_level {} -> {}",
+            old_level.unwrap_or("info"),
+            new_level.unwrap_or("info")
+        ));
+    }
+    if changes.is_empty() {
+        "nothing changed".into()
+    } else {
+        changes.join(", ")
+    }
 }
 
 fn run_shard_thread(

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Notify};
 use super::io::{self, Backend};
 use super::jetstream::{JsRuntime, JsShared};
 use super::mailbox::{Batch, BatchPool, Control, Inbox, InterestMessage, Peers};
-use crate::config::{Config, Placement};
+use crate::config::{Config, Limits, Placement};
 use crate::jetstream::service::{Catalog, HostOptions, OsRoot};
 use crate::nats::encode::ServerInfo;
 use crate::nats::parser::ParseLimits;
@@ -29,8 +29,9 @@ use crate::store::LogConfig;
 
 /// The exit code when a device line cannot be opened (EX_UNAVAILABLE).
 const EXIT_DEVICES_FAILED: i32 = 69;
-/// How often a shard checks connect deadlines, pings and stuck closes.
-const HOUSEKEEPING_TICK_MS: u64 = 100;
+/// How often a shard checks connect deadlines, pings and stuck closes (and
+/// records its heartbeat for the systemd watchdog).
+pub(crate) const HOUSEKEEPING_TICK_MS: u64 = 100;
 /// How long a closing client's queued output may take to flush before the
 /// socket is shut down regardless.
 const CLOSE_FLUSH_MS_MAX: u64 = 1_000;
@@ -39,9 +40,32 @@ const SHUTDOWN_DRAIN_MS_MAX: u64 = 5_000;
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
 
+/// A test-only fault: shard `shard`'s thread blocks for good `after_ms` after
+/// it started (its loop stops, as a deadlock or a runaway task would stop it).
+#[derive(Clone, Copy, Debug)]
+pub struct StallHook {
+    pub shard: usize,
+    pub after_ms: u64,
+}
+
 /// State shared by all shards (atomics only; nothing on the message path).
 pub(crate) struct Shared {
+    /// The config the broker started with. What a reload may change is in
+    /// [`Shard::limits`] (per shard) and [`Shared::connections_max`]; the rest
+    /// of this never changes while the broker runs.
     pub config: Config,
+    /// max_connections as last (re)loaded.
+    pub connections_max: AtomicUsize,
+    /// The origin of [`Shared::heartbeat_ms`].
+    pub clock_origin: Instant,
+    /// Per shard: when its housekeeping last ran, in ms since `clock_origin`
+    /// (the systemd watchdog pings only while every one is recent).
+    pub heartbeat_ms: Vec<AtomicU64>,
+    /// Shards that finished starting (store open, devices up, shard 0
+    /// accepting); `serving_changed` is signalled at each.
+    pub shards_serving: AtomicUsize,
+    pub serving_changed: Notify,
+    pub stall: Option<StallHook>,
     pub shard_count: usize,
     pub server_id: String,
     pub peers: Peers,
@@ -60,7 +84,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, shard_count: usize, peers: Peers) -> Shared {
+    pub(crate) fn new(
+        config: Config,
+        shard_count: usize,
+        peers: Peers,
+        stall: Option<StallHook>,
+    ) -> Shared {
         // Checked by Config::validate before the shards start.
         let auth = crate::auth::Auth::new(&config.authorization)
             .ok()
@@ -73,6 +102,12 @@ impl Shared {
             );
         }
         Shared {
+            connections_max: AtomicUsize::new(config.max_connections),
+            clock_origin: Instant::now(),
+            heartbeat_ms: (0..shard_count).map(|_| AtomicU64::new(0)).collect(),
+            shards_serving: AtomicUsize::new(0),
+            serving_changed: Notify::new(),
+            stall,
             shard_count,
             server_id: server_id(),
             peers,
@@ -98,6 +133,11 @@ impl Shared {
             auth,
             config,
         }
+    }
+
+    /// Milliseconds on the heartbeat clock.
+    pub(crate) fn clock_ms(&self) -> u64 {
+        self.clock_origin.elapsed().as_millis() as u64
     }
 
     fn interest_applied(&self, from: usize, to: usize) -> u64 {
@@ -206,8 +246,8 @@ pub(crate) struct Shard {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub router: RefCell<Router>,
-    pub parse_limits: ParseLimits,
-    pub session_limits: SessionLimits,
+    /// The limits in force: the config's at start, replaced by a reload.
+    limits: Cell<Limits>,
     pub batch_pool: BatchPool,
     connections: RefCell<Connections>,
     /// Set by readers and the data loop; taken by `spin_after_activity`.
@@ -238,14 +278,7 @@ impl Shard {
         Shard {
             id,
             router: RefCell::new(Router::new(id, shared.shard_count)),
-            parse_limits: ParseLimits {
-                control_line_bytes_max: config.max_control_line,
-                payload_bytes_max: config.max_payload,
-            },
-            session_limits: SessionLimits {
-                pending_bytes_max: config.max_pending,
-                subscriptions_max: config.max_subscriptions,
-            },
+            limits: Cell::new(config.limits()),
             batch_pool: BatchPool::default(),
             connections: RefCell::new(Connections::default()),
             active: Cell::new(false),
@@ -262,13 +295,50 @@ impl Shard {
         }
     }
 
+    /// The config the broker started with; for limits see [`Shard::limits`].
     pub(crate) fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits.get()
+    }
+
+    pub(crate) fn parse_limits(&self) -> ParseLimits {
+        let limits = self.limits.get();
+        ParseLimits {
+            control_line_bytes_max: limits.max_control_line,
+            payload_bytes_max: limits.max_payload,
+        }
+    }
+
+    pub(crate) fn session_limits(&self) -> SessionLimits {
+        let limits = self.limits.get();
+        SessionLimits {
+            pending_bytes_max: limits.max_pending,
+            subscriptions_max: limits.max_subscriptions,
+        }
+    }
+
+    /// A reload: new limits for new and live connections alike. Readers take
+    /// the parse limits at each op and sessions check theirs at each use, so
+    /// nothing is dropped; a ping interval shortened takes effect at once.
+    fn apply_limits(&self, limits: Limits) {
+        self.limits.set(limits);
+        let session_limits = self.session_limits();
+        let next_ping_ms = self.now_ms() + limits.ping_interval_ms;
+        for entry in self.connections.borrow().iter() {
+            entry.session.set_limits(session_limits);
+            if entry.next_ping_ms.get() > next_ping_ms {
+                entry.next_ping_ms.set(next_ping_ms);
+            }
+        }
     }
 
     /// The INFO line for one client.
     pub(crate) fn info_line(&self, client_id: u64, peer: Option<SocketAddr>) -> Vec<u8> {
         let config = self.config();
+        let limits = self.limits.get();
         let info = ServerInfo {
             server_id: self.shared.server_id.clone(),
             server_name: config
@@ -281,7 +351,7 @@ impl Shard {
             port: config.listen.port(),
             headers: true,
             auth_required: self.shared.auth.is_some(),
-            max_payload: config.max_payload,
+            max_payload: limits.max_payload,
             jetstream: self.shared.js.is_some(),
             proto: 1,
             client_id,
@@ -312,7 +382,9 @@ impl Shard {
             fd,
             shut_down: Cell::new(false),
             opened_ms: now_ms,
-            next_ping_ms: Cell::new(now_ms + first_ping_delay_ms(self.config().ping_interval_ms)),
+            next_ping_ms: Cell::new(
+                now_ms + first_ping_delay_ms(self.limits.get().ping_interval_ms),
+            ),
             closing_since_ms: Cell::new(NOT_CLOSING),
         });
         if self.shutting_down.get() {
@@ -524,6 +596,8 @@ pub(crate) async fn run_shard<B: Backend>(
         }
         tokio::task::spawn_local(accept_loop::<B>(Rc::clone(&shard), listener));
     }
+    shard.shared.shards_serving.fetch_add(1, Ordering::AcqRel);
+    shard.shared.serving_changed.notify_one();
     stopped.notified().await;
 
     // Drain: every session is closing with flush; wait for them to finish.
@@ -597,6 +671,10 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
                 "JetStream request before the store opened; dropped"
             ),
         },
+        Control::Reload { limits, applied } => {
+            shard.apply_limits(limits);
+            let _ = applied.send(shard.id);
+        }
         Control::Shutdown => {
             shard.begin_shutdown();
             stopped.notify_one();
@@ -740,7 +818,7 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
         };
         let total = shared.connections_total.fetch_add(1, Ordering::Relaxed);
         shared.connections_per_shard[target].fetch_add(1, Ordering::Relaxed);
-        let reject = total >= shared.config.max_connections;
+        let reject = total >= shared.connections_max.load(Ordering::Relaxed);
         let client_id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
         if target == shard.id {
             adopt::<B>(&shard, stream, client_id, reject);
@@ -761,12 +839,26 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
 
 /// Connect deadlines, server PINGs, and sockets whose close is taking too long.
 /// Timers live here, never around a read (see io/mod.rs).
+///
+/// Each tick is also the shard's heartbeat for the systemd watchdog: it runs on
+/// the shard's own loop, so a blocked thread or a task that never yields stops
+/// it.
 async fn housekeeping(shard: Rc<Shard>) {
-    let config = shard.config().clone();
     let mut tick = tokio::time::interval(Duration::from_millis(HOUSEKEEPING_TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let shared = &shard.shared;
+        shared.heartbeat_ms[shard.id].store(shared.clock_ms(), Ordering::Release);
+        if let Some(stall) = shared.stall {
+            if stall.shard == shard.id && shard.now_ms() >= stall.after_ms {
+                tracing::warn!(shard = shard.id, "--debug-stall-shard: blocking this shard");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+        }
+        let config = shard.limits();
         let now_ms = shard.now_ms();
         for entry in shard.connections.borrow().iter() {
             let session = &entry.session;

@@ -1194,7 +1194,7 @@ fn device_cli_publishes_and_subscribes() {
     assert!(output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout), "one\ntwo\n");
     // At QoS 1 (the client acknowledges; the broker would resend).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_perch"))
+    let mut child = crate::support::perch_command()
         .args([
             "device", "sub", "--udp", &addr, "--qos", "1", "--count", "1",
         ])

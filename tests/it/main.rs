@@ -38,3 +38,4 @@ mod shards;
 mod store_cli;
 mod store_faults;
 mod support;
+mod systemd;
