@@ -78,6 +78,9 @@ pub struct Config {
     /// The compact device protocol (docs/device-protocol.md); off unless an
     /// address is given.
     pub device: DeviceConfig,
+    /// Monitoring over HTTP (nats-server's `/varz`, `/connz`, … and
+    /// Prometheus `/metrics`); None: off, as in nats-server.
+    pub http: Option<SocketAddr>,
 }
 
 /// Device sessions per shard before CONNECTs are refused (NO_RESOURCES).
@@ -165,6 +168,7 @@ impl Default for Config {
             store_sync_interval_ms: STORE_SYNC_INTERVAL_MS_DEFAULT,
             store_stream_durability: std::collections::BTreeMap::new(),
             device: DeviceConfig::default(),
+            http: None,
         }
     }
 }
@@ -281,6 +285,9 @@ mod tests {
         assert_eq!(config.io, IoMode::Epoll);
         assert_eq!(config.max_payload, 2048);
         assert!(Config::from_toml("max_paylod = 1").is_err());
+        let config = Config::from_toml("http = \"127.0.0.1:8222\"\n").expect("parse");
+        assert_eq!(config.http, Some(SocketAddr::from(([127, 0, 0, 1], 8222))));
+        assert_eq!(Config::default().http, None, "monitoring is off by default");
     }
 
     /// The store keys as README's example writes them.

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod jetstream;
 pub mod lite;
+pub mod monitor;
 pub mod nats;
 pub mod router;
 pub mod runtime;

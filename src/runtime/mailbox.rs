@@ -188,6 +188,11 @@ pub(crate) enum Control {
     DeviceDatagram(super::device::ForwardedDatagram),
     /// A JetStream API request for a stream this shard owns.
     JsApi(super::jetstream::Forwarded),
+    /// Monitoring asks what only the shard knows (its connections, its
+    /// device sessions); the shard answers on the request's oneshot at once,
+    /// from its own loop. The asker times out on a busy shard, never the
+    /// reverse (see `runtime/http.rs`).
+    Monitor(super::shard::MonitorRequest),
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,
 }

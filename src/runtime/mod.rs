@@ -4,6 +4,7 @@
 pub mod affinity;
 mod connection;
 mod device;
+mod http;
 mod internal;
 pub mod io;
 mod jetstream;
@@ -57,9 +58,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })?;
 
     let mut devices = device_sockets(&config, shard_count)?;
+    // Bound now, so a bad or taken monitoring address fails the start.
+    let http_listener = match config.http {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for monitoring on {addr}"))?;
+            tracing::info!("monitoring on http://{}", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let shared = Arc::new(Shared::new(config, shard_count, peers));
+    if let Some(listener) = http_listener {
+        http::spawn(listener, Arc::clone(&shared)).context("cannot start monitoring")?;
+    }
     let (exited_tx, mut exited_rx) =
         tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
     let mut listener = Some(listener);
