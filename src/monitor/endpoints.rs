@@ -239,8 +239,9 @@ pub fn connz(
     conns.sort_by_key(|c| c.cid);
     match options.sort {
         ConnSort::Cid => {}
-        ConnSort::Start => conns.sort_by_key(|c| c.start),
-        ConnSort::Uptime => conns.sort_by_key(|c| std::cmp::Reverse(c.start)),
+        // Starts are kept to the millisecond: within one, accept order (cid).
+        ConnSort::Start => conns.sort_by_key(|c| (c.start, c.cid)),
+        ConnSort::Uptime => conns.sort_by_key(|c| std::cmp::Reverse((c.start, c.cid))),
         ConnSort::Subs => conns.sort_by_key(|c| std::cmp::Reverse(c.subscriptions)),
         ConnSort::Pending => conns.sort_by_key(|c| std::cmp::Reverse(c.pending_bytes)),
         ConnSort::MsgsTo => conns.sort_by_key(|c| std::cmp::Reverse(c.out_msgs)),
@@ -272,7 +273,10 @@ fn conn_info(c: ConnSnapshot, now: Timestamp, subs: SubsDetail) -> ConnInfo {
     let client = c.client.unwrap_or_default();
     let (list, detail) = match subs {
         SubsDetail::None => (None, None),
-        SubsDetail::Subjects => (Some(c.subs.iter().map(|s| s.subject.clone()).collect()), None),
+        SubsDetail::Subjects => (
+            Some(c.subs.iter().map(|s| s.subject.clone()).collect()),
+            None,
+        ),
         SubsDetail::Detail => (
             None,
             Some(c.subs.iter().map(|s| sub_detail(c.cid, s, None)).collect()),
@@ -365,7 +369,11 @@ pub fn subsz(
     }
     let mut details: Vec<SubDetail> = conns
         .iter()
-        .flat_map(|c| c.subs.iter().map(|s| sub_detail(c.cid, s, Some(GLOBAL_ACCOUNT))))
+        .flat_map(|c| {
+            c.subs
+                .iter()
+                .map(|s| sub_detail(c.cid, s, Some(GLOBAL_ACCOUNT)))
+        })
         .filter(|d| {
             options.test.as_deref().is_none_or(|subject| {
                 crate::nats::subject::subject_matches(d.subject.as_bytes(), subject.as_bytes())
@@ -462,7 +470,10 @@ mod tests {
         };
         let connz = connz("S", now, conns.to_vec(), &options);
         assert_eq!(connz.num_connections, connz.connections.len());
-        (connz.connections.iter().map(|c| c.cid).collect(), connz.total)
+        (
+            connz.connections.iter().map(|c| c.cid).collect(),
+            connz.total,
+        )
     }
 
     #[test]
@@ -497,16 +508,16 @@ mod tests {
         let plain = serde_json::to_value(connz("S", now, conns.clone(), &parse(""))).expect("json");
         assert!(plain["connections"][0].get("subscriptions_list").is_none());
         assert_eq!(plain["connections"][0]["uptime"], "1m5s");
-        let listed = serde_json::to_value(connz("S", now, conns.clone(), &parse("subs=1")))
-            .expect("json");
+        let listed =
+            serde_json::to_value(connz("S", now, conns.clone(), &parse("subs=1"))).expect("json");
         assert_eq!(
             listed["connections"][0]["subscriptions_list"],
             serde_json::json!(["a", "b"])
         );
         // Empty lists are omitted, as Go's omitempty does.
         assert!(listed["connections"][1].get("subscriptions_list").is_none());
-        let detail = serde_json::to_value(connz("S", now, conns, &parse("subs=detail")))
-            .expect("json");
+        let detail =
+            serde_json::to_value(connz("S", now, conns, &parse("subs=detail"))).expect("json");
         assert_eq!(
             detail["connections"][0]["subscriptions_list_detail"][1],
             serde_json::json!({"subject": "b", "sid": "2", "msgs": 0, "cid": 1})
@@ -528,7 +539,9 @@ mod tests {
         assert_eq!(tested.total, Some(2));
         let list = tested.subscriptions_list.expect("listed");
         assert_eq!(
-            list.iter().map(|d| (d.cid, d.subject.as_str())).collect::<Vec<_>>(),
+            list.iter()
+                .map(|d| (d.cid, d.subject.as_str()))
+                .collect::<Vec<_>>(),
             vec![(1, "a.*"), (2, "a.x")]
         );
         assert!(list.iter().all(|d| d.account == Some("$G")));

@@ -154,7 +154,12 @@ mod tests {
     #[test]
     fn families_samples_and_escapes() {
         let mut out = Exposition::default();
-        out.single("perch_connections", "Open client connections.", Kind::Gauge, 3.0);
+        out.single(
+            "perch_connections",
+            "Open client connections.",
+            Kind::Gauge,
+            3.0,
+        );
         out.family(
             "perch_stream_messages",
             "Messages in a stream.",

@@ -187,17 +187,14 @@ impl ConnzOptions {
             "" | "open" => {}
             "closed" | "all" | "any" => {
                 return Err(QueryError(
-                    "state=closed is not supported by perch: it keeps no closed connections"
-                        .into(),
+                    "state=closed is not supported by perch: it keeps no closed connections".into(),
                 ))
             }
             other => return Err(QueryError(format!("invalid connection state: {other}"))),
         }
         let cid = match query.int("cid")? {
             0 => None,
-            cid => Some(u64::try_from(cid).map_err(|_| {
-                QueryError(format!("invalid cid: {cid}"))
-            })?),
+            cid => Some(u64::try_from(cid).map_err(|_| QueryError(format!("invalid cid: {cid}")))?),
         };
         Ok(ConnzOptions {
             sort,
@@ -277,8 +274,17 @@ mod tests {
         let o = connz("sort=bytes_to&subs=1&limit=2&offset=3").expect("valid");
         assert_eq!(o.sort, ConnSort::BytesTo);
         assert_eq!(o.subs, SubsDetail::Subjects);
-        assert_eq!(o.page, Page { offset: 3, limit: 2 });
-        assert_eq!(connz("subs=detail").expect("detail").subs, SubsDetail::Detail);
+        assert_eq!(
+            o.page,
+            Page {
+                offset: 3,
+                limit: 2
+            }
+        );
+        assert_eq!(
+            connz("subs=detail").expect("detail").subs,
+            SubsDetail::Detail
+        );
         assert_eq!(connz("subs=false").expect("false").subs, SubsDetail::None);
         // nats-server: negative offset is 0, limit ≤ 0 is the default.
         let o = connz("offset=-5&limit=0").expect("clamped");

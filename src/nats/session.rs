@@ -487,16 +487,15 @@ impl Session {
             Ok(options) => {
                 let flags = Flags::from_options(&options);
                 self.flags.set(flags);
-                *self.client.borrow_mut() = (options.name.is_some()
-                    || options.lang.is_some()
-                    || options.version.is_some())
-                .then(|| {
-                    Box::new(ClientDescription {
-                        name: options.name,
-                        lang: options.lang,
-                        version: options.version,
-                    })
-                });
+                *self.client.borrow_mut() =
+                    (options.name.is_some() || options.lang.is_some() || options.version.is_some())
+                        .then(|| {
+                            Box::new(ClientDescription {
+                                name: options.name,
+                                lang: options.lang,
+                                version: options.version,
+                            })
+                        });
                 if self.state.get() == State::AwaitingConnect {
                     self.state.set(State::Established);
                 }

@@ -134,7 +134,10 @@ fn text(status: StatusCode, body: impl Into<String>) -> HttpResponse {
 fn json(status: StatusCode, value: &impl serde::Serialize) -> HttpResponse {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(status, "application/json", body),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding failed: {e}")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding failed: {e}"),
+        ),
     }
 }
 
@@ -144,7 +147,14 @@ fn bad_request(error: QueryError) -> HttpResponse {
 
 /// The paths served, as `http_req_stats` names them.
 const PATHS: [&str; 8] = [
-    "/", "/varz", "/connz", "/subsz", "/jsz", "/healthz", "/metrics", "/subscriptionsz",
+    "/",
+    "/varz",
+    "/connz",
+    "/subsz",
+    "/jsz",
+    "/healthz",
+    "/metrics",
+    "/subscriptionsz",
 ];
 
 impl Monitor {
@@ -198,7 +208,10 @@ impl Monitor {
                     subscriptions,
                     reply,
                 };
-                control.send(Control::Monitor(request)).ok().map(|()| answer)
+                control
+                    .send(Control::Monitor(request))
+                    .ok()
+                    .map(|()| answer)
             })
             .collect();
         let mut reports = Vec::with_capacity(pending.len());
@@ -467,8 +480,10 @@ impl Monitor {
         let reports = self.ask_shards(false, false).await;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
         let shard_labels: Vec<String> = (0..shared.shard_count).map(|s| s.to_string()).collect();
-        let per_shard: Vec<[(&str, &str); 1]> =
-            shard_labels.iter().map(|s| [("shard", s.as_str())]).collect();
+        let per_shard: Vec<[(&str, &str); 1]> = shard_labels
+            .iter()
+            .map(|s| [("shard", s.as_str())])
+            .collect();
         let mut out = Exposition::default();
 
         let version = crate::nats::encode::PROTOCOL_VERSION;
@@ -508,14 +523,18 @@ impl Monitor {
             Kind::Gauge,
             self.total(|s| s.subscriptions.load(Ordering::Relaxed)) as f64,
         );
-        let shard_family = |out: &mut Exposition, name, help, kind, value: &dyn Fn(usize) -> f64| {
-            out.family(
-                name,
-                help,
-                kind,
-                per_shard.iter().enumerate().map(|(s, l)| (&l[..], value(s))),
-            );
-        };
+        let shard_family =
+            |out: &mut Exposition, name, help, kind, value: &dyn Fn(usize) -> f64| {
+                out.family(
+                    name,
+                    help,
+                    kind,
+                    per_shard
+                        .iter()
+                        .enumerate()
+                        .map(|(s, l)| (&l[..], value(s))),
+                );
+            };
         let stats = &shared.stats;
         for (name, help, field) in [
             (
@@ -544,7 +563,9 @@ impl Monitor {
                 |s| &s.slow_consumers,
             ),
         ] {
-            shard_family(&mut out, name, help, Kind::Counter, &|s| load(field(&stats[s])));
+            shard_family(&mut out, name, help, Kind::Counter, &|s| {
+                load(field(&stats[s]))
+            });
         }
         shard_family(
             &mut out,
@@ -587,16 +608,22 @@ impl Monitor {
             f64::from(u8::from(js.is_some())),
         );
         let streams = js.as_ref().map(|js| js.streams.as_slice()).unwrap_or(&[]);
-        let stream_labels: Vec<[(&str, &str); 1]> =
-            streams.iter().map(|s| [("stream", s.name.as_str())]).collect();
+        let stream_labels: Vec<[(&str, &str); 1]> = streams
+            .iter()
+            .map(|s| [("stream", s.name.as_str())])
+            .collect();
         for (name, help, value) in [
             (
                 "perch_stream_messages",
                 "Messages stored in a stream.",
                 (|s: &StreamNumbers| s.messages) as fn(&StreamNumbers) -> u64,
             ),
-            ("perch_stream_bytes", "Bytes stored in a stream.", |s| s.bytes),
-            ("perch_stream_consumers", "Consumers of a stream.", |s| s.consumers),
+            ("perch_stream_bytes", "Bytes stored in a stream.", |s| {
+                s.bytes
+            }),
+            ("perch_stream_consumers", "Consumers of a stream.", |s| {
+                s.consumers
+            }),
         ] {
             out.family(
                 name,
@@ -791,7 +818,8 @@ struct ProcessStats {
 impl ProcessStats {
     fn read() -> ProcessStats {
         // SAFETY: sysconf has no preconditions.
-        let page_bytes = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page_bytes =
+            u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         // SAFETY: as above.
         let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let resident_pages = std::fs::read_to_string("/proc/self/statm")

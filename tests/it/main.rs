@@ -32,6 +32,7 @@ mod differential_js;
 mod interest_model;
 mod jetstream;
 mod limits;
+mod monitoring;
 mod shards;
 mod store_cli;
 mod store_faults;
