@@ -152,9 +152,10 @@ install_prereqs() {
     # against; the Go client's -dev package pulls its deps (nkeys, nuid, x/crypto).
     local need=() pkg
     # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
-    # libnats-dev is only for the benchmarks (not needed here).
+    # libnats-dev is only for the benchmarks (not needed here). prometheus
+    # (with promtool) checks and scrapes perch's /metrics.
     for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang gcc-arm-none-eabi \
-        libnewlib-arm-none-eabi; do
+        libnewlib-arm-none-eabi prometheus; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -185,6 +186,8 @@ install_prereqs() {
     command -v go >/dev/null || fail "go is not installed"
     command -v clang >/dev/null || fail "clang is not installed"
     command -v arm-none-eabi-gcc >/dev/null || fail "arm-none-eabi-gcc is not installed"
+    command -v promtool >/dev/null || fail "promtool is not installed (Debian package prometheus)"
+    command -v prometheus >/dev/null || fail "prometheus is not installed"
     [ -f "$GOPATH/src/github.com/nats-io/nats.go/nats.go" ] || fail "the nats.go source is not under $GOPATH"
     py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"
