@@ -192,6 +192,7 @@ pub(crate) enum Control {
     /// device sessions); the shard answers on the request's oneshot at once,
     /// from its own loop. The asker times out on a busy shard, never the
     /// reverse (see `runtime/http.rs`).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     Monitor(super::shard::MonitorRequest),
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,

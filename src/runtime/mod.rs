@@ -4,6 +4,7 @@
 pub mod affinity;
 mod connection;
 mod device;
+#[cfg(feature = "http")]
 mod http;
 mod internal;
 pub mod io;
@@ -60,6 +61,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut devices = device_sockets(&config, shard_count)?;
     // Bound now, so a bad or taken monitoring address fails the start.
     let http_listener = match config.http {
+        #[cfg(not(feature = "http"))]
+        Some(_) => {
+            anyhow::bail!("--http: this perch was built without monitoring (cargo feature `http`)")
+        }
+        #[cfg(feature = "http")]
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen for monitoring on {addr}"))?;
@@ -71,9 +77,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let shared = Arc::new(Shared::new(config, shard_count, peers));
+    #[cfg(feature = "http")]
     if let Some(listener) = http_listener {
         http::spawn(listener, Arc::clone(&shared)).context("cannot start monitoring")?;
     }
+    #[cfg(not(feature = "http"))]
+    let _: Option<std::net::TcpListener> = http_listener;
     let (exited_tx, mut exited_rx) =
         tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
     let mut listener = Some(listener);

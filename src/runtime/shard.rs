@@ -80,6 +80,7 @@ pub(crate) struct MonitorRequest {
 }
 
 /// A shard's answer to a [`MonitorRequest`].
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
 pub(crate) struct ShardReport {
     pub connections: Vec<crate::monitor::endpoints::ConnSnapshot>,
     /// `(sessions, counters)` of the shard's device gateway, when devices are on.
@@ -105,6 +106,7 @@ pub(crate) struct Shared {
     /// Per shard, for monitoring.
     pub stats: Vec<ShardStats>,
     /// When the broker started (wall clock), for `/varz` and `/connz`.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub started: crate::jetstream::api::Timestamp,
 }
 
@@ -140,6 +142,7 @@ impl Shared {
     }
 
     /// Client connections accepted since start (rejected ones included).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn connections_accepted(&self) -> u64 {
         self.next_client_id.load(Ordering::Relaxed) - 1
     }
