@@ -642,3 +642,57 @@ fn prometheus_scrapes_perch() {
     }
     drop(guard);
 }
+
+/// HTTP clients that connect and never send a request (more of them than the
+/// server serves at once) hold only the monitoring thread's slots: NATS
+/// traffic through every shard goes on, and monitoring answers again once
+/// they leave.
+#[test]
+fn stalled_http_clients_do_not_hold_up_messages() {
+    let (perch, http) = perch_with_http(&[]);
+    let stalled: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(("127.0.0.1", http)).expect("connect to monitoring"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Round-robin placement: the subscriber and the publisher are on
+    // different shards, so the message crosses a mailbox.
+    let mut subscriber = Raw::connect(&perch);
+    subscriber.send(b"CONNECT {\"verbose\":false}\r\nSUB probe 1\r\nPING\r\n");
+    assert_eq!(subscriber.read_line(), "PONG");
+    let mut publisher = Raw::connect(&perch);
+    let started = Instant::now();
+    publisher.send(b"CONNECT {\"verbose\":false}\r\nPUB probe 2\r\nok\r\nPING\r\n");
+    assert_eq!(publisher.read_line(), "PONG");
+    assert_eq!(subscriber.read_line(), "MSG probe 1 2");
+    assert_eq!(subscriber.read_line(), "ok");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a message took {:?} with stalled monitoring clients",
+        started.elapsed()
+    );
+    drop(stalled);
+    assert_eq!(
+        get_json(http, "/healthz"),
+        serde_json::json!({"status": "ok"})
+    );
+}
+
+/// A monitoring address that cannot be bound fails the start with a clear
+/// message, rather than running unwatched.
+#[test]
+fn a_taken_http_port_fails_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let output = Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run perch");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen for monitoring on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
