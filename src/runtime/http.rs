@@ -146,7 +146,7 @@ fn bad_request(error: QueryError) -> HttpResponse {
 }
 
 /// The paths served, as `http_req_stats` names them.
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 11] = [
     "/",
     "/varz",
     "/connz",
@@ -155,6 +155,9 @@ const PATHS: [&str; 8] = [
     "/healthz",
     "/metrics",
     "/subscriptionsz",
+    "/routez",
+    "/gatewayz",
+    "/leafz",
 ];
 
 impl Monitor {
@@ -178,7 +181,7 @@ impl Monitor {
         let outcome = match path {
             "/" => Ok(text(
                 StatusCode::OK,
-                "perch monitoring: /varz /connz /subsz /jsz /healthz /metrics\n",
+                "perch monitoring: /varz /connz /subsz /jsz /healthz /metrics /routez /gatewayz /leafz\n",
             )),
             "/varz" => Ok(json(StatusCode::OK, &self.varz())),
             "/connz" => self.connz(&query).await,
@@ -186,6 +189,30 @@ impl Monitor {
             "/jsz" => Ok(json(StatusCode::OK, &self.jsz())),
             "/healthz" => self.healthz(&query).await,
             "/metrics" => Ok(self.metrics().await),
+            // perch has no routes, gateways or leaf nodes: nats-server's
+            // answers for a server without them, so exporters asked to
+            // scrape these find what they expect.
+            "/routez" => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "server_id": self.shared.server_id, "now": now(),
+                    "num_routes": 0, "routes": [],
+                }),
+            )),
+            "/gatewayz" => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "server_id": self.shared.server_id, "now": now(),
+                    "outbound_gateways": {}, "inbound_gateways": {},
+                }),
+            )),
+            "/leafz" => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "server_id": self.shared.server_id, "now": now(),
+                    "leafnodes": 0, "leafs": null,
+                }),
+            )),
             _ => unreachable!("every path in PATHS is handled"),
         };
         outcome.unwrap_or_else(bad_request)
