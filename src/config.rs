@@ -92,6 +92,9 @@ pub struct Config {
     pub device: DeviceConfig,
     /// `[authorization]`: a token or users with permissions; empty: no auth.
     pub authorization: crate::auth::AuthorizationConfig,
+    /// Monitoring over HTTP (nats-server's `/varz`, `/connz`, … and
+    /// Prometheus `/metrics`); None: off, as in nats-server.
+    pub http: Option<SocketAddr>,
 }
 
 /// Device sessions per shard before CONNECTs are refused (NO_RESOURCES).
@@ -181,6 +184,7 @@ impl Default for Config {
             store_stream_durability: std::collections::BTreeMap::new(),
             device: DeviceConfig::default(),
             authorization: crate::auth::AuthorizationConfig::default(),
+            http: None,
         }
     }
 }
@@ -330,6 +334,8 @@ impl Config {
             // Not reloadable yet: the users and permissions of live sessions
             // would have to be checked again.
             authorization,
+            // Bound before the shards start.
+            http,
         } = new;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, same: bool| {
@@ -362,6 +368,7 @@ impl Config {
             *store_stream_durability == self.store_stream_durability,
         );
         check("authorization", *authorization == self.authorization);
+        check("http", *http == self.http);
         check("device.udp", device.udp == self.device.udp);
         check("device.tcp", device.tcp == self.device.tcp);
         check("device.serial", device.serial == self.device.serial);
@@ -406,6 +413,9 @@ mod tests {
         assert_eq!(config.io, IoMode::Epoll);
         assert_eq!(config.max_payload, 2048);
         assert!(Config::from_toml("max_paylod = 1").is_err());
+        let config = Config::from_toml("http = \"127.0.0.1:8222\"\n").expect("parse");
+        assert_eq!(config.http, Some(SocketAddr::from(([127, 0, 0, 1], 8222))));
+        assert_eq!(Config::default().http, None, "monitoring is off by default");
     }
 
     /// The store keys as README's example writes them.

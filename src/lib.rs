@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod jetstream;
 pub mod lite;
+pub mod monitor;
 pub mod nats;
 pub mod router;
 pub mod runtime;

@@ -510,6 +510,11 @@ struct ServeArgs {
     /// [default: off].
     #[arg(long)]
     device_tcp: Option<SocketAddr>,
+    /// Serve monitoring over HTTP on this address (nats-server's /varz, /connz,
+    /// /subsz, /jsz, /healthz, and Prometheus /metrics), e.g. 127.0.0.1:8222
+    /// [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    http: Option<SocketAddr>,
     /// Name reported in INFO [default: perch].
     #[arg(long)]
     server_name: Option<String>,
@@ -571,6 +576,9 @@ impl ServeArgs {
         }
         if self.device_tcp.is_some() {
             config.device.tcp = self.device_tcp;
+        }
+        if self.http.is_some() {
+            config.http = self.http;
         }
         if self.log_level.is_some() {
             config.log_level.clone_from(&self.log_level);

@@ -168,10 +168,11 @@ install_prereqs() {
     # libclang-rt-14-dev: clang's sanitizer runtimes (ASan/UBSan), not pulled in
     # by clang without recommends. qemu-user-static and the arm64/armhf C
     # libraries run the ARM builds; binutils (objdump, readelf) checks them;
-    # lintian and systemd (systemd-analyze) check the .debs.
+    # lintian and systemd (systemd-analyze) check the .debs; prometheus (with
+    # promtool) checks and scrapes perch's /metrics.
     for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang libclang-rt-14-dev \
         gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-user-static libc6-arm64-cross \
-        libc6-armhf-cross binutils lintian systemd; do
+        libc6-armhf-cross binutils lintian systemd prometheus; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -218,6 +219,8 @@ install_prereqs() {
     command -v clang >/dev/null || fail "clang is not installed"
     command -v arm-none-eabi-gcc >/dev/null || fail "arm-none-eabi-gcc is not installed"
     command -v systemd-analyze >/dev/null || fail "systemd-analyze is not installed"
+    command -v promtool >/dev/null || fail "promtool is not installed (Debian package prometheus)"
+    command -v prometheus >/dev/null || fail "prometheus is not installed"
     [ -f "$GOPATH/src/github.com/nats-io/nats.go/nats.go" ] || fail "the nats.go source is not under $GOPATH"
     py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"

@@ -320,7 +320,33 @@ pub struct Session {
     active_since_ping: Cell<bool>,
     msgs_in: Cell<u64>,
     msgs_out: Cell<u64>,
+    /// Header and payload bytes published and delivered (nats-server's
+    /// `in_bytes`/`out_bytes`: the message, not the protocol line).
+    bytes_in: Cell<u64>,
+    bytes_out: Cell<u64>,
+    /// What CONNECT said about the client, for monitoring; boxed and absent
+    /// unless it named something, so a bare session pays one pointer.
+    client: RefCell<Option<Box<ClientDescription>>>,
     security: RefCell<Security>,
+}
+
+/// The CONNECT fields monitoring shows (`/connz`'s name, lang, version).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientDescription {
+    pub name: Option<String>,
+    pub lang: Option<String>,
+    pub version: Option<String>,
+}
+
+/// One subscription as monitoring lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionView {
+    pub subject: String,
+    pub queue: Option<String>,
+    pub sid: String,
+    pub delivered: u64,
+    /// The auto-unsubscribe limit; 0: none.
+    pub max_msgs: u64,
 }
 
 /// Where a session stands with authentication.
@@ -373,6 +399,9 @@ impl Session {
             msgs_in: Cell::new(0),
             msgs_out: Cell::new(0),
             security: RefCell::new(Security::Open),
+            bytes_in: Cell::new(0),
+            bytes_out: Cell::new(0),
+            client: RefCell::new(None),
         })
     }
 
@@ -421,6 +450,37 @@ impl Session {
 
     pub fn subscription_count(&self) -> usize {
         self.subs.borrow().len()
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.get()
+    }
+
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.get()
+    }
+
+    /// What CONNECT said about the client (None before CONNECT, or when it
+    /// named nothing).
+    pub fn client_description(&self) -> Option<ClientDescription> {
+        self.client.borrow().as_deref().cloned()
+    }
+
+    /// The live subscriptions, for monitoring (allocates; never on the
+    /// message path).
+    pub fn subscription_views(&self) -> Vec<SubscriptionView> {
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        let view = |sub: &Rc<Subscription>| SubscriptionView {
+            subject: text(sub.subject()),
+            queue: sub.queue().map(text),
+            sid: text(sub.sid()),
+            delivered: sub.delivered(),
+            max_msgs: sub.max_msgs.get(),
+        };
+        match &*self.subs.borrow() {
+            SubTable::Few(v) => v.iter().map(view).collect(),
+            SubTable::Many(m) => m.values().map(view).collect(),
+        }
     }
 
     /// Takes one parsed op. Replies that depend on nothing else are queued here;
@@ -499,6 +559,15 @@ impl Session {
                 }
                 let flags = Flags::from_options(&options);
                 self.flags.set(flags);
+                *self.client.borrow_mut() =
+                    (options.name.is_some() || options.lang.is_some() || options.version.is_some())
+                        .then(|| {
+                            Box::new(ClientDescription {
+                                name: options.name,
+                                lang: options.lang,
+                                version: options.version,
+                            })
+                        });
                 if self.state.get() == State::AwaitingConnect {
                     self.state.set(State::Established);
                 }
@@ -528,6 +597,8 @@ impl Session {
             self.fail(Some("Invalid Publish Subject"), false);
         }
         self.msgs_in.set(self.msgs_in.get() + 1);
+        let bytes = payload.len() + headers.map_or(0, <[u8]>::len);
+        self.bytes_in.set(self.bytes_in.get() + bytes as u64);
         self.active_since_ping.set(true);
         self.ok();
         Effect::Publish(Message {
@@ -716,6 +787,8 @@ impl Session {
             was_empty
         };
         self.msgs_out.set(self.msgs_out.get() + 1);
+        let bytes = msg.payload.len() + msg.headers.map_or(0, <[u8]>::len);
+        self.bytes_out.set(self.bytes_out.get() + bytes as u64);
         self.after_queue(was_empty);
     }
 

@@ -73,6 +73,7 @@ pub(crate) async fn serve<S: Socket>(
     shard.broadcast_interest();
     match session.close_reason() {
         Some(CloseReason::SlowConsumer) => {
+            shard.note_slow_consumer();
             tracing::warn!(
                 client_id,
                 ?peer,
@@ -264,6 +265,7 @@ fn process(
                         // one each); what this client is sent from here on waits
                         // until every shard routes to the new subscription.
                         shard.router.borrow_mut().subscribe(sub);
+                        shard.note_subscribe();
                         shard.broadcast_interest();
                         if !std::mem::replace(interest_unconfirmed, true) {
                             // One hold per pass, released by the barrier.

@@ -383,6 +383,12 @@ impl DeviceRuntime {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// `(sessions, counters)` for monitoring.
+    pub(crate) fn report(&self) -> (usize, crate::lite::gateway::Stats) {
+        let gateway = self.gateway.borrow();
+        (gateway.session_count(), gateway.stats)
+    }
+
     /// A datagram forwarded by another shard.
     pub(crate) fn handle_forwarded(
         self: &Rc<Self>,

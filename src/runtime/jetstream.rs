@@ -99,7 +99,12 @@ impl Syncer {
             .name(format!("perch-sync-{shard}"))
             .spawn(move || {
                 for (files, done) in queue {
-                    let result = files.iter().try_for_each(std::fs::File::sync_data);
+                    let result = files.iter().try_for_each(|file| {
+                        let started = std::time::Instant::now();
+                        let result = file.sync_data();
+                        crate::monitor::histogram::FSYNC.observe(started.elapsed());
+                        result
+                    });
                     let _ = done.send(result);
                 }
             })?;

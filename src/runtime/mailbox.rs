@@ -194,6 +194,12 @@ pub(crate) enum Control {
         limits: crate::config::Limits,
         applied: mpsc::UnboundedSender<usize>,
     },
+    /// Monitoring asks what only the shard knows (its connections, its
+    /// device sessions); the shard answers on the request's oneshot at once,
+    /// from its own loop. The asker times out on a busy shard, never the
+    /// reverse (see `runtime/http.rs`).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    Monitor(super::shard::MonitorRequest),
     /// Stop accepting, flush and close every client, then stop.
     Shutdown,
 }

@@ -4,6 +4,8 @@
 pub mod affinity;
 mod connection;
 mod device;
+#[cfg(feature = "http")]
+mod http;
 mod internal;
 pub mod io;
 mod jetstream;
@@ -87,10 +89,31 @@ pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
     systemd::status(&format!("starting {shard_count} shards"));
 
     let mut devices = device_sockets(&config, shard_count)?;
+    // Bound now, so a bad or taken monitoring address fails the start.
+    let http_listener = match config.http {
+        #[cfg(not(feature = "http"))]
+        Some(_) => {
+            anyhow::bail!("--http: this perch was built without monitoring (cargo feature `http`)")
+        }
+        #[cfg(feature = "http")]
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for monitoring on {addr}"))?;
+            tracing::info!("monitoring on http://{}", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let mut running = config.clone();
     let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall));
+    #[cfg(feature = "http")]
+    if let Some(listener) = http_listener {
+        http::spawn(listener, Arc::clone(&shared)).context("cannot start monitoring")?;
+    }
+    #[cfg(not(feature = "http"))]
+    let _: Option<std::net::TcpListener> = http_listener;
     let (exited_tx, mut exited_rx) =
         tokio::sync::mpsc::unbounded_channel::<(usize, Result<(), String>)>();
     let mut listener = Some(listener);

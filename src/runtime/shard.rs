@@ -4,7 +4,8 @@
 //! Inside a shard everything is `Rc`/`RefCell`; no borrow is held across an
 //! `.await`. Shards share nothing but the bounded mailboxes in [`Peers`] and a
 //! few atomic counters in [`Shared`] (connection counts for placement and
-//! max_connections).
+//! max_connections, and [`ShardStats`] for monitoring, which each shard
+//! publishes from its housekeeping tick so the message path pays nothing).
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -48,6 +49,53 @@ pub struct StallHook {
     pub after_ms: u64,
 }
 
+/// One shard's counters for monitoring, written only by that shard (each
+/// housekeeping tick, from the sessions' own counters) and read by the HTTP
+/// thread without asking the shard. A cache line each, so a shard's writes
+/// never invalidate a neighbour's line.
+#[repr(align(64))]
+#[derive(Default)]
+pub(crate) struct ShardStats {
+    /// Client messages and their header + payload bytes, published (in) and
+    /// delivered (out), since start, closed connections included.
+    pub msgs_in: AtomicU64,
+    pub msgs_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Clients closed for exceeding max_pending (updated at once: rare).
+    pub slow_consumers: AtomicU64,
+    /// Client subscriptions now, and client SUBs since start.
+    pub subscriptions: AtomicU64,
+    pub subscriptions_inserted: AtomicU64,
+}
+
+/// Counters of connections that have closed (their sessions are gone), so
+/// the published totals never go backwards.
+#[derive(Clone, Copy, Default)]
+struct ClosedTotals {
+    msgs_in: u64,
+    msgs_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// A monitoring question for one shard (see [`Control::Monitor`]).
+pub(crate) struct MonitorRequest {
+    /// Include a snapshot of every client connection.
+    pub connections: bool,
+    /// With `connections`: each connection's subscriptions too.
+    pub subscriptions: bool,
+    pub reply: tokio::sync::oneshot::Sender<ShardReport>,
+}
+
+/// A shard's answer to a [`MonitorRequest`].
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+pub(crate) struct ShardReport {
+    pub connections: Vec<crate::monitor::endpoints::ConnSnapshot>,
+    /// `(sessions, counters)` of the shard's device gateway, when devices are on.
+    pub devices: Option<(usize, crate::lite::gateway::Stats)>,
+}
+
 /// State shared by all shards (atomics only; nothing on the message path).
 pub(crate) struct Shared {
     /// The config the broker started with. What a reload may change is in
@@ -81,6 +129,11 @@ pub(crate) struct Shared {
     pub js_ready: AtomicUsize,
     /// Present when `[authorization]` asks for credentials.
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// Per shard, for monitoring.
+    pub stats: Vec<ShardStats>,
+    /// When the broker started (wall clock), for `/varz` and `/connz`.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub started: crate::jetstream::api::Timestamp,
 }
 
 impl Shared {
@@ -131,6 +184,8 @@ impl Shared {
             }),
             js_ready: AtomicUsize::new(0),
             auth,
+            stats: (0..shard_count).map(|_| ShardStats::default()).collect(),
+            started: crate::jetstream::api::Timestamp::from_unix_nanos(unix_now_ns()),
             config,
         }
     }
@@ -140,9 +195,22 @@ impl Shared {
         self.clock_origin.elapsed().as_millis() as u64
     }
 
+    /// Client connections accepted since start (rejected ones included).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn connections_accepted(&self) -> u64 {
+        self.next_client_id.load(Ordering::Relaxed) - 1
+    }
+
     fn interest_applied(&self, from: usize, to: usize) -> u64 {
         self.interest_applied[from * self.shard_count + to].load(Ordering::Acquire)
     }
+}
+
+fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// A random-looking 56-character id in nats-server's alphabet (uppercase A–Z, 2–7).
@@ -264,6 +332,11 @@ pub(crate) struct Shard {
     interest_inbox: RefCell<Option<mpsc::UnboundedReceiver<InterestMessage>>>,
     /// The shard's clock origin for the millisecond times in `ConnEntry`.
     started: Instant,
+    /// `started` on the wall clock (for connections' start times in `/connz`).
+    started_unix_ns: i64,
+    closed_totals: Cell<ClosedTotals>,
+    /// Client SUBs since start (monitoring's `num_inserts`).
+    subscriptions_inserted: Cell<u64>,
     shutting_down: Cell<bool>,
     stop_accepting: Notify,
     /// This shard's JetStream, once its streams are open.
@@ -287,6 +360,9 @@ impl Shard {
             interest_holds: RefCell::new(std::collections::VecDeque::new()),
             interest_inbox: RefCell::new(None),
             started: Instant::now(),
+            started_unix_ns: unix_now_ns(),
+            closed_totals: Cell::new(ClosedTotals::default()),
+            subscriptions_inserted: Cell::new(0),
             shutting_down: Cell::new(false),
             stop_accepting: Notify::new(),
             js: std::cell::OnceCell::new(),
@@ -394,6 +470,15 @@ impl Shard {
     }
 
     pub(crate) fn unregister(&self, slot: usize) {
+        if let Some(entry) = &self.connections.borrow().slots[slot] {
+            let session = &entry.session;
+            let mut closed = self.closed_totals.get();
+            closed.msgs_in += session.msgs_in();
+            closed.msgs_out += session.msgs_out();
+            closed.bytes_in += session.bytes_in();
+            closed.bytes_out += session.bytes_out();
+            self.closed_totals.set(closed);
+        }
         self.connections.borrow_mut().remove(slot);
         self.shared.connections_per_shard[self.id].fetch_sub(1, Ordering::Relaxed);
         self.shared
@@ -403,6 +488,91 @@ impl Shard {
 
     pub(crate) fn connection_count(&self) -> usize {
         self.connections.borrow().len
+    }
+
+    /// A client subscribed (counted for monitoring's `num_inserts`).
+    pub(crate) fn note_subscribe(&self) {
+        self.subscriptions_inserted
+            .set(self.subscriptions_inserted.get() + 1);
+    }
+
+    /// A client was closed as a slow consumer.
+    pub(crate) fn note_slow_consumer(&self) {
+        self.shared.stats[self.id]
+            .slow_consumers
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers a monitoring request from this shard's own state.
+    fn report(&self, request: MonitorRequest) {
+        let connections = if request.connections {
+            self.connections
+                .borrow()
+                .iter()
+                .map(|entry| self.snapshot(entry, request.subscriptions))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let devices = self.device.get().map(|device| device.report());
+        // The asker may have timed out and gone: nothing to do then.
+        let _ = request.reply.send(ShardReport {
+            connections,
+            devices,
+        });
+    }
+
+    fn snapshot(
+        &self,
+        entry: &ConnEntry,
+        subscriptions: bool,
+    ) -> crate::monitor::endpoints::ConnSnapshot {
+        let session = &entry.session;
+        let peer = peer_of(entry.fd);
+        let start_ns = self.started_unix_ns + entry.opened_ms as i64 * 1_000_000;
+        crate::monitor::endpoints::ConnSnapshot {
+            cid: session.id,
+            ip: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+            port: peer.map_or(0, |p| p.port()),
+            start: crate::jetstream::api::Timestamp::from_unix_nanos(start_ns),
+            pending_bytes: session.pending_bytes() as u64,
+            in_msgs: session.msgs_in(),
+            out_msgs: session.msgs_out(),
+            in_bytes: session.bytes_in(),
+            out_bytes: session.bytes_out(),
+            subscriptions: u32::try_from(session.subscription_count()).unwrap_or(u32::MAX),
+            client: session.client_description(),
+            subs: if subscriptions {
+                session.subscription_views()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Publishes the monitoring counters: closed connections' totals plus the
+    /// live sessions' own counters (the sessions count per message; nothing
+    /// on the message path touches an atomic for monitoring).
+    fn publish_stats(&self) {
+        let mut totals = self.closed_totals.get();
+        let mut subscriptions = 0u64;
+        for entry in self.connections.borrow().iter() {
+            let session = &entry.session;
+            totals.msgs_in += session.msgs_in();
+            totals.msgs_out += session.msgs_out();
+            totals.bytes_in += session.bytes_in();
+            totals.bytes_out += session.bytes_out();
+            subscriptions += session.subscription_count() as u64;
+        }
+        let stats = &self.shared.stats[self.id];
+        stats.msgs_in.store(totals.msgs_in, Ordering::Relaxed);
+        stats.msgs_out.store(totals.msgs_out, Ordering::Relaxed);
+        stats.bytes_in.store(totals.bytes_in, Ordering::Relaxed);
+        stats.bytes_out.store(totals.bytes_out, Ordering::Relaxed);
+        stats.subscriptions.store(subscriptions, Ordering::Relaxed);
+        stats
+            .subscriptions_inserted
+            .store(self.subscriptions_inserted.get(), Ordering::Relaxed);
     }
 
     /// Broadcasts the router's pending interest changes to every other shard.
@@ -675,6 +845,7 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
             shard.apply_limits(limits);
             let _ = applied.send(shard.id);
         }
+        Control::Monitor(request) => shard.report(request),
         Control::Shutdown => {
             shard.begin_shutdown();
             stopped.notify_one();
@@ -837,6 +1008,17 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
     tracing::debug!("stopped accepting");
 }
 
+/// The peer of a connected socket, asked of the kernel (so connections need
+/// not keep it: idle ones are the norm).
+fn peer_of(fd: RawFd) -> Option<SocketAddr> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is a registered connection's socket, open until the
+    // connection unregisters (on this thread, so not during this call);
+    // ManuallyDrop keeps this borrowed view from closing it.
+    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    stream.peer_addr().ok()
+}
+
 /// Connect deadlines, server PINGs, and sockets whose close is taking too long.
 /// Timers live here, never around a read (see io/mod.rs).
 ///
@@ -859,6 +1041,7 @@ async fn housekeeping(shard: Rc<Shard>) {
             }
         }
         let config = shard.limits();
+        shard.publish_stats();
         let now_ms = shard.now_ms();
         for entry in shard.connections.borrow().iter() {
             let session = &entry.session;

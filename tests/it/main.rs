@@ -34,6 +34,7 @@ mod doctor;
 mod interest_model;
 mod jetstream;
 mod limits;
+mod monitoring;
 mod shards;
 mod store_cli;
 mod store_faults;
