@@ -655,16 +655,23 @@ fn init_logging(config: &Config) -> anyhow::Result<LogHandle> {
     Ok(handle)
 }
 
+/// The config `serve` (and `doctor`) would run with, or None after saying why.
+fn config_or_complain(args: &ServeArgs) -> Option<Config> {
+    match args.to_config() {
+        Ok(config) => Some(config),
+        Err(e) => {
+            eprintln!("perch: {e:#}");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let config = match args.to_config() {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("perch: {e:#}");
-                    return ExitCode::from(2);
-                }
+            let Some(config) = config_or_complain(&args) else {
+                return ExitCode::from(2);
             };
             let log = match init_logging(&config) {
                 Ok(log) => log,
@@ -712,12 +719,8 @@ fn main() -> ExitCode {
         | Command::Req { .. }
         | Command::Bench { .. }) => run_nats_command(command),
         Command::Doctor(args) => {
-            let config = match args.to_config() {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("perch: {e:#}");
-                    return ExitCode::from(2);
-                }
+            let Some(config) = config_or_complain(&args) else {
+                return ExitCode::from(2);
             };
             use perch::tools::doctor;
             let mut out = std::io::stdout().lock();

@@ -1156,35 +1156,23 @@ impl Gateway {
     /// Ends sessions silent past their keepalive (publishing their wills) and
     /// retransmits unacknowledged QoS 1 messages whose time has come.
     pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Action>) {
-        let retries: Vec<usize> = self
-            .sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.as_ref()
-                    .and_then(DeviceSession::next_qos1_retry_ms)
-                    .is_some_and(|at| at <= now_ms)
-            })
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in retries {
+        for slot in self.slots_due(now_ms, DeviceSession::next_qos1_retry_ms) {
             self.pump_qos1(slot, now_ms, Qos1Pass::Timer, out);
         }
-        let expired: Vec<usize> = self
-            .sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.as_ref()
-                    .and_then(DeviceSession::expires_at_ms)
-                    .is_some_and(|at| at <= now_ms)
-            })
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in expired {
+        for slot in self.slots_due(now_ms, DeviceSession::expires_at_ms) {
             self.stats.sessions_expired += 1;
             self.remove(slot, true, out);
         }
+    }
+
+    /// The slots whose session's `when` has come by `now_ms`.
+    fn slots_due(&self, now_ms: u64, when: fn(&DeviceSession) -> Option<u64>) -> Vec<usize> {
+        self.sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().and_then(when).is_some_and(|at| at <= now_ms))
+            .map(|(slot, _)| slot)
+            .collect()
     }
 
     /// The earliest time [`Gateway::expire`] has work.

@@ -709,3 +709,45 @@ fn a_taken_http_port_fails_the_start() {
         "{stderr}"
     );
 }
+
+/// A shard that stops (the hidden `--debug-stall-shard` hook blocks its
+/// thread) turns `/healthz` into 503 and `perch_shard_responding` for it into
+/// 0, while the HTTP thread keeps answering.
+#[test]
+fn a_stuck_shard_shows_in_healthz_and_metrics() {
+    let (_server, http) = perch_with_http(&[
+        "--shards",
+        "2",
+        "--debug-stall-shard",
+        "1",
+        "--debug-stall-after-ms",
+        "1500",
+    ]);
+    let (status, _, body) = http_get(http, "/healthz");
+    assert_eq!(status, 200, "healthy before the stall: {body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body) = http_get(http, "/healthz");
+        if status == 503 {
+            assert!(body.contains("unavailable"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {status} long after the stall: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _, metrics) = http_get(http, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&metrics, "perch_shard_responding", "{shard=\"1\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "perch_shard_responding", "{shard=\"0\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+}
