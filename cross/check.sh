@@ -21,22 +21,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SIZE_BYTES_MAX=$((4 << 20))
 GLIBC_FLOOR=$(sed -n 's/^GLIBC_FLOOR=//p' cross/build.sh)
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-PASSED=0 FAILED=0
-
-check() { # check DESCRIPTION COMMAND...
-    local what=$1
-    shift
-    local out rc=0
-    out=$("$@" 2>&1) || rc=$?
-    if [ "$rc" -eq 0 ]; then
-        PASSED=$((PASSED + 1))
-        echo "ok - $what${out:+ ($out)}"
-    else
-        FAILED=$((FAILED + 1))
-        echo "not ok - $what"
-        [ -z "$out" ] || echo "$out" | sed 's/^/    /'
-    fi
-}
+# shellcheck source=cross/checks.sh
+. cross/checks.sh
 
 machine_of() {
     case $1 in
@@ -231,5 +217,4 @@ for target in "$@"; do
     fi
 done
 
-echo "cross checks: $PASSED passed, $FAILED failed"
-[ "$FAILED" -eq 0 ]
+checks_summary cross

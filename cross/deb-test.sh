@@ -18,7 +18,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-PASSED=0 FAILED=0
+# shellcheck source=cross/checks.sh
+. cross/checks.sh
 INSTALLED_BY_US=0
 
 # Runs a command, printing only its last line unless it fails (dpkg is chatty).
@@ -29,21 +30,6 @@ quietly() {
         return 1
     }
     tail -1 <<<"$out"
-}
-
-check() { # check DESCRIPTION COMMAND...
-    local what=$1
-    shift
-    local out rc=0
-    out=$("$@" 2>&1) || rc=$?
-    if [ "$rc" -eq 0 ]; then
-        PASSED=$((PASSED + 1))
-        echo "ok - $what${out:+ ($out)}"
-    else
-        FAILED=$((FAILED + 1))
-        echo "not ok - $what"
-        [ -z "$out" ] || echo "$out" | sed 's/^/    /'
-    fi
 }
 
 cleanup() {
@@ -290,5 +276,4 @@ if [ -e "$AMD64" ]; then
     check "purge removes config, data, unit links" purged
 fi
 
-echo "deb checks: $PASSED passed, $FAILED failed"
-[ "$FAILED" -eq 0 ]
+checks_summary deb
