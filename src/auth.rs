@@ -17,6 +17,8 @@ use serde::Deserialize;
 use crate::nats::connect::ConnectOptions;
 use crate::nats::subject::{is_valid_queue, is_valid_subject, subject_matches};
 
+pub mod nkey;
+
 /// `[authorization]`: a token, or users (not both, as in nats-server).
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -34,13 +36,16 @@ impl fmt::Debug for AuthorizationConfig {
     }
 }
 
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// One user: `user` + `password`, or `nkey` alone (as in nats-server).
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
 pub struct UserConfig {
     pub user: String,
     /// Plain text, or a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`).
     pub password: String,
-    #[serde(default)]
+    /// A user's public nkey (`U…`): the client proves it holds the seed by
+    /// signing the nonce of its INFO.
+    pub nkey: Option<String>,
     pub permissions: Option<PermissionsConfig>,
 }
 
@@ -49,6 +54,7 @@ impl fmt::Debug for UserConfig {
         f.debug_struct("UserConfig")
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field("nkey", &self.nkey)
             .field("permissions", &self.permissions)
             .finish()
     }
@@ -59,7 +65,28 @@ impl fmt::Debug for UserConfig {
 pub struct PermissionsConfig {
     pub publish: Option<RulesConfig>,
     pub subscribe: Option<RulesConfig>,
+    /// May publish to the reply subject of each message it receives:
+    /// `true` (one response within 2 minutes) or `{ max, expires_ms }`
+    /// (0 or absent: those defaults; negative: unlimited).
+    pub allow_responses: Option<AllowResponsesConfig>,
 }
+
+/// `allow_responses = true` or `{ max = 5, expires_ms = 60000 }`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AllowResponsesConfig {
+    Enabled(bool),
+    Limits {
+        #[serde(default)]
+        max: i64,
+        #[serde(default)]
+        expires_ms: i64,
+    },
+}
+
+/// nats-server's defaults for `allow_responses`: one response, within 2 minutes.
+const RESPONSES_MAX_DEFAULT: u32 = 1;
+const RESPONSES_EXPIRES_MS_DEFAULT: u64 = 120_000;
 
 /// A list alone is an allow list; a table gives allow and deny.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -87,6 +114,12 @@ pub enum AuthConfigError {
     EmptyUser,
     #[error("authorization: user {0:?} has an empty password")]
     EmptyPassword(String),
+    #[error("authorization: nkey {0:?} is not a user's public nkey (U…, 56 characters)")]
+    BadNkey(String),
+    #[error("authorization: nkey {0:?} appears twice")]
+    DuplicateNkey(String),
+    #[error("authorization: nkey {0:?}: an nkey user has no user name or password")]
+    NkeyWithPassword(String),
     #[error("authorization: user {0:?}: the password looks like bcrypt but is not a valid hash")]
     BadBcrypt(String),
     #[error(
@@ -109,17 +142,38 @@ pub struct AuthFailed;
 pub struct Auth {
     token: Option<Box<str>>,
     users: Vec<User>,
+    /// Some user has an nkey: every INFO carries a nonce to sign.
+    nonce_required: bool,
 }
 
 struct User {
+    /// The user name, or the public nkey of an nkey user.
     name: Box<str>,
-    password: Password,
+    credential: Credential,
     permissions: Option<Arc<Permissions>>,
 }
 
-enum Password {
+#[derive(PartialEq, Eq)]
+enum Credential {
     Plain(Box<str>),
     Bcrypt(Box<str>),
+    Nkey([u8; nkey::KEY_BYTES]),
+}
+
+/// Who a client authenticated as, and what it may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// None: no restrictions.
+    pub permissions: Option<Arc<Permissions>>,
+    /// The index of the user in its `Auth`; None: the token.
+    user: Option<usize>,
+}
+
+impl Grant {
+    /// The user name (or nkey) the client authenticated as; None: the token.
+    pub fn user<'a>(&self, auth: &'a Auth) -> Option<&'a str> {
+        self.user.and_then(|i| auth.users.get(i)).map(|u| &*u.name)
+    }
 }
 
 impl fmt::Debug for Auth {
@@ -139,6 +193,18 @@ impl fmt::Debug for Auth {
 pub struct Permissions {
     publish: Rules,
     subscribe: Rules,
+    /// `allow_responses`: None when not given.
+    responses: Option<ResponseLimits>,
+}
+
+/// How many responses a client may publish to a reply subject it received,
+/// and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponseLimits {
+    /// None: unlimited.
+    pub max: Option<u32>,
+    /// None: no time limit.
+    pub expires_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -168,42 +234,62 @@ impl Auth {
         }
         let mut users: Vec<User> = Vec::new();
         for u in &config.users {
-            if u.user.is_empty() {
-                return Err(AuthConfigError::EmptyUser);
-            }
-            if users.iter().any(|known| *known.name == *u.user) {
-                return Err(AuthConfigError::DuplicateUser(u.user.clone()));
-            }
-            if u.password.is_empty() {
-                return Err(AuthConfigError::EmptyPassword(u.user.clone()));
-            }
-            let password = if is_bcrypt(&u.password) {
-                // A hash that cannot verify anything would lock the user out
-                // silently: refuse it at load.
-                if bcrypt::verify("", &u.password).is_err() {
-                    return Err(AuthConfigError::BadBcrypt(u.user.clone()));
+            let (name, credential) = if let Some(key) = &u.nkey {
+                if !u.user.is_empty() || !u.password.is_empty() {
+                    return Err(AuthConfigError::NkeyWithPassword(key.clone()));
                 }
-                Password::Bcrypt(u.password.as_str().into())
+                let raw = nkey::decode_user_key(key)
+                    .ok_or_else(|| AuthConfigError::BadNkey(key.clone()))?;
+                if users
+                    .iter()
+                    .any(|known| known.credential == Credential::Nkey(raw))
+                {
+                    return Err(AuthConfigError::DuplicateNkey(key.clone()));
+                }
+                (key, Credential::Nkey(raw))
             } else {
-                Password::Plain(u.password.as_str().into())
+                if u.user.is_empty() {
+                    return Err(AuthConfigError::EmptyUser);
+                }
+                if users.iter().any(|known| *known.name == *u.user) {
+                    return Err(AuthConfigError::DuplicateUser(u.user.clone()));
+                }
+                if u.password.is_empty() {
+                    return Err(AuthConfigError::EmptyPassword(u.user.clone()));
+                }
+                let credential = if is_bcrypt(&u.password) {
+                    // A hash that cannot verify anything would lock the user out
+                    // silently: refuse it at load.
+                    if bcrypt::verify("", &u.password).is_err() {
+                        return Err(AuthConfigError::BadBcrypt(u.user.clone()));
+                    }
+                    Credential::Bcrypt(u.password.as_str().into())
+                } else {
+                    Credential::Plain(u.password.as_str().into())
+                };
+                (&u.user, credential)
             };
             let permissions = u
                 .permissions
                 .as_ref()
-                .map(|p| Permissions::compile(&u.user, p).map(Arc::new))
+                .map(|p| Permissions::compile(name, p).map(Arc::new))
                 .transpose()?;
             users.push(User {
-                name: u.user.as_str().into(),
-                password,
+                name: name.as_str().into(),
+                credential,
                 permissions,
             });
         }
         if config.token.is_none() && users.is_empty() {
             return Ok(None);
         }
+        let nonce_required = users
+            .iter()
+            .any(|u| matches!(u.credential, Credential::Nkey(_)));
         Ok(Some(Auth {
             token: config.token.as_deref().map(Into::into),
             users,
+            nonce_required,
         }))
     }
 
@@ -212,40 +298,101 @@ impl Auth {
     pub fn plain_text_users(&self) -> impl Iterator<Item = &str> {
         self.users
             .iter()
-            .filter(|u| matches!(u.password, Password::Plain(_)))
+            .filter(|u| matches!(u.credential, Credential::Plain(_)))
             .map(|u| &*u.name)
     }
 
-    /// Checks CONNECT's credentials: Ok with the user's permissions (None: no
-    /// restrictions), or Err (the reference answers `Authorization Violation`
-    /// and closes, whatever was wrong).
+    /// Whether each client's INFO must carry a nonce (some user has an nkey).
+    pub fn nonce_required(&self) -> bool {
+        self.nonce_required
+    }
+
+    /// Checks CONNECT's credentials: Ok with who the client is and what it
+    /// may do, or Err (the reference answers `Authorization Violation` and
+    /// closes, whatever was wrong). `nonce` is the one this client's INFO
+    /// carried, which an nkey user must have signed.
     pub fn authenticate(
         &self,
         options: &ConnectOptions,
-    ) -> Result<Option<Arc<Permissions>>, AuthFailed> {
+        nonce: Option<&[u8]>,
+    ) -> Result<Grant, AuthFailed> {
         if let Some(token) = &self.token {
             let given = options.auth_token.as_deref().unwrap_or("");
             return if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                Ok(None)
+                Ok(Grant {
+                    permissions: None,
+                    user: None,
+                })
             } else {
                 Err(AuthFailed)
             };
         }
-        let name = options.user.as_deref().ok_or(AuthFailed)?;
-        let pass = options.pass.as_deref().unwrap_or("");
-        let user = self
-            .users
-            .iter()
-            .find(|u| &*u.name == name)
-            .ok_or(AuthFailed)?;
-        let ok = match &user.password {
-            Password::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
-            Password::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
-        };
-        if ok {
-            Ok(user.permissions.clone())
+        // nats-server: a CONNECT with an nkey is checked as an nkey user only.
+        let found = if let Some(key) = options.nkey.as_deref().filter(|_| self.nonce_required) {
+            let raw = nkey::decode_user_key(key).ok_or(AuthFailed)?;
+            let (nonce, sig) = nonce.zip(options.sig.as_deref()).ok_or(AuthFailed)?;
+            let found = self
+                .users
+                .iter()
+                .position(|u| u.credential == Credential::Nkey(raw))
+                .ok_or(AuthFailed)?;
+            if !nkey::verify(&raw, nonce, sig) {
+                return Err(AuthFailed);
+            }
+            found
         } else {
-            Err(AuthFailed)
+            let name = options.user.as_deref().ok_or(AuthFailed)?;
+            let pass = options.pass.as_deref().unwrap_or("");
+            let found = self
+                .users
+                .iter()
+                .position(|u| &*u.name == name && !matches!(u.credential, Credential::Nkey(_)))
+                .ok_or(AuthFailed)?;
+            let ok = match &self.users[found].credential {
+                Credential::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
+                Credential::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+                Credential::Nkey(_) => false,
+            };
+            if !ok {
+                return Err(AuthFailed);
+            }
+            found
+        };
+        Ok(Grant {
+            permissions: self.users[found].permissions.clone(),
+            user: Some(found),
+        })
+    }
+
+    /// A config reload: whether a client that `old` admitted with `grant` is
+    /// still admitted by `self`, and with which permissions. The client's
+    /// secret is not kept, so this asks whether the same credential is still
+    /// configured: the same token; a user of the same name with the same
+    /// password (or hash); the same nkey. A changed password or a removed user
+    /// fails (the client is closed and reconnects with what it has).
+    pub fn recheck(&self, old: &Auth, grant: &Grant) -> Result<Grant, AuthFailed> {
+        match grant.user {
+            None => match (&self.token, &old.token) {
+                (Some(new), Some(was)) if constant_time_eq(new.as_bytes(), was.as_bytes()) => {
+                    Ok(Grant {
+                        permissions: None,
+                        user: None,
+                    })
+                }
+                _ => Err(AuthFailed),
+            },
+            Some(i) => {
+                let was = old.users.get(i).ok_or(AuthFailed)?;
+                let found = self
+                    .users
+                    .iter()
+                    .position(|u| u.name == was.name && u.credential == was.credential)
+                    .ok_or(AuthFailed)?;
+                Ok(Grant {
+                    permissions: self.users[found].permissions.clone(),
+                    user: Some(found),
+                })
+            }
         }
     }
 }
@@ -307,10 +454,41 @@ impl Permissions {
                 deny: deny.iter().map(entry).collect::<Result<_, _>>()?,
             })
         };
+        let responses = match &config.allow_responses {
+            None | Some(AllowResponsesConfig::Enabled(false)) => None,
+            Some(AllowResponsesConfig::Enabled(true)) => Some(ResponseLimits {
+                max: Some(RESPONSES_MAX_DEFAULT),
+                expires_ms: Some(RESPONSES_EXPIRES_MS_DEFAULT),
+            }),
+            Some(AllowResponsesConfig::Limits { max, expires_ms }) => Some(ResponseLimits {
+                max: match *max {
+                    0 => Some(RESPONSES_MAX_DEFAULT),
+                    m if m < 0 => None,
+                    m => Some(u32::try_from(m).unwrap_or(u32::MAX)),
+                },
+                expires_ms: match *expires_ms {
+                    0 => Some(RESPONSES_EXPIRES_MS_DEFAULT),
+                    e if e < 0 => None,
+                    e => Some(e.unsigned_abs()),
+                },
+            }),
+        };
+        let mut publish = rules("publish", &config.publish, false)?;
+        if responses.is_some() && config.publish.is_none() {
+            // nats-server: allow_responses without publish rules turns the
+            // blanket publish permission off (responses only).
+            publish.allow = Some(Vec::new());
+        }
         Ok(Permissions {
-            publish: rules("publish", &config.publish, false)?,
+            publish,
             subscribe: rules("subscribe", &config.subscribe, true)?,
+            responses,
         })
+    }
+
+    /// `allow_responses`, if given.
+    pub fn responses(&self) -> Option<ResponseLimits> {
+        self.responses
     }
 
     /// A publish to `subject` (a literal) is allowed.
@@ -421,6 +599,16 @@ pub fn covers(cover: &[u8], pattern: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    impl Auth {
+        /// Without a nonce, as the user/password and token tests need.
+        fn authenticate_plain(
+            &self,
+            options: &ConnectOptions,
+        ) -> Result<Option<Arc<Permissions>>, AuthFailed> {
+            self.authenticate(options, None).map(|g| g.permissions)
+        }
+    }
+
     fn perms(toml_text: &str) -> Permissions {
         let config: PermissionsConfig = toml::from_str(toml_text).expect("permissions TOML");
         Permissions::compile("u", &config).expect("compiles")
@@ -491,6 +679,7 @@ mod tests {
                     user: "plain".into(),
                     password: "pw".into(),
                     permissions: None,
+                    ..UserConfig::default()
                 },
                 UserConfig {
                     user: "hashed".into(),
@@ -498,29 +687,31 @@ mod tests {
                     permissions: Some(PermissionsConfig {
                         publish: Some(RulesConfig::Allow(vec!["x".into()])),
                         subscribe: None,
+                        allow_responses: None,
                     }),
+                    ..UserConfig::default()
                 },
             ],
         };
         let auth = Auth::new(&config).expect("valid").expect("some");
         assert_eq!(
-            auth.authenticate(&options(Some("plain"), Some("pw"), None)),
+            auth.authenticate_plain(&options(Some("plain"), Some("pw"), None)),
             Ok(None)
         );
         assert!(auth
-            .authenticate(&options(Some("plain"), Some("pW"), None))
+            .authenticate_plain(&options(Some("plain"), Some("pW"), None))
             .is_err());
         assert!(auth
-            .authenticate(&options(Some("nobody"), Some("pw"), None))
+            .authenticate_plain(&options(Some("nobody"), Some("pw"), None))
             .is_err());
-        assert!(auth.authenticate(&options(None, None, None)).is_err());
+        assert!(auth.authenticate_plain(&options(None, None, None)).is_err());
         let perms = auth
-            .authenticate(&options(Some("hashed"), Some("s3cret"), None))
+            .authenticate_plain(&options(Some("hashed"), Some("s3cret"), None))
             .expect("bcrypt verifies")
             .expect("with permissions");
         assert!(perms.can_publish(b"x") && !perms.can_publish(b"y"));
         assert!(auth
-            .authenticate(&options(Some("hashed"), Some("nope"), None))
+            .authenticate_plain(&options(Some("hashed"), Some("nope"), None))
             .is_err());
         let debug = format!("{config:?} {auth:?}");
         assert!(!debug.contains("pw\"") && !debug.contains("$2"), "{debug}");
@@ -532,14 +723,14 @@ mod tests {
         .expect("valid")
         .expect("some");
         assert_eq!(
-            token.authenticate(&options(None, None, Some("t0k"))),
+            token.authenticate_plain(&options(None, None, Some("t0k"))),
             Ok(None)
         );
         assert!(token
-            .authenticate(&options(None, None, Some("t0K")))
+            .authenticate_plain(&options(None, None, Some("t0K")))
             .is_err());
         assert!(token
-            .authenticate(&options(Some("a"), Some("t0k"), None))
+            .authenticate_plain(&options(Some("a"), Some("t0k"), None))
             .is_err());
     }
 
@@ -549,6 +740,7 @@ mod tests {
             user: name.into(),
             password: password.into(),
             permissions: None,
+            ..UserConfig::default()
         };
         let both = AuthorizationConfig {
             token: Some("t".into()),

@@ -331,9 +331,9 @@ impl Config {
             store_sync_interval_ms,
             store_stream_durability,
             device,
-            // Not reloadable yet: the users and permissions of live sessions
-            // would have to be checked again.
-            authorization,
+            // Reloadable: every shard checks its live sessions against the
+            // new users and permissions (Session::reauthorize).
+            authorization: _,
             // Bound before the shards start.
             http,
         } = new;
@@ -367,7 +367,6 @@ impl Config {
             "store_stream_durability",
             *store_stream_durability == self.store_stream_durability,
         );
-        check("authorization", *authorization == self.authorization);
         check("http", *http == self.http);
         check("device.udp", device.udp == self.device.udp);
         check("device.tcp", device.tcp == self.device.tcp);

@@ -21,7 +21,7 @@ use super::connect::{parse_connect, ConnectOptions};
 use super::encode;
 use super::parser::ClientOp;
 use super::subject::{is_valid_publish_subject, is_valid_queue, is_valid_subject};
-use crate::auth::{Auth, Permissions};
+use crate::auth::{Auth, Grant, Permissions, ResponseLimits};
 
 /// A message as it moves through the broker: borrowed, so routing copies nothing.
 #[derive(Clone, Copy, Debug)]
@@ -179,6 +179,9 @@ impl Subscription {
         let delivered = self.delivered.get() + 1;
         self.delivered.set(delivered);
         self.session.queue_message(self.sid(), msg);
+        if let Some(reply) = msg.reply {
+            self.session.note_reply(reply);
+        }
         let max = self.max_msgs.get();
         if max != 0 && delivered >= max {
             self.live.set(false);
@@ -349,14 +352,116 @@ pub struct SubscriptionView {
     pub max_msgs: u64,
 }
 
-/// Where a session stands with authentication.
+/// Where a session stands with authentication. Boxed states: a session
+/// without auth pays one word.
 enum Security {
     /// No authentication configured: everything is allowed.
     Open,
     /// CONNECT must carry credentials `Auth` accepts.
-    Required(std::sync::Arc<Auth>),
-    /// Authenticated; None: no restrictions.
-    Granted(Option<std::sync::Arc<Permissions>>),
+    Required(Box<Pending>),
+    /// Authenticated.
+    Granted(Box<Granted>),
+}
+
+struct Pending {
+    auth: std::sync::Arc<Auth>,
+    /// The nonce this client's INFO carried, for an nkey user to sign.
+    nonce: Option<[u8; crate::auth::nkey::NONCE_CHARS]>,
+}
+
+struct Granted {
+    /// The configuration that admitted the client (a reload checks the grant
+    /// against the new one).
+    auth: std::sync::Arc<Auth>,
+    grant: Grant,
+    /// Reply subjects this client received and may answer (`allow_responses`).
+    responses: Option<Responses>,
+}
+
+/// The reply subjects a client with `allow_responses` may publish to, oldest
+/// first. Bounded: past [`RESPONSES_TRACKED_MAX`] the oldest are forgotten
+/// (a flood of requests cannot grow a responder's memory).
+struct Responses {
+    limits: ResponseLimits,
+    open: std::collections::VecDeque<OpenReply>,
+}
+
+struct OpenReply {
+    subject: Box<[u8]>,
+    /// Responses still allowed; None: unlimited.
+    left: Option<u32>,
+    received_ms: u64,
+}
+
+/// Reply subjects tracked per client for `allow_responses` (nats-server
+/// prunes past 4096 too).
+const RESPONSES_TRACKED_MAX: usize = 4096;
+
+thread_local! {
+    /// Milliseconds on this shard's coarse clock, set by the runtime's
+    /// housekeeping tick (nats/ reads no clock itself; see [`set_coarse_now_ms`]).
+    static COARSE_NOW_MS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Sets the time `allow_responses` expiry is measured by, on this thread.
+pub fn set_coarse_now_ms(ms: u64) {
+    COARSE_NOW_MS.with(|now| now.set(ms));
+}
+
+fn coarse_now_ms() -> u64 {
+    COARSE_NOW_MS.with(Cell::get)
+}
+
+impl Responses {
+    fn note(&mut self, reply: &[u8]) {
+        if self.open.len() >= RESPONSES_TRACKED_MAX {
+            self.open.pop_front();
+        }
+        self.open.push_back(OpenReply {
+            subject: reply.into(),
+            left: self.limits.max,
+            received_ms: coarse_now_ms(),
+        });
+    }
+
+    /// Uses up one response to `subject` if one is open (newest first).
+    fn take(&mut self, subject: &[u8]) -> bool {
+        let now = coarse_now_ms();
+        let expires_ms = self.limits.expires_ms;
+        let expired =
+            |r: &OpenReply| expires_ms.is_some_and(|e| now.saturating_sub(r.received_ms) > e);
+        while self.open.front().is_some_and(expired) {
+            self.open.pop_front();
+        }
+        let Some(i) = self
+            .open
+            .iter()
+            .rposition(|r| &*r.subject == subject && !expired(r))
+        else {
+            return false;
+        };
+        let r = &mut self.open[i];
+        match &mut r.left {
+            None => {}
+            Some(left) => {
+                *left -= 1;
+                if *left == 0 {
+                    self.open.remove(i);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// What a config reload did to one session ([`Session::reauthorize`]).
+#[derive(Debug, Default)]
+pub struct Reauthorized {
+    /// The client's credentials no longer admit it: it is closing.
+    pub closed: bool,
+    /// Subscriptions the new permissions no longer allow, already out of the
+    /// session's table: the runtime removes them from the router.
+    pub removed: Vec<Rc<Subscription>>,
 }
 
 /// [`Session::hold_from`] when nothing is held.
@@ -405,21 +510,166 @@ impl Session {
         })
     }
 
-    /// The client must authenticate in CONNECT (before any other op).
-    pub fn require_auth(&self, auth: std::sync::Arc<Auth>) {
-        *self.security.borrow_mut() = Security::Required(auth);
+    /// The client must authenticate in CONNECT (before any other op);
+    /// `nonce` is the one its INFO carries (for nkey users).
+    pub fn require_auth(
+        &self,
+        auth: std::sync::Arc<Auth>,
+        nonce: Option<[u8; crate::auth::nkey::NONCE_CHARS]>,
+    ) {
+        *self.security.borrow_mut() = Security::Required(Box::new(Pending { auth, nonce }));
+    }
+
+    /// Still waiting for CONNECT's credentials.
+    pub fn awaiting_auth(&self) -> bool {
+        matches!(&*self.security.borrow(), Security::Required(_))
     }
 
     fn permissions(&self) -> Option<std::sync::Arc<Permissions>> {
         match &*self.security.borrow() {
-            Security::Granted(p) => p.clone(),
+            Security::Granted(g) => g.grant.permissions.clone(),
             _ => None,
         }
     }
 
+    /// A message with a reply subject was delivered to this client: under
+    /// `allow_responses` it may now answer it.
+    fn note_reply(&self, reply: &[u8]) {
+        if let Security::Granted(g) = &mut *self.security.borrow_mut() {
+            if let Some(responses) = &mut g.responses {
+                responses.note(reply);
+            }
+        }
+    }
+
+    /// Uses up one response to `subject`, if this client received a request
+    /// with that reply subject and may still answer it.
+    fn take_response(&self, subject: &[u8]) -> bool {
+        match &mut *self.security.borrow_mut() {
+            Security::Granted(g) => g.responses.as_mut().is_some_and(|r| r.take(subject)),
+            _ => false,
+        }
+    }
+
+    /// A config reload replaced `[authorization]` with `new` (None: no
+    /// authentication any more). A client admitted before is checked again
+    /// ([`Auth::recheck`]): if it is no longer admitted it gets
+    /// `Authorization Violation` and closes; otherwise its new permissions
+    /// apply from here on, and each subscription they no longer allow is
+    /// removed with nats-server's `Permissions Violation for Subscription to
+    /// "x" (sid "n")`. A client that connected while no authentication was
+    /// configured holds no credentials to check: it is closed, and reconnects
+    /// with what it has. One still before CONNECT checks against `new`.
+    pub fn reauthorize(&self, new: Option<&std::sync::Arc<Auth>>) -> Reauthorized {
+        let mut outcome = Reauthorized::default();
+        if self.is_closing() {
+            return outcome;
+        }
+        let mut security = self.security.borrow_mut();
+        let permissions = match (&mut *security, new) {
+            (Security::Open, None) => return outcome,
+            (Security::Required(pending), Some(new)) => {
+                pending.auth = std::sync::Arc::clone(new);
+                if new.nonce_required() && pending.nonce.is_none() {
+                    // Its INFO carried no nonce to sign: it could never
+                    // authenticate as an nkey user; let it reconnect.
+                    drop(security);
+                    self.fail(Some("Authorization Violation"), true);
+                    outcome.closed = true;
+                }
+                return outcome;
+            }
+            (Security::Required(_), None) => {
+                *security = Security::Open;
+                return outcome;
+            }
+            (Security::Granted(_), None) => {
+                *security = Security::Open;
+                None
+            }
+            (Security::Open, Some(_)) => {
+                drop(security);
+                self.fail(Some("Authorization Violation"), true);
+                outcome.closed = true;
+                return outcome;
+            }
+            (Security::Granted(g), Some(new)) => match new.recheck(&g.auth, &g.grant) {
+                Ok(grant) => {
+                    let permissions = grant.permissions.clone();
+                    let limits = permissions.as_ref().and_then(|p| p.responses());
+                    g.responses = match (g.responses.take(), limits) {
+                        (_, None) => None,
+                        (Some(mut kept), Some(limits)) => {
+                            kept.limits = limits;
+                            Some(kept)
+                        }
+                        (None, Some(limits)) => Some(Responses {
+                            limits,
+                            open: std::collections::VecDeque::new(),
+                        }),
+                    };
+                    g.auth = std::sync::Arc::clone(new);
+                    g.grant = grant;
+                    permissions
+                }
+                Err(crate::auth::AuthFailed) => {
+                    drop(security);
+                    tracing::info!(
+                        client_id = self.id,
+                        "config reload: the client's credentials are no longer accepted"
+                    );
+                    self.fail(Some("Authorization Violation"), true);
+                    outcome.closed = true;
+                    return outcome;
+                }
+            },
+        };
+        drop(security);
+        // Every subscription is checked against the new permissions.
+        let subs: Vec<Rc<Subscription>> = match &*self.subs.borrow() {
+            SubTable::Few(v) => v.clone(),
+            SubTable::Many(m) => m.values().cloned().collect(),
+        };
+        for sub in subs {
+            let allowed = permissions
+                .as_ref()
+                .is_none_or(|p| p.can_subscribe(sub.subject(), sub.queue()));
+            if allowed {
+                sub.deny_filtered.set(
+                    permissions
+                        .as_ref()
+                        .is_some_and(|p| p.filters_deliveries(sub.subject())),
+                );
+                continue;
+            }
+            let text = match sub.queue() {
+                Some(q) => format!(
+                    "Permissions Violation for Subscription to {} using queue {} (sid {})",
+                    go_quote(sub.subject()),
+                    go_quote(q),
+                    go_quote(sub.sid())
+                ),
+                None => format!(
+                    "Permissions Violation for Subscription to {} (sid {})",
+                    go_quote(sub.subject()),
+                    go_quote(sub.sid())
+                ),
+            };
+            self.fail(Some(&text), false);
+            self.subs.borrow_mut().remove(sub.sid());
+            sub.kill();
+            outcome.removed.push(sub);
+        }
+        outcome
+    }
+
     fn delivery_denied(&self, subject: &[u8]) -> bool {
         match &*self.security.borrow() {
-            Security::Granted(Some(p)) => p.delivery_denied(subject),
+            Security::Granted(g) => g
+                .grant
+                .permissions
+                .as_ref()
+                .is_some_and(|p| p.delivery_denied(subject)),
             _ => false,
         }
     }
@@ -539,13 +789,26 @@ impl Session {
         match parse_connect(json) {
             Ok(options) => {
                 let required = match &*self.security.borrow() {
-                    Security::Required(auth) => Some(std::sync::Arc::clone(auth)),
+                    Security::Required(pending) => {
+                        Some((std::sync::Arc::clone(&pending.auth), pending.nonce))
+                    }
                     _ => None,
                 };
-                if let Some(auth) = required {
-                    match auth.authenticate(&options) {
-                        Ok(permissions) => {
-                            *self.security.borrow_mut() = Security::Granted(permissions)
+                if let Some((auth, nonce)) = required {
+                    match auth.authenticate(&options, nonce.as_ref().map(|n| &n[..])) {
+                        Ok(grant) => {
+                            let responses =
+                                grant.permissions.as_ref().and_then(|p| p.responses()).map(
+                                    |limits| Responses {
+                                        limits,
+                                        open: std::collections::VecDeque::new(),
+                                    },
+                                );
+                            *self.security.borrow_mut() = Security::Granted(Box::new(Granted {
+                                auth,
+                                grant,
+                                responses,
+                            }))
                         }
                         Err(crate::auth::AuthFailed) => {
                             tracing::debug!(
@@ -586,7 +849,7 @@ impl Session {
         payload: &'a [u8],
     ) -> Effect<'a> {
         if let Some(permissions) = self.permissions() {
-            if !permissions.can_publish(subject) {
+            if !permissions.can_publish(subject) && !self.take_response(subject) {
                 let text = format!("Permissions Violation for Publish to {}", go_quote(subject));
                 return self.fail(Some(&text), false);
             }

@@ -38,10 +38,23 @@ pub(crate) async fn serve<S: Socket>(
     reject: bool,
 ) {
     let session = Session::new(client_id, shard.session_limits());
-    if let Some(auth) = &shard.shared.auth {
-        session.require_auth(std::sync::Arc::clone(auth));
+    let mut nonce = None;
+    let mut no_nonce = false;
+    if let Some(auth) = shard.auth() {
+        if auth.nonce_required() {
+            nonce = crate::auth::nkey::new_nonce();
+            no_nonce = nonce.is_none();
+        }
+        session.require_auth(auth, nonce);
     }
-    session.queue_bytes(&shard.info_line(client_id, peer));
+    session.queue_bytes(&shard.info_line(client_id, peer, nonce.as_ref().map(|n| &n[..])));
+    if no_nonce {
+        tracing::error!(
+            client_id,
+            "no random nonce (the system's random source failed): refused"
+        );
+        session.fail_and_close(Some("Authorization Violation"), CloseReason::ProtocolError);
+    }
     tracing::debug!(client_id, ?peer, "client connected");
     // Only the IP is kept for the closing log line: a whole SocketAddr would sit
     // in every connection's task for its lifetime.
@@ -248,6 +261,18 @@ fn process(
     interest_unconfirmed: &mut bool,
 ) -> Step {
     loop {
+        if session.awaiting_auth()
+            && buf
+                .get(*pos)
+                .is_some_and(|b| !b.eq_ignore_ascii_case(&b'C'))
+        {
+            // Before CONNECT authenticated the client, an op that cannot be
+            // CONNECT is refused at its first byte, as nats-server does: an
+            // unauthenticated client never gets a payload (or a declared
+            // length) buffered, parsed or routed.
+            session.fail_and_close(Some("Authorization Violation"), CloseReason::ProtocolError);
+            return Step::Stop;
+        }
         match parse_op(&buf[*pos..], &shard.parse_limits()) {
             Ok(Parsed::Op(op, used)) => {
                 *pos += used;

@@ -192,6 +192,10 @@ pub(crate) enum Control {
     /// report the shard's id on `applied`.
     Reload {
         limits: crate::config::Limits,
+        /// A changed `[authorization]` (inner None: authentication turned
+        /// off); None when it did not change.
+        #[allow(clippy::option_option)]
+        auth: Option<Option<std::sync::Arc<crate::auth::Auth>>>,
         applied: mpsc::UnboundedSender<usize>,
     },
     /// Monitoring asks what only the shard knows (its connections, its

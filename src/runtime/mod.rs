@@ -246,6 +246,21 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
         }
         return format!("last reload refused: {} need a restart", fixed.join(", "));
     }
+    // A changed [authorization] is compiled once here (validate() accepted
+    // it) and every shard checks its live connections against it.
+    let auth = (new.authorization != running.authorization).then(|| {
+        let auth = crate::auth::Auth::new(&new.authorization)
+            .ok()
+            .flatten()
+            .map(std::sync::Arc::new);
+        for user in auth.iter().flat_map(|a| a.plain_text_users()) {
+            tracing::warn!(
+                user,
+                "authorization: plain-text password in the config; a bcrypt hash is safer"
+            );
+        }
+        auth
+    });
     (service.set_log_level)(&new);
     let limits = new.limits();
     shared
@@ -256,6 +271,7 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
     for control in &shared.peers.control {
         let reload = Control::Reload {
             limits,
+            auth: auth.clone(),
             applied: applied_tx.clone(),
         };
         if control.send(reload).is_ok() {
@@ -277,15 +293,20 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
         );
     }
     let old = running.limits();
-    tracing::info!(
-        "config reloaded: {}",
-        describe_changes(
-            &old,
-            &limits,
-            running.log_level.as_deref(),
-            new.log_level.as_deref()
-        )
+    let mut changes = describe_changes(
+        &old,
+        &limits,
+        running.log_level.as_deref(),
+        new.log_level.as_deref(),
     );
+    if auth.is_some() {
+        changes = if changes == "nothing changed" {
+            "authorization".into()
+        } else {
+            format!("{changes}, authorization")
+        };
+    }
+    tracing::info!("config reloaded: {changes}");
     *running = new;
     "config reloaded".into()
 }

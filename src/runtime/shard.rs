@@ -343,6 +343,9 @@ pub(crate) struct Shard {
     pub js: std::cell::OnceCell<Rc<JsRuntime>>,
     /// This shard's device gateway, when devices are configured.
     pub device: std::cell::OnceCell<Rc<super::device::DeviceRuntime>>,
+    /// `[authorization]` in force: the config's at start, replaced by a
+    /// reload (None: no authentication).
+    auth: RefCell<Option<std::sync::Arc<crate::auth::Auth>>>,
 }
 
 impl Shard {
@@ -367,8 +370,44 @@ impl Shard {
             stop_accepting: Notify::new(),
             js: std::cell::OnceCell::new(),
             device: std::cell::OnceCell::new(),
+            auth: RefCell::new(shared.auth.clone()),
             shared,
         }
+    }
+
+    /// The `[authorization]` new connections must satisfy.
+    pub(crate) fn auth(&self) -> Option<std::sync::Arc<crate::auth::Auth>> {
+        self.auth.borrow().clone()
+    }
+
+    /// A reload replaced `[authorization]`: new connections get `new`, and
+    /// every live one is checked against it ([`Session::reauthorize`]); the
+    /// subscriptions it loses leave the router before the shard confirms the
+    /// reload, so nothing the new permissions deny is routed to them after.
+    fn apply_auth(&self, new: Option<std::sync::Arc<crate::auth::Auth>>) {
+        *self.auth.borrow_mut() = new.clone();
+        let mut removed = Vec::new();
+        let mut closed = 0usize;
+        for entry in self.connections.borrow().iter() {
+            let outcome = entry.session.reauthorize(new.as_ref());
+            closed += usize::from(outcome.closed);
+            removed.extend(outcome.removed);
+        }
+        if !removed.is_empty() {
+            let mut router = self.router.borrow_mut();
+            for sub in &removed {
+                router.unsubscribe(sub);
+            }
+        }
+        if closed > 0 || !removed.is_empty() {
+            tracing::info!(
+                shard = self.id,
+                closed,
+                subscriptions_removed = removed.len(),
+                "config reload: authorization applied to live connections"
+            );
+        }
+        self.broadcast_interest();
     }
 
     /// The config the broker started with; for limits see [`Shard::limits`].
@@ -412,7 +451,12 @@ impl Shard {
     }
 
     /// The INFO line for one client.
-    pub(crate) fn info_line(&self, client_id: u64, peer: Option<SocketAddr>) -> Vec<u8> {
+    pub(crate) fn info_line(
+        &self,
+        client_id: u64,
+        peer: Option<SocketAddr>,
+        nonce: Option<&[u8]>,
+    ) -> Vec<u8> {
         let config = self.config();
         let limits = self.limits.get();
         let info = ServerInfo {
@@ -426,7 +470,10 @@ impl Shard {
             host: config.listen.ip().to_string(),
             port: config.listen.port(),
             headers: true,
-            auth_required: self.shared.auth.is_some(),
+            auth_required: self.auth.borrow().is_some(),
+            nonce: nonce
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .unwrap_or_default(),
             max_payload: limits.max_payload,
             jetstream: self.shared.js.is_some(),
             proto: 1,
@@ -841,8 +888,15 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
                 "JetStream request before the store opened; dropped"
             ),
         },
-        Control::Reload { limits, applied } => {
+        Control::Reload {
+            limits,
+            auth,
+            applied,
+        } => {
             shard.apply_limits(limits);
+            if let Some(auth) = auth {
+                shard.apply_auth(auth);
+            }
             let _ = applied.send(shard.id);
         }
         Control::Monitor(request) => shard.report(request),
@@ -1043,6 +1097,7 @@ async fn housekeeping(shard: Rc<Shard>) {
         let config = shard.limits();
         shard.publish_stats();
         let now_ms = shard.now_ms();
+        crate::nats::session::set_coarse_now_ms(now_ms);
         for entry in shard.connections.borrow().iter() {
             let session = &entry.session;
             match session.state() {

@@ -806,6 +806,11 @@ fn normalised_info_json(json: &[u8]) -> String {
             parts.push(format!("{key}:*"));
         }
     }
+    // A nonce differs per connection; its presence and length are compared.
+    if let Some(nonce) = fields.get("nonce") {
+        let chars = nonce.as_str().map_or(0, str::len);
+        parts.push(format!("nonce:<{chars} chars>"));
+    }
     format!("{{{}}}", parts.join(","))
 }
 
