@@ -735,6 +735,116 @@ mod tests {
     }
 
     #[test]
+    fn nkey_users_sign_the_nonce() {
+        use ring::signature::KeyPair;
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[3; 32]).expect("seed");
+        let public: [u8; 32] = pair.public_key().as_ref().try_into().expect("32");
+        let key = nkey::encode::user_public_key(&public);
+        let config: AuthorizationConfig = toml::from_str(&format!(
+            r#"users = [ {{ nkey = "{key}", permissions = {{ publish = ["x"] }} }}, {{ user = "alice", password = "pw" }} ]"#
+        ))
+        .expect("TOML");
+        let auth = Auth::new(&config).expect("valid").expect("some");
+        assert!(auth.nonce_required());
+        let nonce = nkey::new_nonce().expect("random");
+        let sig = nkey::encode::base64url(pair.sign(&nonce).as_ref());
+        let connect = |json: serde_json::Value| {
+            crate::nats::connect::parse_connect(&serde_json::to_vec(&json).expect("json"))
+                .expect("parses")
+        };
+        let grant = auth
+            .authenticate(
+                &connect(serde_json::json!({"nkey": key, "sig": sig})),
+                Some(&nonce),
+            )
+            .expect("signed nonce");
+        assert_eq!(grant.user(&auth), Some(key.as_str()));
+        assert!(grant.permissions.expect("permissions").can_publish(b"x"));
+        let other = nkey::new_nonce().expect("random");
+        for (json, nonce) in [
+            (serde_json::json!({"nkey": key, "sig": sig}), &other[..]),
+            (serde_json::json!({"nkey": key}), &nonce[..]),
+            (serde_json::json!({"nkey": "UBAD", "sig": sig}), &nonce[..]),
+            // The nkey user cannot log in by name with any password.
+            (serde_json::json!({"user": key, "pass": ""}), &nonce[..]),
+        ] {
+            assert!(
+                auth.authenticate(&connect(json.clone()), Some(nonce))
+                    .is_err(),
+                "{json}"
+            );
+        }
+        assert!(auth
+            .authenticate(
+                &connect(serde_json::json!({"user": "alice", "pass": "pw"})),
+                Some(&nonce)
+            )
+            .is_ok());
+        // An nkey user with a password, or a key that is not a user's, is refused at load.
+        for bad in [
+            format!(r#"users = [ {{ nkey = "{key}", password = "x" }} ]"#),
+            r#"users = [ { nkey = "UXXXX" } ]"#.to_string(),
+            format!(r#"users = [ {{ nkey = "{key}" }}, {{ nkey = "{key}" }} ]"#),
+        ] {
+            let config: AuthorizationConfig = toml::from_str(&bad).expect("TOML");
+            assert!(Auth::new(&config).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allow_responses_forms_and_defaults() {
+        let p = perms("subscribe = [\"svc\"]\nallow_responses = true");
+        assert_eq!(
+            p.responses(),
+            Some(ResponseLimits {
+                max: Some(1),
+                expires_ms: Some(120_000)
+            })
+        );
+        assert!(!p.can_publish(b"anything"), "blanket publish is off");
+        let p = perms("publish = [\"a\"]\nallow_responses = { max = -1, expires_ms = -1 }");
+        assert_eq!(
+            p.responses(),
+            Some(ResponseLimits {
+                max: None,
+                expires_ms: None
+            })
+        );
+        assert!(p.can_publish(b"a"), "the publish list still applies");
+        let p = perms("allow_responses = { max = 5 }");
+        assert_eq!(p.responses().and_then(|r| r.expires_ms), Some(120_000));
+        assert_eq!(perms("allow_responses = false").responses(), None);
+    }
+
+    #[test]
+    fn recheck_keeps_the_same_credential_only() {
+        let load = |text: &str| {
+            let config: AuthorizationConfig = toml::from_str(text).expect("TOML");
+            Auth::new(&config).expect("valid").expect("some")
+        };
+        let old =
+            load(r#"users = [ { user = "a", password = "pa" }, { user = "b", password = "pb" } ]"#);
+        let connect = |user: &str, pass: &str| options(Some(user), Some(pass), None);
+        let a = old.authenticate(&connect("a", "pa"), None).expect("a");
+        let b = old.authenticate(&connect("b", "pb"), None).expect("b");
+        // Users reordered, b's password changed, a given permissions.
+        let new = load(
+            r#"users = [ { user = "b", password = "changed" }, { user = "a", password = "pa", permissions = { publish = ["x"] } } ]"#,
+        );
+        let a2 = new.recheck(&old, &a).expect("same password");
+        assert_eq!(a2.user(&new), Some("a"));
+        assert!(a2.permissions.is_some());
+        assert!(new.recheck(&old, &b).is_err());
+        let tokens = load(r#"token = "t1""#);
+        let t = tokens
+            .authenticate(&options(None, None, Some("t1")), None)
+            .expect("token");
+        assert!(load(r#"token = "t1""#).recheck(&tokens, &t).is_ok());
+        assert!(load(r#"token = "t2""#).recheck(&tokens, &t).is_err());
+        assert!(new.recheck(&tokens, &t).is_err(), "token gone");
+    }
+
+    #[test]
     fn bad_tables_are_refused() {
         let user = |name: &str, password: &str| UserConfig {
             user: name.into(),

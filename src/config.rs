@@ -65,6 +65,9 @@ pub struct Config {
     pub max_pending: usize,
     pub max_control_line: usize,
     pub max_connections: usize,
+    /// New connections a second from one IP address (bursts up to this
+    /// many); 0: no limit. Over it, a connection is closed before INFO.
+    pub connection_rate_per_ip: u32,
     /// 0 means unlimited, as in nats-server.
     pub max_subscriptions: usize,
     pub connect_timeout_ms: u64,
@@ -170,6 +173,7 @@ impl Default for Config {
             max_pending: PENDING_BYTES_MAX_DEFAULT,
             max_control_line: CONTROL_LINE_BYTES_MAX_DEFAULT,
             max_connections: CONNECTIONS_MAX_DEFAULT,
+            connection_rate_per_ip: 0,
             max_subscriptions: 0,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
@@ -197,6 +201,7 @@ pub struct Limits {
     pub max_pending: usize,
     pub max_control_line: usize,
     pub max_connections: usize,
+    pub connection_rate_per_ip: u32,
     pub max_subscriptions: usize,
     pub connect_timeout_ms: u64,
     pub ping_interval_ms: u64,
@@ -294,6 +299,7 @@ impl Config {
             max_pending: self.max_pending,
             max_control_line: self.max_control_line,
             max_connections: self.max_connections,
+            connection_rate_per_ip: self.connection_rate_per_ip,
             max_subscriptions: self.max_subscriptions,
             connect_timeout_ms: self.connect_timeout_ms,
             ping_interval_ms: self.ping_interval_ms,
@@ -318,6 +324,7 @@ impl Config {
             max_pending: _,
             max_control_line: _,
             max_connections: _,
+            connection_rate_per_ip: _,
             max_subscriptions: _,
             connect_timeout_ms: _,
             ping_interval_ms: _,

@@ -471,6 +471,9 @@ struct ServeArgs {
     /// Simultaneous client connections [default: 65536].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// New connections a second from one IP address, 0 = no limit [default: 0].
+    #[arg(long)]
+    connection_rate_per_ip: Option<u32>,
     /// Subscriptions per connection, 0 = unlimited [default: 0].
     #[arg(long)]
     max_subscriptions: Option<usize>,
@@ -552,6 +555,7 @@ impl ServeArgs {
             max_pending,
             max_control_line,
             max_connections,
+            connection_rate_per_ip,
             max_subscriptions,
             connect_timeout_ms,
             ping_interval_ms,

@@ -1178,3 +1178,170 @@ fn go_quote(bytes: &[u8]) -> String {
     out.push('"');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthorizationConfig;
+    use std::sync::Arc;
+
+    fn auth(toml_text: &str) -> Arc<Auth> {
+        let config: AuthorizationConfig = toml::from_str(toml_text).expect("TOML");
+        Arc::new(Auth::new(&config).expect("valid").expect("auth on"))
+    }
+
+    fn session(auth: &Arc<Auth>) -> Rc<Session> {
+        let session = Session::new(
+            1,
+            SessionLimits {
+                pending_bytes_max: 1 << 20,
+                subscriptions_max: 0,
+            },
+        );
+        session.require_auth(Arc::clone(auth), None);
+        session
+    }
+
+    fn connect(session: &Rc<Session>, json: &str) {
+        let effect = session.handle_op(ClientOp::Connect {
+            json: json.as_bytes(),
+        });
+        assert!(matches!(effect, Effect::None), "{effect:?}");
+    }
+
+    fn publish(session: &Rc<Session>, subject: &str) -> bool {
+        matches!(
+            session.handle_op(ClientOp::Pub {
+                subject: subject.as_bytes(),
+                reply: None,
+                payload: b"x",
+            }),
+            Effect::Publish(_)
+        )
+    }
+
+    fn output(session: &Session) -> String {
+        String::from_utf8_lossy(&session.take_output(Vec::new())).into_owned()
+    }
+
+    fn request(sub: &Subscription, reply: &str) {
+        let msg = Message {
+            subject: b"svc.q",
+            reply: Some(reply.as_bytes()),
+            headers: None,
+            payload: b"q",
+        };
+        assert_eq!(sub.deliver(&msg), Delivery::Delivered);
+    }
+
+    fn subscribe(session: &Rc<Session>, subject: &str, sid: &str) -> Rc<Subscription> {
+        match session.handle_op(ClientOp::Sub {
+            subject: subject.as_bytes(),
+            queue: None,
+            sid: sid.as_bytes(),
+        }) {
+            Effect::Subscribe(sub) => sub,
+            other => panic!("SUB {subject}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn responses_are_counted_expire_and_stay_bounded() {
+        let auth = auth(
+            r#"users = [ { user = "svc", password = "s", permissions = { subscribe = ["svc.>"], allow_responses = { max = 2, expires_ms = 1000 } } } ]"#,
+        );
+        let s = session(&auth);
+        connect(&s, r#"{"verbose":false,"user":"svc","pass":"s"}"#);
+        let sub = subscribe(&s, "svc.>", "1");
+        set_coarse_now_ms(10_000);
+        assert!(!publish(&s, "_INBOX.a"), "nothing received yet");
+        request(&sub, "_INBOX.a");
+        assert!(publish(&s, "_INBOX.a"));
+        assert!(publish(&s, "_INBOX.a"));
+        assert!(!publish(&s, "_INBOX.a"), "max 2");
+        request(&sub, "_INBOX.b");
+        set_coarse_now_ms(11_001);
+        assert!(!publish(&s, "_INBOX.b"), "expired after 1000 ms");
+        // A flood of requests keeps only the newest RESPONSES_TRACKED_MAX.
+        for i in 0..RESPONSES_TRACKED_MAX + 10 {
+            request(&sub, &format!("_INBOX.f.{i}"));
+        }
+        if let Security::Granted(g) = &*s.security.borrow() {
+            let open = &g.responses.as_ref().expect("responses").open;
+            assert_eq!(open.len(), RESPONSES_TRACKED_MAX);
+        }
+        assert!(!publish(&s, "_INBOX.f.0"), "the oldest were forgotten");
+        assert!(publish(
+            &s,
+            &format!("_INBOX.f.{}", RESPONSES_TRACKED_MAX + 9)
+        ));
+        let out = output(&s);
+        assert!(
+            out.contains("-ERR 'Permissions Violation for Publish to \"_INBOX.a\"'"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_reload_rechecks_credentials_and_removes_subscriptions_that_lost_permission() {
+        let before =
+            auth(r#"users = [ { user = "a", password = "pa" }, { user = "b", password = "pb" } ]"#);
+        let a = session(&before);
+        connect(&a, r#"{"verbose":false,"user":"a","pass":"pa"}"#);
+        let kept = subscribe(&a, "cmd.a", "1");
+        let lost = subscribe(&a, "secret.>", "2");
+        let wide = subscribe(&a, "cmd.*", "3");
+        let b = session(&before);
+        connect(&b, r#"{"verbose":false,"user":"b","pass":"pb"}"#);
+        let pending = session(&before);
+        output(&a);
+        output(&b);
+
+        // a: same password, now restricted; b: password changed.
+        let after = auth(
+            r#"users = [ { user = "a", password = "pa", permissions = { subscribe = { allow = ["cmd.>"], deny = ["cmd.x"] }, publish = ["cmd.>"] } }, { user = "b", password = "new" } ]"#,
+        );
+        let outcome = a.reauthorize(Some(&after));
+        assert!(!outcome.closed);
+        assert_eq!(outcome.removed.len(), 1);
+        assert!(Rc::ptr_eq(&outcome.removed[0], &lost));
+        assert!(!lost.is_live() && kept.is_live() && wide.is_live());
+        assert!(
+            wide.deny_filtered.get(),
+            "cmd.* now overlaps the deny entry"
+        );
+        assert_eq!(
+            output(&a),
+            "-ERR 'Permissions Violation for Subscription to \"secret.>\" (sid \"2\")'\r\n"
+        );
+        assert!(!publish(&a, "other"), "new publish permissions apply");
+        assert!(publish(&a, "cmd.go"));
+
+        let outcome = b.reauthorize(Some(&after));
+        assert!(outcome.closed && b.is_closing());
+        assert_eq!(output(&b), "-ERR 'Authorization Violation'\r\n");
+
+        // Before CONNECT: checked against the new table when CONNECT comes.
+        assert!(!pending.reauthorize(Some(&after)).closed);
+        connect(&pending, r#"{"verbose":false,"user":"b","pass":"new"}"#);
+
+        // Authentication turned off: everyone may do everything.
+        assert!(!a.reauthorize(None).closed);
+        assert!(publish(&a, "other"));
+    }
+
+    #[test]
+    fn a_client_admitted_without_auth_is_closed_when_auth_is_turned_on() {
+        let open = Session::new(
+            2,
+            SessionLimits {
+                pending_bytes_max: 1 << 20,
+                subscriptions_max: 0,
+            },
+        );
+        connect(&open, r#"{"verbose":false}"#);
+        let token = auth(r#"token = "t""#);
+        assert!(open.reauthorize(Some(&token)).closed);
+        assert!(open.is_closing());
+    }
+}

@@ -594,6 +594,12 @@ impl Monitor {
                 load(field(&stats[s]))
             });
         }
+        out.single(
+            "perch_connections_rate_limited_total",
+            "Connections closed at accept for exceeding connection_rate_per_ip.",
+            Kind::Counter,
+            shared.connections_rate_limited.load(Ordering::Relaxed) as f64,
+        );
         shard_family(
             &mut out,
             "perch_shard_connections",

@@ -10,6 +10,7 @@ mod internal;
 pub mod io;
 mod jetstream;
 mod mailbox;
+mod ratelimit;
 mod shard;
 mod systemd;
 
@@ -331,6 +332,7 @@ fn describe_changes(
         max_pending,
         max_control_line,
         max_connections,
+        connection_rate_per_ip,
         max_subscriptions,
         connect_timeout_ms,
         ping_interval_ms,

@@ -119,6 +119,8 @@ pub(crate) struct Shared {
     pub peers: Peers,
     pub connections_per_shard: Vec<AtomicUsize>,
     pub connections_total: AtomicUsize,
+    /// Connections closed at accept for `connection_rate_per_ip`.
+    pub connections_rate_limited: AtomicU64,
     next_client_id: AtomicU64,
     /// `[from * shard_count + to]`: interest changes from shard `from` that
     /// shard `to` has applied (for the SUB barrier).
@@ -166,6 +168,7 @@ impl Shared {
             peers,
             connections_per_shard: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
             connections_total: AtomicUsize::new(0),
+            connections_rate_limited: AtomicU64::new(0),
             next_client_id: AtomicU64::new(1),
             interest_applied: (0..shard_count * shard_count)
                 .map(|_| AtomicU64::new(0))
@@ -1019,12 +1022,13 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
     };
     let shared = Arc::clone(&shard.shared);
     let mut next_round_robin = 0usize;
+    let mut rate = super::ratelimit::RateLimiter::new(shard.limits().connection_rate_per_ip);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shard.stop_accepting.notified() => break,
         };
-        let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+        let (stream, peer) = match accepted.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -1032,6 +1036,22 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
                 continue;
             }
         };
+        rate.set_rate(shard.limits().connection_rate_per_ip);
+        if !rate.admit(peer.ip(), shard.now_ms()) {
+            // Closed before INFO: a refused connection gets no bytes back.
+            let refused = shared
+                .connections_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    ip = %peer.ip(),
+                    refused = refused + 1,
+                    "connection_rate_per_ip exceeded: connection closed"
+                );
+            }
+            drop(stream);
+            continue;
+        }
         let target = match shared.config.placement {
             Placement::RoundRobin => {
                 next_round_robin = (next_round_robin + 1) % shared.shard_count;

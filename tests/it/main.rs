@@ -24,6 +24,7 @@ macro_rules! js_tests {
     };
 }
 
+mod auth;
 mod cli;
 mod client;
 mod crash;

@@ -185,6 +185,23 @@ impl Server {
         self.child.id()
     }
 
+    /// The config file of a [`Server::perch_with_config`] server.
+    pub fn config_path(&self) -> PathBuf {
+        self._config_dir
+            .as_ref()
+            .expect("a server started with a config file")
+            .path
+            .join("perch.toml")
+    }
+
+    /// Rewrites the config file and sends SIGHUP (the reload is asynchronous:
+    /// callers wait for its effect).
+    pub fn reload_with(&self, toml: &str) {
+        std::fs::write(self.config_path(), toml).expect("rewrite perch config");
+        // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+    }
+
     /// SIGKILLs the server and reaps it: no shutdown code runs, only what the
     /// kernel already has survives (a crash, not a power cut).
     pub fn kill9(mut self) {
