@@ -27,6 +27,8 @@ REPO=$PWD
 # Pinned test-tool versions (PyPI). Debian's own versions come with bookworm:
 # nats-server 2.9.10, golang-go 1.19, golang-github-nats-io-go-nats-dev 1.22.1.
 NATS_PY_VERSION=2.16.0
+# nkeys signs the nonce for nats-py's nkey logins (tests/py/test_auth.py).
+NKEYS_PY_VERSION=0.2.1
 PYTEST_VERSION=9.2.0
 
 BACKENDS=${PERCH_BACKENDS:-uring epoll}
@@ -149,11 +151,12 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 py_ok() {
-    python3 - "$NATS_PY_VERSION" "$PYTEST_VERSION" <<'EOF' 2>/dev/null
+    python3 - "$NATS_PY_VERSION" "$PYTEST_VERSION" "$NKEYS_PY_VERSION" <<'EOF' 2>/dev/null
 import sys
 from importlib.metadata import version
-import nats, pytest  # noqa: F401  (importable, not just listed)
-sys.exit(0 if (version("nats-py"), version("pytest")) == (sys.argv[1], sys.argv[2]) else 1)
+import nats, pytest, nkeys  # noqa: F401  (importable, not just listed)
+want = tuple(sys.argv[1:4])
+sys.exit(0 if (version("nats-py"), version("pytest"), version("nkeys")) == want else 1)
 EOF
 }
 
@@ -182,9 +185,9 @@ install_prereqs() {
     fi
 
     if ! py_ok; then
-        echo "installing nats-py==$NATS_PY_VERSION pytest==$PYTEST_VERSION"
+        echo "installing nats-py==$NATS_PY_VERSION pytest==$PYTEST_VERSION nkeys==$NKEYS_PY_VERSION"
         python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-            "nats-py==$NATS_PY_VERSION" "pytest==$PYTEST_VERSION"
+            "nats-py==$NATS_PY_VERSION" "pytest==$PYTEST_VERSION" "nkeys==$NKEYS_PY_VERSION"
     fi
 
     if command -v rustup >/dev/null; then
@@ -222,7 +225,7 @@ install_prereqs() {
     command -v promtool >/dev/null || fail "promtool is not installed (Debian package prometheus)"
     command -v prometheus >/dev/null || fail "prometheus is not installed"
     [ -f "$GOPATH/src/github.com/nats-io/nats.go/nats.go" ] || fail "the nats.go source is not under $GOPATH"
-    py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION not importable"
+    py_ok || fail "python nats-py $NATS_PY_VERSION / pytest $PYTEST_VERSION / nkeys $NKEYS_PY_VERSION not importable"
     cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed"
     cargo clippy --version >/dev/null 2>&1 || fail "clippy is not installed"
     local tool
@@ -277,7 +280,9 @@ go_suite() {
         kill "$pid" 2>/dev/null || true
         return 1
     fi
-    NATS_URL="nats://127.0.0.1:$port" timeout -k 10 "$STEP_TIMEOUT" \
+    # PERCH_BIN/PERCH_RUNNER/PERCH_IO: the auth tests start servers of their own.
+    NATS_URL="nats://127.0.0.1:$port" PERCH_BIN="$PERCH_BIN" PERCH_RUNNER="${PERCH_RUNNER:-}" \
+        PERCH_IO="$io" timeout -k 10 "$STEP_TIMEOUT" \
         target/go-client.test -test.count=1 -test.v -test.timeout=5m || rc=$?
     if ! kill -0 "$pid" 2>/dev/null; then
         echo "the server died during the Go suite; its log:"

@@ -113,6 +113,10 @@ def js_server_url(tmp_path_factory):
 def _serve(tmp_path_factory, store_dir):
     port = _free_port()
     name, cmd = _server_command(port, store_dir)
+    yield from _serve_command(tmp_path_factory, name, cmd, port)
+
+
+def _serve_command(tmp_path_factory, name, cmd, port):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")
@@ -193,3 +197,21 @@ async def sync(nc, timeout=5):
     """
     await nc.flush(timeout=timeout)
     await nc.flush(timeout=timeout)
+
+
+def serve_with_config(tmp_path_factory, perch_toml, nats_conf):
+    """Like `server_url`, for a server with a config file: `perch_toml` for
+    perch, `nats_conf` (nats-server's syntax, same meaning) for the reference.
+    A generator: use it with `yield from` in a fixture."""
+    port = _free_port()
+    name, cmd = _server_command(port)
+    conf_dir = tmp_path_factory.mktemp("config")
+    if REFERENCE:
+        path = conf_dir / "nats.conf"
+        path.write_text(nats_conf)
+        cmd += ["-c", str(path)]
+    else:
+        path = conf_dir / "perch.toml"
+        path.write_text(perch_toml)
+        cmd += ["--config", str(path)]
+    yield from _serve_command(tmp_path_factory, name, cmd, port)
