@@ -17,6 +17,8 @@ use serde::Deserialize;
 use crate::nats::connect::ConnectOptions;
 use crate::nats::subject::{is_valid_queue, is_valid_subject, subject_matches};
 
+#[doc(hidden)]
+pub mod fuzz;
 pub mod nkey;
 
 /// `[authorization]`: a token, or users (not both, as in nats-server).

@@ -520,6 +520,15 @@ impl Session {
         *self.security.borrow_mut() = Security::Required(Box::new(Pending { auth, nonce }));
     }
 
+    /// The user (name, or public nkey) this client authenticated as; None
+    /// without authentication or with the token.
+    pub fn authorized_user(&self) -> Option<String> {
+        match &*self.security.borrow() {
+            Security::Granted(g) => g.grant.user(&g.auth).map(str::to_string),
+            _ => None,
+        }
+    }
+
     /// Still waiting for CONNECT's credentials.
     pub fn awaiting_auth(&self) -> bool {
         matches!(&*self.security.borrow(), Security::Required(_))

@@ -25,6 +25,7 @@ macro_rules! js_tests {
 }
 
 mod auth;
+mod auth_fuzz;
 mod cli;
 mod client;
 mod crash;
