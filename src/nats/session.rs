@@ -114,6 +114,11 @@ pub enum Delivery {
     DeliveredLast,
     /// Not delivered: the subscription or its session is gone.
     Dead,
+    /// Not delivered: the subject is denied to this client (a wildcard
+    /// subscription overlapping a deny entry). It still counts as a match
+    /// (no no-responders status), and a queue group tries another member,
+    /// as nats-server does.
+    Filtered,
 }
 
 impl Subscription {
@@ -174,7 +179,7 @@ impl Subscription {
         }
         if self.deny_filtered.get() && self.session.delivery_denied(msg.subject) {
             // Denied to this client: not sent, and not counted against a max.
-            return Delivery::Delivered;
+            return Delivery::Filtered;
         }
         let delivered = self.delivered.get() + 1;
         self.delivered.set(delivered);

@@ -426,7 +426,7 @@ impl Router {
                     continue;
                 }
                 match sub.deliver(msg) {
-                    Delivery::Delivered => outcome.delivered_local += 1,
+                    Delivery::Delivered | Delivery::Filtered => outcome.delivered_local += 1,
                     Delivery::DeliveredLast => {
                         outcome.delivered_local += 1;
                         expired.push(Rc::clone(sub));
@@ -689,7 +689,7 @@ impl Router {
                     self.expired.push(Rc::clone(sub));
                     return true;
                 }
-                Delivery::Dead => continue,
+                Delivery::Dead | Delivery::Filtered => continue,
             }
         }
         false

@@ -69,6 +69,19 @@ pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
+    if !local.ip().is_loopback()
+        && crate::auth::Auth::new(&config.authorization)
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        // nats-server's default too; an operator should know it is the case.
+        tracing::warn!(
+            "no [authorization]: any client that reaches {local} may publish and subscribe \
+             to everything (configure a token, users or nkeys; README, \"Authentication and \
+             permissions\")"
+        );
+    }
     if config.spin_us > 0 && backend == Selected::Uring {
         tracing::warn!(
             "spin_us is ignored on io_uring (tokio-uring submits only when a shard sleeps)"
