@@ -216,12 +216,10 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this schema.
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    /// The file is not valid TOML for this schema. `detail` says where and
+    /// why, without quoting the file (see [`describe_parse_error`]).
+    #[error("invalid config file {path}: {detail}")]
+    Parse { path: String, detail: String },
     /// A value is out of range or contradicts another.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -235,7 +233,7 @@ impl Config {
         })?;
         Config::from_toml(&text).map_err(|source| ConfigError::Parse {
             path: path.display().to_string(),
-            source,
+            detail: describe_parse_error(&text, &source),
         })
     }
 
@@ -395,6 +393,55 @@ impl Config {
             .unwrap_or_else(|| crate::runtime::affinity::allowed_cpus().len().max(1))
             .min(SHARDS_MAX)
     }
+}
+
+/// "line 7, column 12: <what is wrong>" for a TOML error in `text`. The
+/// offending line is not quoted (toml's own rendering does), and inside
+/// `[authorization]` every quoted or backticked value in the message is
+/// elided too: a secret (password, token) must not reach a log because it
+/// was mistyped.
+pub fn describe_parse_error(text: &str, error: &toml::de::Error) -> String {
+    let mut message = error.message().trim().to_string();
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or("");
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .unwrap_or("");
+    if section.starts_with("[authorization") || line_text.contains("authorization") {
+        message = elide_values(&message);
+    }
+    format!("line {line}, column {column}: {message}")
+}
+
+/// Replaces what is between backticks or double quotes with `…`.
+fn elide_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    open = Some(c);
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

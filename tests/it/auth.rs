@@ -434,3 +434,82 @@ fn connections_over_the_per_ip_rate_are_closed_before_info() {
     std::thread::sleep(Duration::from_millis(1200));
     Raw::connect(&server);
 }
+
+/// Config edge cases that could let clients in unchecked (a class of past
+/// CVEs in peer brokers) are refused at start with an error naming the user,
+/// never the secret.
+#[test]
+fn unsafe_authorization_tables_are_refused_at_start() {
+    let (public, _) = user_nkey();
+    let cases = [
+        ("token = \"\"", "the token is empty"),
+        (
+            "token = \"t\"\nusers = [ { user = \"a\", password = \"p\" } ]",
+            "cannot both be set",
+        ),
+        ("users = [ { user = \"a\" } ]", "empty password"),
+        ("users = [ { password = \"hunter2secret\" } ]", "empty name"),
+        (
+            "users = [ { user = \"a\", password = \"x1\" }, { user = \"a\", password = \"hunter2secret\" } ]",
+            "appears twice",
+        ),
+        (
+            &format!("users = [ {{ nkey = \"{public}\", password = \"hunter2secret\" }} ]"),
+            "no user name or password",
+        ),
+        ("users = [ { nkey = \"SUAAAAAA\" } ]", "not a user's public nkey"),
+        (
+            "users = [ { user = \"a\", password = \"$2a$11$hunter2secretnotahash\" } ]",
+            "not a valid hash",
+        ),
+        (
+            "users = [ { user = \"a\", password = \"hunter2secret\", permissions = { publish = [\"a..b\"] } } ]",
+            "not a valid subject",
+        ),
+        (
+            "users = [ { user = \"a\", password = \"hunter2secret\", permissions = { publsh = [\"a\"] } } ]",
+            "unknown field",
+        ),
+    ];
+    let dir = crate::support::TempDir::new("auth-config");
+    for (i, (table, want)) in cases.iter().enumerate() {
+        let path = dir.path.join(format!("bad{i}.toml"));
+        std::fs::write(&path, format!("[authorization]\n{table}\n")).expect("write");
+        let out = crate::support::perch_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run perch");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{table}: started");
+        assert!(stderr.contains(want), "{table}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2secret"),
+            "{table}: secret in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_mistyped_secret_is_not_echoed_by_the_config_error() {
+    let dir = crate::support::TempDir::new("auth-config-types");
+    for table in [
+        "token = 123456789",
+        "users = [ { user = \"a\", password = 987654321 } ]",
+        "users = [ { user = \"a\", password = [\"hunter2secret\"] } ]",
+    ] {
+        let path = dir.path.join("typo.toml");
+        std::fs::write(&path, format!("[authorization]\n{table}\n")).expect("write");
+        let out = crate::support::perch_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run perch");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{table}: started");
+        assert!(stderr.contains("line 2, column"), "{table}: {stderr}");
+        for secret in ["123456789", "987654321", "hunter2secret"] {
+            assert!(!stderr.contains(secret), "{table}: secret in {stderr}");
+        }
+    }
+}
