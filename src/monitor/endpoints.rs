@@ -44,6 +44,9 @@ pub struct Varz {
     pub https_port: u16,
     /// Seconds (float in nats-server).
     pub auth_timeout: f64,
+    /// Clients must authenticate (omitted when false, as nats-server does).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub auth_required: bool,
     pub max_control_line: usize,
     pub max_payload: usize,
     pub max_pending: usize,

@@ -313,6 +313,7 @@ impl Monitor {
             http_base_path: String::new(),
             https_port: 0,
             auth_timeout: config.connect_timeout_ms as f64 / 1000.0,
+            auth_required: shared.auth_required.load(Ordering::Relaxed),
             max_control_line: config.max_control_line,
             max_payload: config.max_payload,
             max_pending: config.max_pending,

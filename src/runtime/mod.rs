@@ -275,6 +275,11 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
         }
         auth
     });
+    if let Some(auth) = &auth {
+        shared
+            .auth_required
+            .store(auth.is_some(), Ordering::Relaxed);
+    }
     (service.set_log_level)(&new);
     let limits = new.limits();
     shared

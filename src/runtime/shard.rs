@@ -129,8 +129,12 @@ pub(crate) struct Shared {
     pub js: Option<JsShared>,
     /// Shards whose streams are open and subscribed; clients are accepted after all.
     pub js_ready: AtomicUsize,
-    /// Present when `[authorization]` asks for credentials.
+    /// Present when `[authorization]` asks for credentials (at start; each
+    /// shard holds the one in force, see [`Shard::auth`]).
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// Whether clients must authenticate now (a reload may change it), for
+    /// monitoring.
+    pub auth_required: std::sync::atomic::AtomicBool,
     /// Per shard, for monitoring.
     pub stats: Vec<ShardStats>,
     /// When the broker started (wall clock), for `/varz` and `/connz`.
@@ -169,6 +173,7 @@ impl Shared {
             connections_per_shard: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
             connections_total: AtomicUsize::new(0),
             connections_rate_limited: AtomicU64::new(0),
+            auth_required: std::sync::atomic::AtomicBool::new(auth.is_some()),
             next_client_id: AtomicU64::new(1),
             interest_applied: (0..shard_count * shard_count)
                 .map(|_| AtomicU64::new(0))

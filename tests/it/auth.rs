@@ -513,3 +513,84 @@ fn a_mistyped_secret_is_not_echoed_by_the_config_error() {
         }
     }
 }
+
+#[test]
+fn secrets_never_appear_in_monitoring() {
+    let http = crate::support::free_port();
+    let http_addr = format!("127.0.0.1:{http}");
+    let server = Server::perch_with_config(
+        r#"[authorization]
+users = [ { user = "ops", password = "hunter2secret" } ]
+"#,
+        &["--http", &http_addr],
+    );
+    let _ops = raw_client(
+        &server,
+        r#"{"verbose":false,"user":"ops","pass":"hunter2secret"}"#,
+    );
+    let mut refused = TcpStream::connect(server.addr()).expect("connect");
+    refused
+        .write_all(b"CONNECT {\"user\":\"ops\",\"pass\":\"hunter2secretWRONG\"}\r\n")
+        .expect("write");
+    let _ = read_for(&mut refused, "Violation");
+    for path in ["/varz", "/connz?subs=1", "/subsz", "/metrics", "/healthz"] {
+        let (status, _, body) = crate::monitoring::http_get(http, path);
+        assert_eq!(status, 200, "{path}");
+        assert!(!body.contains("hunter2secret"), "{path}: {body}");
+    }
+    let (_, _, varz) = crate::monitoring::http_get(http, "/varz");
+    let varz: serde_json::Value = serde_json::from_str(&varz).expect("JSON");
+    assert_eq!(
+        varz["auth_required"],
+        serde_json::Value::Bool(true),
+        "{varz}"
+    );
+}
+
+/// JetStream's API is plain subjects under `$JS.API.>`: a user who may not
+/// publish there cannot create or delete streams, and one who may, can.
+#[test]
+fn jetstream_api_subjects_are_permissioned() {
+    let store = crate::support::TempDir::new("auth-js");
+    let store_dir = store.path.to_string_lossy().into_owned();
+    let server = Server::perch_with_config(
+        r#"[authorization]
+users = [
+  { user = "dev", password = "d", permissions = { publish = ["sensors.>"] } },
+  { user = "admin", password = "a" },
+]
+"#,
+        &["--store-dir", &store_dir],
+    );
+    let mut dev = raw_client(&server, r#"{"verbose":false,"user":"dev","pass":"d"}"#);
+    let create = |name: &str| {
+        let body = format!(r#"{{"name":"{name}","subjects":["sensors.{name}"]}}"#);
+        format!(
+            "SUB _INBOX.r 9\r\nPUB $JS.API.STREAM.CREATE.{name} _INBOX.r {}\r\n{body}\r\nPING\r\n",
+            body.len()
+        )
+    };
+    dev.write_all(create("S1").as_bytes()).expect("write");
+    let got = read_for(&mut dev, "PONG\r\n");
+    assert!(
+        got.contains("-ERR 'Permissions Violation for Publish to \"$JS.API.STREAM.CREATE.S1\"'"),
+        "{got}"
+    );
+    assert!(!got.contains("MSG _INBOX.r"), "{got}");
+    let mut admin = raw_client(&server, r#"{"verbose":false,"user":"admin","pass":"a"}"#);
+    admin
+        .write_all(b"SUB _INBOX.n 1\r\nPUB $JS.API.STREAM.NAMES _INBOX.n 0\r\n\r\nPING\r\n")
+        .expect("write");
+    let names = read_for(&mut admin, "MSG _INBOX.n");
+    let names = names + &read_for(&mut admin, "}\r\n");
+    assert!(
+        names.contains("\"streams\":null") || names.contains("\"total\":0"),
+        "S1 was not created: {names}"
+    );
+    admin.write_all(create("S2").as_bytes()).expect("write");
+    let got = read_for(&mut admin, "\"name\":\"S2\"");
+    assert!(
+        got.contains("MSG _INBOX.r 9") && got.contains("\"name\":\"S2\""),
+        "{got}"
+    );
+}

@@ -20,7 +20,7 @@ const SETTLE_MS_MAX: u64 = 3_000;
 /// One HTTP/1.0 `GET` (so no chunked encoding: the body ends where the
 /// connection does): (status, content type, body). A tiny client on purpose:
 /// the test must not share an HTTP stack with the server.
-fn http_get(port: u16, path: &str) -> (u16, String, String) {
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to monitoring port");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
