@@ -1044,13 +1044,15 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
         rate.set_rate(shard.limits().connection_rate_per_ip);
         if !rate.admit(peer.ip(), shard.now_ms()) {
             // Closed before INFO: a refused connection gets no bytes back.
+            // Logged at the 1st, 2nd, 4th, 8th… refusal: a flood does not flood the log.
             let refused = shared
                 .connections_rate_limited
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
             if refused.is_power_of_two() {
                 tracing::warn!(
                     ip = %peer.ip(),
-                    refused = refused + 1,
+                    refused,
                     "connection_rate_per_ip exceeded: connection closed"
                 );
             }
