@@ -145,6 +145,8 @@ pub struct ConnSnapshot {
     pub out_bytes: u64,
     pub subscriptions: u32,
     pub client: Option<ClientDescription>,
+    /// The user it authenticated as (name or public nkey).
+    pub authorized_user: Option<String>,
     /// Filled only when the request asked for subscriptions.
     pub subs: Vec<SubscriptionView>,
 }
@@ -186,6 +188,9 @@ pub struct ConnInfo {
     pub lang: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Only with `auth=true`, as in nats-server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorized_user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriptions_list: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -258,7 +263,7 @@ pub fn connz(
         .into_iter()
         .skip(offset)
         .take(limit)
-        .map(|c| conn_info(c, now, options.subs))
+        .map(|c| conn_info(c, now, options.subs, options.auth))
         .collect();
     Connz {
         server_id: server_id.to_owned(),
@@ -271,7 +276,7 @@ pub fn connz(
     }
 }
 
-fn conn_info(c: ConnSnapshot, now: Timestamp, subs: SubsDetail) -> ConnInfo {
+fn conn_info(c: ConnSnapshot, now: Timestamp, subs: SubsDetail, auth: bool) -> ConnInfo {
     let uptime = duration_between(c.start, now);
     let client = c.client.unwrap_or_default();
     let (list, detail) = match subs {
@@ -307,6 +312,7 @@ fn conn_info(c: ConnSnapshot, now: Timestamp, subs: SubsDetail) -> ConnInfo {
         name: client.name.filter(|s| !s.is_empty()),
         lang: client.lang.filter(|s| !s.is_empty()),
         version: client.version.filter(|s| !s.is_empty()),
+        authorized_user: c.authorized_user.filter(|_| auth),
         subscriptions_list: list,
         subscriptions_list_detail: detail,
     }
@@ -450,6 +456,7 @@ mod tests {
             out_bytes: 0,
             subscriptions: subs.len() as u32,
             client: None,
+            authorized_user: None,
             subs: subs
                 .iter()
                 .enumerate()

@@ -149,6 +149,8 @@ pub struct ConnzOptions {
     pub page: Page,
     /// `cid=`: only this connection.
     pub cid: Option<u64>,
+    /// `auth=`: show each connection's `authorized_user`.
+    pub auth: bool,
 }
 
 impl ConnzOptions {
@@ -201,6 +203,7 @@ impl ConnzOptions {
             subs,
             page: query.page()?,
             cid,
+            auth: query.bool("auth")?,
         })
     }
 }

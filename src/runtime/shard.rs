@@ -338,10 +338,6 @@ pub(crate) struct Shard {
     /// Interest from other shards, drained by the interest loop and by readers
     /// before they route (see [`Shard::apply_arrived_interest`]).
     interest_inbox: RefCell<Option<mpsc::UnboundedReceiver<InterestMessage>>>,
-    /// The shard's clock origin for the millisecond times in `ConnEntry`.
-    started: Instant,
-    /// `started` on the wall clock (for connections' start times in `/connz`).
-    started_unix_ns: i64,
     closed_totals: Cell<ClosedTotals>,
     /// Client SUBs since start (monitoring's `num_inserts`).
     subscriptions_inserted: Cell<u64>,
@@ -370,8 +366,6 @@ impl Shard {
             interest_sent: Cell::new(0),
             interest_holds: RefCell::new(std::collections::VecDeque::new()),
             interest_inbox: RefCell::new(None),
-            started: Instant::now(),
-            started_unix_ns: unix_now_ns(),
             closed_totals: Cell::new(ClosedTotals::default()),
             subscriptions_inserted: Cell::new(0),
             shutting_down: Cell::new(false),
@@ -501,8 +495,10 @@ impl Shard {
         }
     }
 
+    /// Milliseconds on the broker's one clock (`Shared::clock_origin`), so
+    /// connections' times compare across shards (`/connz?sort=start`).
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.shared.clock_ms()
     }
 
     /// Adds a connection; returns its slot for [`Shard::unregister`].
@@ -584,7 +580,10 @@ impl Shard {
     ) -> crate::monitor::endpoints::ConnSnapshot {
         let session = &entry.session;
         let peer = peer_of(entry.fd);
-        let start_ns = self.started_unix_ns + entry.opened_ms as i64 * 1_000_000;
+        let started = self.shared.started;
+        let start_ns = started.unix_seconds * 1_000_000_000
+            + i64::from(started.nanos)
+            + entry.opened_ms as i64 * 1_000_000;
         crate::monitor::endpoints::ConnSnapshot {
             cid: session.id,
             ip: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
@@ -597,6 +596,7 @@ impl Shard {
             out_bytes: session.bytes_out(),
             subscriptions: u32::try_from(session.subscription_count()).unwrap_or(u32::MAX),
             client: session.client_description(),
+            authorized_user: session.authorized_user(),
             subs: if subscriptions {
                 session.subscription_views()
             } else {

@@ -538,6 +538,14 @@ users = [ { user = "ops", password = "hunter2secret" } ]
         assert_eq!(status, 200, "{path}");
         assert!(!body.contains("hunter2secret"), "{path}: {body}");
     }
+    let (_, _, connz) = crate::monitoring::http_get(http, "/connz?auth=true");
+    let connz: serde_json::Value = serde_json::from_str(&connz).expect("JSON");
+    assert_eq!(connz["connections"][0]["authorized_user"], "ops", "{connz}");
+    let (_, _, connz) = crate::monitoring::http_get(http, "/connz");
+    assert!(
+        !connz.contains("authorized_user"),
+        "only with auth=true: {connz}"
+    );
     let (_, _, varz) = crate::monitoring::http_get(http, "/varz");
     let varz: serde_json::Value = serde_json::from_str(&varz).expect("JSON");
     assert_eq!(
