@@ -38,7 +38,9 @@ impl fmt::Debug for AuthorizationConfig {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub user: String,
-    /// Plain text, or a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`).
+    /// Plain text, or a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`). May
+    /// be left out only for users selected by certificate (`tls.map`).
+    #[serde(default)]
     pub password: String,
     #[serde(default)]
     pub permissions: Option<PermissionsConfig>,
@@ -120,6 +122,8 @@ struct User {
 enum Password {
     Plain(Box<str>),
     Bcrypt(Box<str>),
+    /// A user only a client certificate selects (`tls.map`): no password matches.
+    CertificateOnly,
 }
 
 impl fmt::Debug for Auth {
@@ -160,6 +164,21 @@ impl Auth {
     /// Checks and compiles the table; None when it asks for nothing (no token,
     /// no users: every client is let in, as nats-server does without auth).
     pub fn new(config: &AuthorizationConfig) -> Result<Option<Auth>, AuthConfigError> {
+        Auth::build(config, false)
+    }
+
+    /// As [`Auth::new`], for `tls.map`: users may be given without a
+    /// password (their certificate selects them; no password logs them in).
+    pub fn with_certificate_users(
+        config: &AuthorizationConfig,
+    ) -> Result<Option<Auth>, AuthConfigError> {
+        Auth::build(config, true)
+    }
+
+    fn build(
+        config: &AuthorizationConfig,
+        certificate_users: bool,
+    ) -> Result<Option<Auth>, AuthConfigError> {
         if config.token.is_some() && !config.users.is_empty() {
             return Err(AuthConfigError::TokenAndUsers);
         }
@@ -174,10 +193,12 @@ impl Auth {
             if users.iter().any(|known| *known.name == *u.user) {
                 return Err(AuthConfigError::DuplicateUser(u.user.clone()));
             }
-            if u.password.is_empty() {
+            if u.password.is_empty() && !certificate_users {
                 return Err(AuthConfigError::EmptyPassword(u.user.clone()));
             }
-            let password = if is_bcrypt(&u.password) {
+            let password = if u.password.is_empty() {
+                Password::CertificateOnly
+            } else if is_bcrypt(&u.password) {
                 // A hash that cannot verify anything would lock the user out
                 // silently: refuse it at load.
                 if bcrypt::verify("", &u.password).is_err() {
@@ -241,12 +262,30 @@ impl Auth {
         let ok = match &user.password {
             Password::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
             Password::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+            Password::CertificateOnly => false,
         };
         if ok {
             Ok(user.permissions.clone())
         } else {
             Err(AuthFailed)
         }
+    }
+}
+
+impl Auth {
+    /// `tls.map` (nats-server's `verify_and_map`): the first of the client
+    /// certificate's identities (in the reference's order, see
+    /// `tls/identity.rs`) that names a user selects it, whatever CONNECT
+    /// says. Ok with that user's permissions; Err when none names a user.
+    pub fn authenticate_by_identity(
+        &self,
+        identities: &[String],
+    ) -> Result<Option<Arc<Permissions>>, AuthFailed> {
+        identities
+            .iter()
+            .find_map(|identity| self.users.iter().find(|u| *u.name == **identity))
+            .map(|user| user.permissions.clone())
+            .ok_or(AuthFailed)
     }
 }
 

@@ -95,6 +95,8 @@ pub struct Config {
     /// Monitoring over HTTP (nats-server's `/varz`, `/connz`, … and
     /// Prometheus `/metrics`); None: off, as in nats-server.
     pub http: Option<SocketAddr>,
+    /// `[tls]`: TLS on the NATS listener (on when `cert` is set).
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// Device sessions per shard before CONNECTs are refused (NO_RESOURCES).
@@ -185,6 +187,7 @@ impl Default for Config {
             device: DeviceConfig::default(),
             authorization: crate::auth::AuthorizationConfig::default(),
             http: None,
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -255,8 +258,12 @@ impl Config {
                 self.max_payload, self.max_pending
             ));
         }
-        crate::auth::Auth::new(&self.authorization)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.tls.map {
+            crate::auth::Auth::with_certificate_users(&self.authorization)
+        } else {
+            crate::auth::Auth::new(&self.authorization)
+        }
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.max_control_line < 32 {
             return invalid("max_control_line must be at least 32 bytes".into());
         }
@@ -284,6 +291,16 @@ impl Config {
             return invalid("device.sessions_max must be at least 1".into());
         }
         self.device.predefined_table()?;
+        // Reads the files too: a missing file or a key that does not match
+        // its certificate stops the start (or the reload) here.
+        crate::tls::TlsSettings::load(&self.tls)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.tls.map && self.authorization.users.is_empty() {
+            return invalid(
+                "tls.map selects users of [[authorization.users]] by certificate, but none is configured"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -336,6 +353,10 @@ impl Config {
             authorization,
             // Bound before the shards start.
             http,
+            // Files, verify, handshake_first and timeout_ms reload (new
+            // handshakes use them); turning TLS on or off and `map` (which
+            // decides how users authenticate) need a restart.
+            tls,
         } = new;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, same: bool| {
@@ -369,6 +390,8 @@ impl Config {
         );
         check("authorization", *authorization == self.authorization);
         check("http", *http == self.http);
+        check("tls", tls.enabled() == self.tls.enabled());
+        check("tls.map", tls.map == self.tls.map);
         check("device.udp", device.udp == self.device.udp);
         check("device.tcp", device.tcp == self.device.tcp);
         check("device.serial", device.serial == self.device.serial);

@@ -54,6 +54,8 @@ pub enum CloseReason {
     ConnectTimeout,
     MaxConnections,
     ServerShutdown,
+    /// The TLS handshake failed or timed out (nothing was sent encrypted).
+    TlsHandshake,
 }
 
 impl CloseReason {
@@ -355,6 +357,9 @@ enum Security {
     Open,
     /// CONNECT must carry credentials `Auth` accepts.
     Required(std::sync::Arc<Auth>),
+    /// `tls.map`: the client certificate's identities select the user at
+    /// CONNECT (CONNECT's own credentials are not looked at).
+    RequiredByCertificate(std::sync::Arc<Auth>, Box<[String]>),
     /// Authenticated; None: no restrictions.
     Granted(Option<std::sync::Arc<Permissions>>),
 }
@@ -408,6 +413,16 @@ impl Session {
     /// The client must authenticate in CONNECT (before any other op).
     pub fn require_auth(&self, auth: std::sync::Arc<Auth>) {
         *self.security.borrow_mut() = Security::Required(auth);
+    }
+
+    /// `tls.map`: the verified client certificate's identities, which select
+    /// the user at CONNECT. Only once authentication is required.
+    pub fn set_tls_identities(&self, identities: Vec<String>) {
+        let mut security = self.security.borrow_mut();
+        if let Security::Required(auth) = &*security {
+            *security =
+                Security::RequiredByCertificate(std::sync::Arc::clone(auth), identities.into());
+        }
     }
 
     fn permissions(&self) -> Option<std::sync::Arc<Permissions>> {
@@ -489,7 +504,10 @@ impl Session {
         if self.is_closing() {
             return Effect::Close;
         }
-        let unauthenticated = matches!(&*self.security.borrow(), Security::Required(_));
+        let unauthenticated = matches!(
+            &*self.security.borrow(),
+            Security::Required(_) | Security::RequiredByCertificate(..)
+        );
         if unauthenticated && !matches!(op, ClientOp::Connect { .. }) {
             // With auth on, the first op must be CONNECT (nats-server closes).
             return self.fail(Some("Authorization Violation"), true);
@@ -538,12 +556,15 @@ impl Session {
     fn handle_connect<'a>(&self, json: &[u8]) -> Effect<'a> {
         match parse_connect(json) {
             Ok(options) => {
-                let required = match &*self.security.borrow() {
-                    Security::Required(auth) => Some(std::sync::Arc::clone(auth)),
+                let result = match &*self.security.borrow() {
+                    Security::Required(auth) => Some(auth.authenticate(&options)),
+                    Security::RequiredByCertificate(auth, identities) => {
+                        Some(auth.authenticate_by_identity(identities))
+                    }
                     _ => None,
                 };
-                if let Some(auth) = required {
-                    match auth.authenticate(&options) {
+                if let Some(result) = result {
+                    match result {
                         Ok(permissions) => {
                             *self.security.borrow_mut() = Security::Granted(permissions)
                         }

@@ -12,6 +12,7 @@ mod jetstream;
 mod mailbox;
 mod shard;
 mod systemd;
+mod tls;
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -107,7 +108,16 @@ pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let mut running = config.clone();
-    let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall));
+    let tls = crate::tls::TlsSettings::load(&config.tls)?;
+    if let Some(tls) = &tls {
+        tracing::info!(
+            verify = tls.verify,
+            map = tls.map,
+            handshake_first = tls.handshake_first,
+            "TLS required for client connections"
+        );
+    }
+    let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall, tls));
     #[cfg(feature = "http")]
     if let Some(listener) = http_listener {
         http::spawn(listener, Arc::clone(&shared)).context("cannot start monitoring")?;
@@ -246,7 +256,19 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
         }
         return format!("last reload refused: {} need a restart", fixed.join(", "));
     }
+    // Files are read again (a rotated certificate); any error refuses the
+    // whole reload, before anything else changed.
+    let tls = match crate::tls::TlsSettings::load(&new.tls) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!("reload refused: {e}; keeping the running config");
+            return "last reload refused: tls (see the log)".into();
+        }
+    };
     (service.set_log_level)(&new);
+    if let Ok(mut slot) = shared.tls.write() {
+        *slot = tls.map(Arc::new);
+    }
     let limits = new.limits();
     shared
         .connections_max
