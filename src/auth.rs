@@ -275,17 +275,29 @@ impl Auth {
 impl Auth {
     /// `tls.map` (nats-server's `verify_and_map`): the first of the client
     /// certificate's identities (in the reference's order, see
-    /// `tls/identity.rs`) that names a user selects it, whatever CONNECT
-    /// says. Ok with that user's permissions; Err when none names a user.
+    /// `tls/identity.rs`) that names a user selects it; CONNECT's `user` is
+    /// not looked at. As in nats-server, CONNECT's `pass` must still match
+    /// that user's password, which for a certificate-only user means none.
+    /// Ok with the user's permissions; Err when no identity names a user.
     pub fn authenticate_by_identity(
         &self,
         identities: &[String],
+        pass: &str,
     ) -> Result<Option<Arc<Permissions>>, AuthFailed> {
-        identities
+        let user = identities
             .iter()
             .find_map(|identity| self.users.iter().find(|u| *u.name == **identity))
-            .map(|user| user.permissions.clone())
-            .ok_or(AuthFailed)
+            .ok_or(AuthFailed)?;
+        let ok = match &user.password {
+            Password::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
+            Password::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+            Password::CertificateOnly => pass.is_empty(),
+        };
+        if ok {
+            Ok(user.permissions.clone())
+        } else {
+            Err(AuthFailed)
+        }
     }
 }
 

@@ -164,7 +164,8 @@ install_prereqs() {
     # against; the Go client's -dev package pulls its deps (nkeys, nuid, x/crypto).
     local need=() pkg
     # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
-    # libnats-dev is only for the benchmarks (not needed here).
+    # libnats-dev: the C client's TLS test (tests/it/tls.rs) and the benchmarks;
+    # openssl makes the TLS tests' certificates.
     # libclang-rt-14-dev: clang's sanitizer runtimes (ASan/UBSan), not pulled in
     # by clang without recommends. qemu-user-static and the arm64/armhf C
     # libraries run the ARM builds; binutils (objdump, readelf) checks them;
@@ -172,7 +173,7 @@ install_prereqs() {
     # promtool) checks and scrapes perch's /metrics.
     for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang libclang-rt-14-dev \
         gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-user-static libc6-arm64-cross \
-        libc6-armhf-cross binutils lintian systemd prometheus; do
+        libc6-armhf-cross binutils lintian systemd prometheus libnats-dev openssl; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then

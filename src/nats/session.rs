@@ -559,7 +559,10 @@ impl Session {
                 let result = match &*self.security.borrow() {
                     Security::Required(auth) => Some(auth.authenticate(&options)),
                     Security::RequiredByCertificate(auth, identities) => {
-                        Some(auth.authenticate_by_identity(identities))
+                        Some(auth.authenticate_by_identity(
+                            identities,
+                            options.pass.as_deref().unwrap_or(""),
+                        ))
                     }
                     _ => None,
                 };

@@ -40,3 +40,4 @@ mod store_cli;
 mod store_faults;
 mod support;
 mod systemd;
+mod tls;
