@@ -158,16 +158,13 @@ impl TlsSettings {
             }
             (None, _) => builder.with_no_client_auth(),
         };
-        let mut server_config = builder.with_single_cert(certs, key).map_err(|e| {
+        let server_config = builder.with_single_cert(certs, key).map_err(|e| {
             TlsConfigError::Rustls(format!(
                 "{} with {}: {e}",
                 cert_path.display(),
                 key_path.display()
             ))
         })?;
-        // One write of ours is one TLS write: nothing waits in rustls' plaintext
-        // buffer for a later flush (the connection drains it at once).
-        server_config.max_fragment_size = None;
         Ok(Some(TlsSettings {
             server_config: Arc::new(server_config),
             verify: config.verify,
