@@ -83,7 +83,7 @@ const OID_SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
 /// The certificate's names for `map`, in the order the reference tries them.
 /// `der` is the client's end-entity certificate.
 pub fn certificate_identities(der: &[u8]) -> Vec<String> {
-    let Some((subject, alt_names)) = subject_and_alt_names(der) else {
+    let Some(Names { subject, alt_names }) = subject_and_alt_names(der) else {
         return Vec::new();
     };
     let mut emails = Vec::new();
@@ -115,9 +115,15 @@ pub fn certificate_identities(der: &[u8]) -> Vec<String> {
     identities
 }
 
-/// The subject Name's contents and the subjectAltName extension's
-/// GeneralNames contents (if present).
-fn subject_and_alt_names(der: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
+/// Where a certificate's names are.
+struct Names<'a> {
+    /// The subject Name's contents.
+    subject: Option<&'a [u8]>,
+    /// The subjectAltName extension's GeneralNames contents, if present.
+    alt_names: Option<&'a [u8]>,
+}
+
+fn subject_and_alt_names(der: &[u8]) -> Option<Names<'_>> {
     let certificate = Reader::new(der).expect(SEQUENCE)?;
     let tbs = Reader::new(certificate).expect(SEQUENCE)?;
     let mut fields = Reader::new(tbs);
@@ -152,7 +158,7 @@ fn subject_and_alt_names(der: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
             alt_names = Reader::new(value.contents).expect(SEQUENCE);
         }
     }
-    Some((subject, alt_names))
+    Some(Names { subject, alt_names })
 }
 
 /// Go's names for attribute types; others are written as dotted OIDs.
@@ -209,7 +215,7 @@ fn string_value(value: Element<'_>) -> Option<String> {
         0x14 => Some(value.contents.iter().map(|&b| char::from(b)).collect()),
         // BMPString: UTF-16BE.
         0x1e => {
-            if value.contents.len() % 2 != 0 {
+            if !value.contents.len().is_multiple_of(2) {
                 return None;
             }
             let units = value

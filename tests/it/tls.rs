@@ -185,7 +185,7 @@ impl TlsClient {
         server: &Server,
         config: &Arc<rustls::ClientConfig>,
     ) -> (String, std::io::Result<TlsClient>) {
-        let mut raw = Raw::connect_keeping_info(server);
+        let raw = Raw::connect_keeping_info(server);
         let info = raw.1;
         let sock = raw.0.stream;
         (info, TlsClient::handshake(sock, config))
