@@ -370,7 +370,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = clients ]; then
     fi
     step "C client: build the examples" make -C firmware-clients/c
     step "go vet + build client tests" bash -c \
-        'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
+        'go vet ./tests/go/ ./tests/go/tlsclient/ && go test -c -o target/go-client.test ./tests/go/'
     if [ "${NATS_REFERENCE:-}" = 1 ]; then
         client_suites reference
     else
@@ -389,7 +389,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = cross ]; then
     counted_step "cross: glibc <= 2.28, <= 4 MiB stripped, musl static + io_uring, runs (cross/check.sh)" no \
         bash cross/check.sh $CROSS_TARGETS $NATIVE_TARGETS
     [ -x target/go-client.test ] || step "go vet + build client tests" bash -c \
-        'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
+        'go vet ./tests/go/ ./tests/go/tlsclient/ && go test -c -o target/go-client.test ./tests/go/'
     for target in $CROSS_TARGETS; do emulated_suites "$target"; done
     step "deb: build the amd64, arm64 and armhf packages (cross/deb.sh)" build_debs
     counted_step "deb: lintian; install, upgrade, remove, purge amd64 here (cross/deb-test.sh)" no \
