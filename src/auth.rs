@@ -43,7 +43,8 @@ impl fmt::Debug for AuthorizationConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct UserConfig {
     pub user: String,
-    /// Plain text, or a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`).
+    /// Plain text, or a bcrypt hash (`$2a$`, `$2b$`, `$2x$`, `$2y$`). May
+    /// be left out only for users selected by certificate (`tls.map`).
     pub password: String,
     /// A user's public nkey (`U…`): the client proves it holds the seed by
     /// signing the nonce of its INFO.
@@ -160,6 +161,8 @@ enum Credential {
     Plain(Box<str>),
     Bcrypt(Box<str>),
     Nkey([u8; nkey::KEY_BYTES]),
+    /// A user only a client certificate selects (`tls.map`): no password matches.
+    CertificateOnly,
 }
 
 /// Who a client authenticated as, and what it may do.
@@ -228,6 +231,21 @@ impl Auth {
     /// Checks and compiles the table; None when it asks for nothing (no token,
     /// no users: every client is let in, as nats-server does without auth).
     pub fn new(config: &AuthorizationConfig) -> Result<Option<Auth>, AuthConfigError> {
+        Auth::build(config, false)
+    }
+
+    /// As [`Auth::new`], for `tls.map`: users may be given without a
+    /// password (their certificate selects them; no password logs them in).
+    pub fn with_certificate_users(
+        config: &AuthorizationConfig,
+    ) -> Result<Option<Auth>, AuthConfigError> {
+        Auth::build(config, true)
+    }
+
+    fn build(
+        config: &AuthorizationConfig,
+        certificate_users: bool,
+    ) -> Result<Option<Auth>, AuthConfigError> {
         if config.token.is_some() && !config.users.is_empty() {
             return Err(AuthConfigError::TokenAndUsers);
         }
@@ -256,10 +274,12 @@ impl Auth {
                 if users.iter().any(|known| *known.name == *u.user) {
                     return Err(AuthConfigError::DuplicateUser(u.user.clone()));
                 }
-                if u.password.is_empty() {
+                if u.password.is_empty() && !certificate_users {
                     return Err(AuthConfigError::EmptyPassword(u.user.clone()));
                 }
-                let credential = if is_bcrypt(&u.password) {
+                let credential = if u.password.is_empty() {
+                    Credential::CertificateOnly
+                } else if is_bcrypt(&u.password) {
                     // A hash that cannot verify anything would lock the user out
                     // silently: refuse it at load.
                     if bcrypt::verify("", &u.password).is_err() {
@@ -353,7 +373,7 @@ impl Auth {
             let ok = match &self.users[found].credential {
                 Credential::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
                 Credential::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
-                Credential::Nkey(_) => false,
+                Credential::Nkey(_) | Credential::CertificateOnly => false,
             };
             if !ok {
                 return Err(AuthFailed);
@@ -364,6 +384,41 @@ impl Auth {
             permissions: self.users[found].permissions.clone(),
             user: Some(found),
         })
+    }
+
+    /// `tls.map` (nats-server's `verify_and_map`): the first of the client
+    /// certificate's identities (in the reference's order, see
+    /// `tls/identity.rs`) that names a user selects it; CONNECT's `user` is
+    /// not looked at. As in nats-server, CONNECT's `pass` must still match
+    /// that user's password, which for a certificate-only user means none.
+    /// Err when no identity names a user.
+    pub fn authenticate_by_identity(
+        &self,
+        identities: &[String],
+        pass: &str,
+    ) -> Result<Grant, AuthFailed> {
+        let found = identities
+            .iter()
+            .find_map(|identity| {
+                self.users.iter().position(|u| {
+                    *u.name == **identity && !matches!(u.credential, Credential::Nkey(_))
+                })
+            })
+            .ok_or(AuthFailed)?;
+        let ok = match &self.users[found].credential {
+            Credential::Plain(p) => constant_time_eq(pass.as_bytes(), p.as_bytes()),
+            Credential::Bcrypt(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+            Credential::CertificateOnly => pass.is_empty(),
+            Credential::Nkey(_) => false,
+        };
+        if ok {
+            Ok(Grant {
+                permissions: self.users[found].permissions.clone(),
+                user: Some(found),
+            })
+        } else {
+            Err(AuthFailed)
+        }
     }
 
     /// A config reload: whether a client that `old` admitted with `grant` is

@@ -98,6 +98,8 @@ pub struct Config {
     /// Monitoring over HTTP (nats-server's `/varz`, `/connz`, … and
     /// Prometheus `/metrics`); None: off, as in nats-server.
     pub http: Option<SocketAddr>,
+    /// `[tls]`: TLS on the NATS listener (on when `cert` is set).
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// Device sessions per shard before CONNECTs are refused (NO_RESOURCES).
@@ -189,6 +191,7 @@ impl Default for Config {
             device: DeviceConfig::default(),
             authorization: crate::auth::AuthorizationConfig::default(),
             http: None,
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -258,7 +261,7 @@ impl Config {
                 self.max_payload, self.max_pending
             ));
         }
-        crate::auth::Auth::new(&self.authorization)
+        self.auth()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.max_control_line < 32 {
             return invalid("max_control_line must be at least 32 bytes".into());
@@ -287,10 +290,30 @@ impl Config {
             return invalid("device.sessions_max must be at least 1".into());
         }
         self.device.predefined_table()?;
+        // Reads the files too: a missing file or a key that does not match
+        // its certificate stops the start (or the reload) here.
+        crate::tls::TlsSettings::load(&self.tls)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.tls.map && self.authorization.users.is_empty() {
+            return invalid(
+                "tls.map selects users of [[authorization.users]] by certificate, but none is configured"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
     /// The limits a reload may change on a running broker.
+    /// `[authorization]` compiled (with `tls.map`, users may have no
+    /// password: their certificate selects them); None: no authentication.
+    pub fn auth(&self) -> Result<Option<crate::auth::Auth>, crate::auth::AuthConfigError> {
+        if self.tls.map {
+            crate::auth::Auth::with_certificate_users(&self.authorization)
+        } else {
+            crate::auth::Auth::new(&self.authorization)
+        }
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             max_payload: self.max_payload,
@@ -341,6 +364,10 @@ impl Config {
             authorization: _,
             // Bound before the shards start.
             http,
+            // Files, verify, handshake_first and timeout_ms reload (new
+            // handshakes use them); turning TLS on or off and `map` (which
+            // decides how users authenticate) need a restart.
+            tls,
         } = new;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, same: bool| {
@@ -373,6 +400,8 @@ impl Config {
             *store_stream_durability == self.store_stream_durability,
         );
         check("http", *http == self.http);
+        check("tls", tls.enabled() == self.tls.enabled());
+        check("tls.map", tls.map == self.tls.map);
         check("device.udp", device.udp == self.device.udp);
         check("device.tcp", device.tcp == self.device.tcp);
         check("device.serial", device.serial == self.device.serial);

@@ -10,4 +10,5 @@ pub mod nats;
 pub mod router;
 pub mod runtime;
 pub mod store;
+pub mod tls;
 pub mod tools;

@@ -167,7 +167,8 @@ install_prereqs() {
     # against; the Go client's -dev package pulls its deps (nkeys, nuid, x/crypto).
     local need=() pkg
     # clang, gcc-arm-none-eabi and newlib build and size the C firmware client;
-    # libnats-dev is only for the benchmarks (not needed here).
+    # libnats-dev: the C client's TLS test (tests/it/tls.rs) and the benchmarks;
+    # openssl makes the TLS tests' certificates.
     # libclang-rt-14-dev: clang's sanitizer runtimes (ASan/UBSan), not pulled in
     # by clang without recommends. qemu-user-static and the arm64/armhf C
     # libraries run the ARM builds; binutils (objdump, readelf) checks them;
@@ -175,7 +176,7 @@ install_prereqs() {
     # promtool) checks and scrapes perch's /metrics.
     for pkg in nats-server golang-go golang-github-nats-io-go-nats-dev clang libclang-rt-14-dev \
         gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-user-static libc6-arm64-cross \
-        libc6-armhf-cross binutils lintian systemd prometheus; do
+        libc6-armhf-cross binutils lintian systemd prometheus libnats-dev openssl; do
         deb_installed "$pkg" || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -374,7 +375,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = clients ]; then
     fi
     step "C client: build the examples" make -C firmware-clients/c
     step "go vet + build client tests" bash -c \
-        'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
+        'go vet ./tests/go/ ./tests/go/tlsclient/ && go test -c -o target/go-client.test ./tests/go/'
     if [ "${NATS_REFERENCE:-}" = 1 ]; then
         client_suites reference
     else
@@ -393,7 +394,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = cross ]; then
     counted_step "cross: glibc <= 2.28, <= 4 MiB stripped, musl static + io_uring, runs (cross/check.sh)" no \
         bash cross/check.sh $CROSS_TARGETS $NATIVE_TARGETS
     [ -x target/go-client.test ] || step "go vet + build client tests" bash -c \
-        'go vet ./tests/go/ && go test -c -o target/go-client.test ./tests/go/'
+        'go vet ./tests/go/ ./tests/go/tlsclient/ && go test -c -o target/go-client.test ./tests/go/'
     for target in $CROSS_TARGETS; do emulated_suites "$target"; done
     step "deb: build the amd64, arm64 and armhf packages (cross/deb.sh)" build_debs
     counted_step "deb: lintian; install, upgrade, remove, purge amd64 here (cross/deb-test.sh)" no \

@@ -54,6 +54,8 @@ pub enum CloseReason {
     ConnectTimeout,
     MaxConnections,
     ServerShutdown,
+    /// The TLS handshake failed or timed out (nothing was sent encrypted).
+    TlsHandshake,
 }
 
 impl CloseReason {
@@ -372,6 +374,9 @@ struct Pending {
     auth: std::sync::Arc<Auth>,
     /// The nonce this client's INFO carried, for an nkey user to sign.
     nonce: Option<[u8; crate::auth::nkey::NONCE_CHARS]>,
+    /// `tls.map`: the verified client certificate's identities, which select
+    /// the user at CONNECT (CONNECT's `user` is not looked at).
+    identities: Option<Box<[String]>>,
 }
 
 struct Granted {
@@ -522,7 +527,19 @@ impl Session {
         auth: std::sync::Arc<Auth>,
         nonce: Option<[u8; crate::auth::nkey::NONCE_CHARS]>,
     ) {
-        *self.security.borrow_mut() = Security::Required(Box::new(Pending { auth, nonce }));
+        *self.security.borrow_mut() = Security::Required(Box::new(Pending {
+            auth,
+            nonce,
+            identities: None,
+        }));
+    }
+
+    /// `tls.map`: the verified client certificate's identities, which select
+    /// the user at CONNECT. Only once authentication is required.
+    pub fn set_tls_identities(&self, identities: Vec<String>) {
+        if let Security::Required(pending) = &mut *self.security.borrow_mut() {
+            pending.identities = Some(identities.into());
+        }
     }
 
     /// The user (name, or public nkey) this client authenticated as; None
@@ -803,13 +820,22 @@ impl Session {
         match parse_connect(json) {
             Ok(options) => {
                 let required = match &*self.security.borrow() {
-                    Security::Required(pending) => {
-                        Some((std::sync::Arc::clone(&pending.auth), pending.nonce))
-                    }
+                    Security::Required(pending) => Some((
+                        std::sync::Arc::clone(&pending.auth),
+                        pending.nonce,
+                        pending.identities.clone(),
+                    )),
                     _ => None,
                 };
-                if let Some((auth, nonce)) = required {
-                    match auth.authenticate(&options, nonce.as_ref().map(|n| &n[..])) {
+                if let Some((auth, nonce, identities)) = required {
+                    let result = match identities {
+                        Some(identities) => auth.authenticate_by_identity(
+                            &identities,
+                            options.pass.as_deref().unwrap_or(""),
+                        ),
+                        None => auth.authenticate(&options, nonce.as_ref().map(|n| &n[..])),
+                    };
+                    match result {
                         Ok(grant) => {
                             let responses =
                                 grant.permissions.as_ref().and_then(|p| p.responses()).map(

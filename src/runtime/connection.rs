@@ -13,9 +13,11 @@ use std::rc::Rc;
 use super::io::{self, Socket};
 use super::mailbox::Outgoing;
 use super::shard::Shard;
+use super::tls::TlsSocket;
 use crate::nats::encode;
 use crate::nats::parser::{parse_op, Parsed};
 use crate::nats::session::{CloseReason, Effect, Message, Session, State};
+use crate::tls::TlsSettings;
 
 /// Read buffer of an idle connection: small, because idle devices are the norm
 /// (an io_uring read owns its buffer while it waits, so every idle connection
@@ -47,36 +49,44 @@ pub(crate) async fn serve<S: Socket>(
         }
         session.require_auth(auth, nonce);
     }
-    session.queue_bytes(&shard.info_line(client_id, peer, nonce.as_ref().map(|n| &n[..])));
-    if no_nonce {
-        tracing::error!(
-            client_id,
-            "no random nonce (the system's random source failed): refused"
-        );
-        session.fail_and_close(Some("Authorization Violation"), CloseReason::ProtocolError);
-    }
-    tracing::debug!(client_id, ?peer, "client connected");
+    // The settings in force at accept; a reload affects later connections only.
+    let tls = shard.shared.tls();
+    let info = shard.info_line(
+        client_id,
+        peer,
+        tls.as_deref(),
+        nonce.as_ref().map(|n| &n[..]),
+    );
+    tracing::debug!(client_id, ?peer, tls = tls.is_some(), "client connected");
     // Only the IP is kept for the closing log line: a whole SocketAddr would sit
     // in every connection's task for its lifetime.
     let peer = peer.map(|p| p.ip());
     let slot = shard.register(&session, socket.raw_fd());
-    if reject {
-        tracing::warn!(client_id, "maximum connections exceeded");
-        session.fail_and_close(
-            Some("maximum connections exceeded"),
-            CloseReason::MaxConnections,
-        );
-    }
-    // Reader and writer run concurrently inside this one task (one allocation per
-    // connection instead of two). `join` polls both and never drops either, so no
-    // in-flight io_uring operation is abandoned.
-    let reader = async {
-        if !reject {
-            read_loop(&shard, &socket, &session).await;
+    match tls {
+        // Over the limit, the refusal goes out in plain text before any
+        // handshake, as nats-server sends it.
+        Some(tls) if !reject && !no_nonce => {
+            serve_tls(&shard, socket, &session, slot, &info, &tls).await;
         }
-        session.close(CloseReason::ClientClosed);
-    };
-    tokio::join!(reader, write_loop(&socket, &session));
+        _ => {
+            session.queue_bytes(&info);
+            if reject {
+                tracing::warn!(client_id, "maximum connections exceeded");
+                session.fail_and_close(
+                    Some("maximum connections exceeded"),
+                    CloseReason::MaxConnections,
+                );
+            } else if no_nonce {
+                tracing::error!(
+                    client_id,
+                    "no random nonce (the system's random source failed): refused"
+                );
+                session.fail_and_close(Some("Authorization Violation"), CloseReason::ProtocolError);
+            }
+            run(&shard, &socket, &session, reject).await;
+            drop(socket);
+        }
+    }
 
     // Remove the client's interest everywhere. No barrier: nothing waits on it.
     {
@@ -96,16 +106,83 @@ pub(crate) async fn serve<S: Socket>(
         Some(
             reason @ (CloseReason::ProtocolError
             | CloseReason::StaleConnection
-            | CloseReason::ConnectTimeout),
+            | CloseReason::ConnectTimeout
+            | CloseReason::TlsHandshake),
         ) => {
             tracing::info!(client_id, ?peer, ?reason, "client closed")
         }
         reason => tracing::debug!(client_id, ?peer, ?reason, "client closed"),
     }
-    // Unregister before the socket drops (closing the fd), so housekeeping never
-    // shuts down a descriptor number that was reused.
+    // Unregister after the socket dropped (closing the fd) in `run`'s callers,
+    // so housekeeping never shuts down a descriptor number that was reused.
     shard.unregister(slot);
-    drop(socket);
+}
+
+/// A TLS client: INFO in plain text (unless `handshake_first`), the
+/// handshake under the shard's timeout, then the session over [`TlsSocket`].
+/// Drops the socket before returning.
+async fn serve_tls<S: Socket>(
+    shard: &Rc<Shard>,
+    socket: S,
+    session: &Rc<Session>,
+    slot: usize,
+    info: &[u8],
+    tls: &TlsSettings,
+) {
+    let conn = match super::tls::server_connection(&tls.server_config) {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(client_id = session.id, "cannot start TLS: {e}");
+            session.close(CloseReason::TlsHandshake);
+            return;
+        }
+    };
+    let socket = TlsSocket::new(socket, conn);
+    shard.handshake_started(slot, tls.timeout_ms);
+    if !tls.handshake_first {
+        // nats-server's order: INFO (with tls_required) in plain text, then
+        // the client starts the handshake.
+        let (result, _) = socket.inner().write_all(info.to_vec()).await;
+        if result.is_err() {
+            session.close(CloseReason::ClientClosed);
+            return;
+        }
+    }
+    let handshake = Box::pin(socket.handshake()).await;
+    shard.handshake_ended(slot);
+    if let Err(e) = handshake {
+        // As nats-server: nothing more is sent (rustls' alert aside) and the
+        // connection closes; the reason is only logged.
+        tracing::info!(client_id = session.id, "{e}");
+        session.close(CloseReason::TlsHandshake);
+        return;
+    }
+    if tls.map {
+        let identities = socket
+            .peer_certificate()
+            .map(|der: Vec<u8>| crate::tls::identity::certificate_identities(&der))
+            .unwrap_or_default();
+        session.set_tls_identities(identities);
+    }
+    if tls.handshake_first {
+        session.queue_bytes(info);
+    }
+    run(shard, &socket, session, false).await;
+}
+
+/// The session over an established byte stream: reader and writer until the
+/// connection ends.
+async fn run<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Session>, reject: bool) {
+    // Reader and writer run concurrently inside this one task (one allocation per
+    // connection instead of two). `join` polls both and never drops either, so no
+    // in-flight io_uring operation is abandoned.
+    let reader = async {
+        if !reject {
+            read_loop(shard, socket, session).await;
+        }
+        session.close(CloseReason::ClientClosed);
+    };
+    tokio::join!(reader, write_loop(socket, session));
 }
 
 async fn write_loop<S: Socket>(socket: &S, session: &Session) {

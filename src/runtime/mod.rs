@@ -13,6 +13,7 @@ mod mailbox;
 mod ratelimit;
 mod shard;
 mod systemd;
+mod tls;
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -69,12 +70,7 @@ pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
-    if !local.ip().is_loopback()
-        && crate::auth::Auth::new(&config.authorization)
-            .ok()
-            .flatten()
-            .is_none()
-    {
+    if !local.ip().is_loopback() && config.auth().ok().flatten().is_none() {
         // nats-server's default too; an operator should know it is the case.
         tracing::warn!(
             "no [authorization]: any client that reaches {local} may publish and subscribe \
@@ -121,7 +117,16 @@ pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
 
     let (peers, inboxes) = mailbox::mailboxes(shard_count);
     let mut running = config.clone();
-    let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall));
+    let tls = crate::tls::TlsSettings::load(&config.tls)?;
+    if let Some(tls) = &tls {
+        tracing::info!(
+            verify = tls.verify,
+            map = tls.map,
+            handshake_first = tls.handshake_first,
+            "TLS required for client connections"
+        );
+    }
+    let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall, tls));
     #[cfg(feature = "http")]
     if let Some(listener) = http_listener {
         http::spawn(listener, Arc::clone(&shared)).context("cannot start monitoring")?;
@@ -260,13 +265,19 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
         }
         return format!("last reload refused: {} need a restart", fixed.join(", "));
     }
+    // Files are read again (a rotated certificate); any error refuses the
+    // whole reload, before anything else changed.
+    let tls = match crate::tls::TlsSettings::load(&new.tls) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!("reload refused: {e}; keeping the running config");
+            return "last reload refused: tls (see the log)".into();
+        }
+    };
     // A changed [authorization] is compiled once here (validate() accepted
     // it) and every shard checks its live connections against it.
     let auth = (new.authorization != running.authorization).then(|| {
-        let auth = crate::auth::Auth::new(&new.authorization)
-            .ok()
-            .flatten()
-            .map(std::sync::Arc::new);
+        let auth = new.auth().ok().flatten().map(std::sync::Arc::new);
         for user in auth.iter().flat_map(|a| a.plain_text_users()) {
             tracing::warn!(
                 user,
@@ -281,6 +292,9 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
             .store(auth.is_some(), Ordering::Relaxed);
     }
     (service.set_log_level)(&new);
+    if let Ok(mut slot) = shared.tls.write() {
+        *slot = tls.map(Arc::new);
+    }
     let limits = new.limits();
     shared
         .connections_max

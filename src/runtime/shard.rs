@@ -135,6 +135,9 @@ pub(crate) struct Shared {
     /// Whether clients must authenticate now (a reload may change it), for
     /// monitoring.
     pub auth_required: std::sync::atomic::AtomicBool,
+    /// `[tls]` as last (re)loaded; None: TLS is off. Read once per accepted
+    /// connection (never on the message path), replaced whole by a reload.
+    pub tls: std::sync::RwLock<Option<Arc<crate::tls::TlsSettings>>>,
     /// Per shard, for monitoring.
     pub stats: Vec<ShardStats>,
     /// When the broker started (wall clock), for `/varz` and `/connz`.
@@ -148,12 +151,10 @@ impl Shared {
         shard_count: usize,
         peers: Peers,
         stall: Option<StallHook>,
+        tls: Option<crate::tls::TlsSettings>,
     ) -> Shared {
         // Checked by Config::validate before the shards start.
-        let auth = crate::auth::Auth::new(&config.authorization)
-            .ok()
-            .flatten()
-            .map(std::sync::Arc::new);
+        let auth = config.auth().ok().flatten().map(std::sync::Arc::new);
         for user in auth.iter().flat_map(|a| a.plain_text_users()) {
             tracing::warn!(
                 user,
@@ -192,10 +193,17 @@ impl Shared {
             }),
             js_ready: AtomicUsize::new(0),
             auth,
+            tls: std::sync::RwLock::new(tls.map(Arc::new)),
             stats: (0..shard_count).map(|_| ShardStats::default()).collect(),
             started: crate::jetstream::api::Timestamp::from_unix_nanos(unix_now_ns()),
             config,
         }
+    }
+
+    /// The TLS settings new connections use now.
+    pub(crate) fn tls(&self) -> Option<Arc<crate::tls::TlsSettings>> {
+        // A poisoned lock can only come from a panic, which aborts the process.
+        self.tls.read().map(|t| t.clone()).unwrap_or(None)
     }
 
     /// Milliseconds on the heartbeat clock.
@@ -256,12 +264,18 @@ pub(crate) struct ConnEntry {
     fd: RawFd,
     shut_down: Cell<bool>,
     opened_ms: u64,
+    /// When the CONNECT deadline starts: at accept, or for TLS clients when
+    /// their handshake ended (each phase has its own timeout, as in nats-server).
+    connect_from_ms: Cell<u64>,
+    /// A TLS handshake not finished by then is ended; `NO_DEADLINE` otherwise.
+    handshake_deadline_ms: Cell<u64>,
     next_ping_ms: Cell<u64>,
     /// `NOT_CLOSING` until housekeeping first sees the session closing.
     closing_since_ms: Cell<u64>,
 }
 
 const NOT_CLOSING: u64 = u64::MAX;
+const NO_DEADLINE: u64 = u64::MAX;
 
 /// A session waiting for the SUB barrier: see [`Shard::release_when_interest_applied`].
 struct InterestHold {
@@ -457,6 +471,7 @@ impl Shard {
         &self,
         client_id: u64,
         peer: Option<SocketAddr>,
+        tls: Option<&crate::tls::TlsSettings>,
         nonce: Option<&[u8]>,
     ) -> Vec<u8> {
         let config = self.config();
@@ -476,6 +491,9 @@ impl Shard {
             nonce: nonce
                 .map(|n| String::from_utf8_lossy(n).into_owned())
                 .unwrap_or_default(),
+            // TLS is never optional here, so `tls_available` is never sent.
+            tls_required: tls.is_some(),
+            tls_verify: tls.is_some_and(|t| t.verify),
             max_payload: limits.max_payload,
             jetstream: self.shared.js.is_some(),
             proto: 1,
@@ -509,6 +527,8 @@ impl Shard {
             fd,
             shut_down: Cell::new(false),
             opened_ms: now_ms,
+            connect_from_ms: Cell::new(now_ms),
+            handshake_deadline_ms: Cell::new(NO_DEADLINE),
             next_ping_ms: Cell::new(
                 now_ms + first_ping_delay_ms(self.limits.get().ping_interval_ms),
             ),
@@ -518,6 +538,24 @@ impl Shard {
             session.close(CloseReason::ServerShutdown);
         }
         slot
+    }
+
+    /// A TLS handshake begins on the connection in `slot`: housekeeping ends
+    /// it after `timeout_ms` (by shutdown, never by racing the read).
+    pub(crate) fn handshake_started(&self, slot: usize, timeout_ms: u64) {
+        if let Some(entry) = &self.connections.borrow().slots[slot] {
+            entry
+                .handshake_deadline_ms
+                .set(self.now_ms().saturating_add(timeout_ms));
+        }
+    }
+
+    /// The handshake ended (either way); the CONNECT deadline starts now.
+    pub(crate) fn handshake_ended(&self, slot: usize) {
+        if let Some(entry) = &self.connections.borrow().slots[slot] {
+            entry.handshake_deadline_ms.set(NO_DEADLINE);
+            entry.connect_from_ms.set(self.now_ms());
+        }
     }
 
     pub(crate) fn unregister(&self, slot: usize) {
@@ -1127,9 +1165,22 @@ async fn housekeeping(shard: Rc<Shard>) {
         crate::nats::session::set_coarse_now_ms(now_ms);
         for entry in shard.connections.borrow().iter() {
             let session = &entry.session;
+            let handshake_deadline_ms = entry.handshake_deadline_ms.get();
+            if handshake_deadline_ms != NO_DEADLINE {
+                if now_ms >= handshake_deadline_ms && !entry.shut_down.get() {
+                    // What nats-server does: nothing more is sent, the
+                    // connection closes. The pending read ends the handshake.
+                    tracing::info!(client_id = session.id, "TLS handshake timeout");
+                    entry.shut_down.set(true);
+                    io::shutdown(entry.fd);
+                }
+                continue;
+            }
             match session.state() {
                 State::AwaitingConnect => {
-                    if now_ms.saturating_sub(entry.opened_ms) >= config.connect_timeout_ms {
+                    if now_ms.saturating_sub(entry.connect_from_ms.get())
+                        >= config.connect_timeout_ms
+                    {
                         session.fail_and_close(
                             Some("Authentication Timeout"),
                             CloseReason::ConnectTimeout,

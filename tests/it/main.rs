@@ -42,3 +42,4 @@ mod store_cli;
 mod store_faults;
 mod support;
 mod systemd;
+mod tls;

@@ -67,6 +67,47 @@ impl Server {
         server
     }
 
+    /// [`Server::perch_with_config`] for a server that sends no plain-text
+    /// INFO (`[tls] handshake_first`): ready once it accepts connections.
+    pub fn perch_with_config_silent(toml: &str, extra: &[&str]) -> Server {
+        let dir = TempDir::new("perch-config");
+        let path = dir.path.join("perch.toml");
+        std::fs::write(&path, toml).expect("write perch config");
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let io = std::env::var("PERCH_IO").unwrap_or_else(|_| "auto".into());
+        let mut command = perch_command();
+        command
+            .args(["serve", "--listen", &listen, "--io", &io, "--shards", "2"])
+            .args(["--placement", "round-robin", "--config"])
+            .arg(&path)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("PERCH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        let mut child = command.spawn().expect("spawn perch");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("perch exited during startup: {status}");
+            }
+            if started.elapsed() >= Duration::from_millis(STARTUP_MS_MAX) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("perch did not accept on port {port} within {STARTUP_MS_MAX} ms");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server {
+            child,
+            port,
+            name: "perch",
+            _config_dir: Some(dir),
+        }
+    }
+
     fn perch_with_log(extra: &[&str], log: Option<&Path>) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");

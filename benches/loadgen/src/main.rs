@@ -14,6 +14,7 @@ mod report;
 mod scenarios;
 mod selfcheck;
 mod server;
+mod tls;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -186,6 +187,7 @@ impl Cli {
             device_msgs: self.device_msgs,
             device_window_msgs: self.device_window_msgs,
             clients: ClientPrograms::default(),
+            tls: None,
         }
     }
 
@@ -278,6 +280,10 @@ fn run_once(
     log_path: &Path,
     store_dir: Option<&Path>,
 ) -> Result<scenarios::Measurement> {
+    let spec = match (&params.tls, scenario.needs_tls()) {
+        (Some(files), true) => spec.with_config(&files.perch_config, &files.nats_config),
+        _ => spec.clone(),
+    };
     let server = spec.start(log_path, store_dir, scenario.needs_device_udp())?;
     match scenario.run(&server, params) {
         Ok(measurement) => {
@@ -375,6 +381,9 @@ fn run(cli: &Cli) -> Result<bool> {
     });
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("creating log dir {}", log_dir.display()))?;
+    if scenarios.iter().any(|scenario| scenario.needs_tls()) {
+        params.tls = Some(tls::prepare(&log_dir.join("tls"))?);
+    }
     let mut json_lines = JsonLines(match &cli.json {
         Some(path) => Some(BufWriter::new(
             File::create(path).with_context(|| format!("creating {}", path.display()))?,

@@ -55,6 +55,12 @@ pub enum Scenario {
     DeviceFanIn,
     /// Idle and sleeping device sessions (perch only).
     DeviceIdle,
+    /// Full TLS 1.3 handshakes (+ CONNECT, PING/PONG) per second.
+    TlsHandshake,
+    /// pub-sub's shape over TLS.
+    TlsPubSub,
+    /// idle-conn's shape over TLS.
+    TlsIdleConn,
 }
 
 impl Scenario {
@@ -93,6 +99,9 @@ impl Scenario {
             Scenario::JsReplay => "js-replay",
             Scenario::DeviceFanIn => "device-fan-in",
             Scenario::DeviceIdle => "device-idle",
+            Scenario::TlsHandshake => "tls-handshake",
+            Scenario::TlsPubSub => "tls-pub-sub",
+            Scenario::TlsIdleConn => "tls-idle-conn",
         }
     }
 
@@ -100,6 +109,15 @@ impl Scenario {
     /// (`--device-udp`); nats-server has nothing of the kind.
     pub fn needs_device_udp(self) -> bool {
         matches!(self, Scenario::DeviceFanIn | Scenario::DeviceIdle)
+    }
+
+    /// Whether both servers run with the run's certificate (`[tls]` /
+    /// `tls {}`; see tls.rs).
+    pub fn needs_tls(self) -> bool {
+        matches!(
+            self,
+            Scenario::TlsHandshake | Scenario::TlsPubSub | Scenario::TlsIdleConn
+        )
     }
 
     /// Whether only perch runs it (nats-server has no equivalent; its column
@@ -190,6 +208,18 @@ impl Scenario {
                 params.device_count,
                 params.device_count / 2
             ),
+            Scenario::TlsHandshake => format!(
+                "{} clients in a loop: connect, full TLS 1.3 handshake (ECDSA P-256, no resumption), \
+                 CONNECT + PING/PONG, close: handshakes/s",
+                params.connect_threads
+            ),
+            Scenario::TlsPubSub => format!(
+                "over TLS 1.3: 1 publisher -> 1 subscriber, {payload_bytes} B: delivered msgs/s and server CPU per message"
+            ),
+            Scenario::TlsIdleConn => format!(
+                "{} idle TLS connections, each with one SUB: server RSS per connection",
+                params.idle_conns
+            ),
         }
     }
 
@@ -207,6 +237,9 @@ impl Scenario {
             Scenario::JsReplay => &JS_REPLAY_METRICS,
             Scenario::DeviceFanIn => &DEVICE_FAN_IN_METRICS,
             Scenario::DeviceIdle => &DEVICE_IDLE_METRICS,
+            Scenario::TlsHandshake => &TLS_HANDSHAKE_METRICS,
+            Scenario::TlsPubSub => &TLS_PUB_SUB_METRICS,
+            Scenario::TlsIdleConn => &TLS_IDLE_CONN_METRICS,
         }
     }
 
@@ -233,6 +266,17 @@ impl Scenario {
             Scenario::JsReplay => js_replay(server, params),
             Scenario::DeviceFanIn => device_fan_in(server, params),
             Scenario::DeviceIdle => device_idle(server, params),
+            Scenario::TlsHandshake | Scenario::TlsPubSub | Scenario::TlsIdleConn => {
+                let files = params
+                    .tls
+                    .as_ref()
+                    .context("TLS scenario without the run's certificate")?;
+                match self {
+                    Scenario::TlsHandshake => crate::tls::handshake_rate(server, params, files),
+                    Scenario::TlsPubSub => crate::tls::pub_sub(server, params, files),
+                    _ => crate::tls::idle_conn(server, params, files),
+                }
+            }
         }?;
         measurement.push((PEAK_RSS_KEY, server.peak_rss_kib()? as f64));
         Ok(measurement)
@@ -262,6 +306,8 @@ pub struct Params {
     pub device_window_msgs: u64,
     /// The real-client programs built for this run.
     pub clients: ClientPrograms,
+    /// The TLS scenarios' certificate and server configs, when any runs.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Metric key → value in the metric's base unit (see [`MetricDef`]).
@@ -497,6 +543,79 @@ static REQ_REP_METRICS: [MetricDef; 6] = [
     },
     SERVER_PEAK_RSS,
     SERVER_CPU,
+];
+static TLS_HANDSHAKE_METRICS: [MetricDef; 5] = [
+    metric(
+        "handshakes_per_s",
+        "handshakes/s",
+        1.0,
+        0,
+        Better::Higher,
+        Some(Goal::RatioAtLeast(1.0)),
+    ),
+    metric(
+        "server_cpu_us_per_handshake",
+        "server CPU per handshake (µs)",
+        1.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    SERVER_PEAK_RSS,
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+static TLS_PUB_SUB_METRICS: [MetricDef; 5] = [
+    metric(
+        "delivered_per_s",
+        "delivered msgs/s",
+        1.0,
+        0,
+        Better::Higher,
+        Some(Goal::RatioAtLeast(1.0)),
+    ),
+    MetricDef {
+        goal: Some(Goal::RatioAtMost(1.0)),
+        ..SERVER_CPU_PER_M_DELIVERED
+    },
+    SERVER_PEAK_RSS,
+    SERVER_CPU,
+    LOADGEN_CPU,
+];
+static TLS_IDLE_CONN_METRICS: [MetricDef; 5] = [
+    metric(
+        "rss_per_conn_kib",
+        "RSS per TLS connection (KiB)",
+        1.0,
+        2,
+        Better::Lower,
+        Some(Goal::RatioAtMost(1.0)),
+    ),
+    metric(
+        "rss_before_kib",
+        "server RSS before (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "rss_after_kib",
+        "server RSS after (MiB)",
+        1024.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    metric(
+        "server_cpu_us_per_conn",
+        "server CPU per connection, handshake+CONNECT+SUB+PING (µs)",
+        1.0,
+        1,
+        Better::Lower,
+        None,
+    ),
+    SERVER_PEAK_RSS,
 ];
 static IDLE_CONN_METRICS: [MetricDef; 5] = [
     metric(

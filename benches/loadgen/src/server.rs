@@ -88,6 +88,21 @@ impl ServerSpec {
         }
     }
 
+    /// The same server with a config file: `--config` for perch, `-c` for
+    /// nats-server (the TLS scenarios' certificate).
+    pub fn with_config(&self, perch_config: &Path, nats_config: &Path) -> ServerSpec {
+        let mut spec = self.clone();
+        match &mut spec.flavor {
+            Flavor::Perch { extra_args, .. } => {
+                extra_args.extend(["--config".to_string(), perch_config.display().to_string()])
+            }
+            Flavor::NatsServer { extra_args } => {
+                extra_args.extend(["-c".to_string(), nats_config.display().to_string()])
+            }
+        }
+        spec
+    }
+
     /// Starts the server with stdout and stderr in `log_path` (and, with
     /// `store_dir`, JetStream storing there; with `device_udp`, perch serving
     /// devices on a fresh UDP port) and waits until it sends INFO on a fresh
