@@ -603,8 +603,9 @@ impl DeviceRuntime {
         );
     }
 
-    /// A stream answered a device's QoS 1 publish: PUBACK it.
-    fn store_acked(&self, reply_subject: &[u8], pub_ack: &[u8]) {
+    /// A stream answered a device's QoS 1 publish: PUBACK it (sealed by
+    /// `gateway`, which the caller holds borrowed).
+    fn store_acked(&self, gateway: &Gateway, reply_subject: &[u8], pub_ack: &[u8]) {
         let n = reply_subject
             .rsplit(|&b| b == b'.')
             .next()
@@ -615,7 +616,8 @@ impl DeviceRuntime {
         };
         let failed = pub_ack.windows(8).any(|w| w == b"\"error\"");
         let code = if failed { Code::StoreFailed } else { Code::Ok };
-        self.send_frame(to, encode(&Frame::Puback { msg_id, code }));
+        let frame = gateway.outbound(to, encode(&Frame::Puback { msg_id, code }));
+        self.send(to, &frame);
     }
 
     /// Routes a device's message like a publish from a client of this shard.
@@ -879,7 +881,7 @@ async fn deliveries(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
                     return;
                 };
                 if sid == STORE_ACK_SID {
-                    runtime.store_acked(msg.subject, msg.payload);
+                    runtime.store_acked(&gateway, msg.subject, msg.payload);
                     return;
                 }
                 let reply = (!msg.reply.is_empty()).then_some(msg.reply);
