@@ -5,6 +5,8 @@
 //! *Nothing in lite/ touches a socket or reads the clock.*
 
 pub mod credentials;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod predefined;
 pub mod session;
