@@ -548,6 +548,49 @@ impl Permissions {
         self.responses
     }
 
+    /// Compiles `config` for one client with every `{client}` in its
+    /// entries replaced by `client` (the device protocol's fleet rules,
+    /// mosquitto's `pattern` lines). `name` is what errors call the owner.
+    /// The caller makes sure `client` is one subject token: a client id
+    /// with a dot or a wildcard would widen the rule.
+    pub fn compile_for_client(
+        name: &str,
+        config: &PermissionsConfig,
+        client: &str,
+    ) -> Result<Permissions, AuthConfigError> {
+        let fill = |list: &[String]| -> Vec<String> {
+            list.iter().map(|e| e.replace("{client}", client)).collect()
+        };
+        let rules = |rules: &Option<RulesConfig>| -> Option<RulesConfig> {
+            rules.as_ref().map(|r| match r {
+                RulesConfig::Allow(allow) => RulesConfig::Allow(fill(allow)),
+                RulesConfig::Table { allow, deny } => RulesConfig::Table {
+                    allow: allow.as_deref().map(fill),
+                    deny: fill(deny),
+                },
+            })
+        };
+        let filled = PermissionsConfig {
+            publish: rules(&config.publish),
+            subscribe: rules(&config.subscribe),
+            allow_responses: config.allow_responses.clone(),
+        };
+        Permissions::compile(name, &filled)
+    }
+
+    /// Nothing allowed: publish and subscribe allow lists that are empty.
+    pub fn deny_all() -> Permissions {
+        let none = || Rules {
+            allow: Some(Vec::new()),
+            deny: Vec::new(),
+        };
+        Permissions {
+            publish: none(),
+            subscribe: none(),
+            responses: None,
+        }
+    }
+
     /// A publish to `subject` (a literal) is allowed.
     pub fn can_publish(&self, subject: &[u8]) -> bool {
         let rules = &self.publish;

@@ -119,6 +119,42 @@ pub struct DeviceConfig {
     pub sessions_max: usize,
     /// Predefined topic ids: `"1" = "sensors.{client}.temp"`.
     pub predefined: std::collections::BTreeMap<String, String>,
+    /// Refuse every device that does not seal its frames with a key
+    /// (docs/device-protocol.md §9); false: keyed devices must, others may not.
+    pub require_key: bool,
+    /// Permissions of every device session without its own, `{client}`
+    /// replaced by its client id; None: everything allowed.
+    pub default_permissions: Option<crate::auth::PermissionsConfig>,
+    /// Devices with keys (`[[device.clients]]`).
+    pub clients: Vec<DeviceClientConfig>,
+}
+
+/// One `[[device.clients]]` entry: a device's key and its permissions.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceClientConfig {
+    /// The device's client id (CONNECT's, and the envelope's).
+    pub client: String,
+    /// The 32-byte key as 64 hex digits; or `key_file`.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A file holding the 64 hex digits (whitespace around them ignored).
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// This device's permissions instead of `default_permissions`.
+    #[serde(default)]
+    pub permissions: Option<crate::auth::PermissionsConfig>,
+}
+
+impl std::fmt::Debug for DeviceClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceClientConfig")
+            .field("client", &self.client)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("key_file", &self.key_file)
+            .field("permissions", &self.permissions)
+            .finish()
+    }
 }
 
 /// One `[[device.serial]]` entry.
@@ -142,6 +178,9 @@ impl Default for DeviceConfig {
             serial: Vec::new(),
             sessions_max: DEVICE_SESSIONS_PER_SHARD_MAX_DEFAULT,
             predefined: std::collections::BTreeMap::new(),
+            require_key: false,
+            default_permissions: None,
+            clients: Vec::new(),
         }
     }
 }
@@ -160,6 +199,12 @@ impl DeviceConfig {
         }
         crate::lite::predefined::Predefined::new(&entries)
             .map_err(|e| ConfigError::Invalid(format!("device.predefined: {e}")))
+    }
+
+    /// The device keys and permissions, checked and compiled (key files read).
+    pub fn credentials(&self) -> Result<crate::lite::credentials::Credentials, ConfigError> {
+        crate::lite::credentials::Credentials::new(self)
+            .map_err(|e| ConfigError::Invalid(format!("device: {e}")))
     }
 }
 
@@ -300,6 +345,8 @@ impl Config {
                     .into(),
             );
         }
+        crate::lite::credentials::Credentials::check(&self.device)
+            .map_err(|e| ConfigError::Invalid(format!("device: {e}")))?;
         Ok(())
     }
 
@@ -413,6 +460,16 @@ impl Config {
             "device.predefined",
             device.predefined == self.device.predefined,
         );
+        // Keys and permissions are compiled once at start (as authorization).
+        check(
+            "device.require_key",
+            device.require_key == self.device.require_key,
+        );
+        check(
+            "device.default_permissions",
+            device.default_permissions == self.device.default_permissions,
+        );
+        check("device.clients", device.clients == self.device.clients);
         changed
     }
 

@@ -239,6 +239,11 @@ struct DeviceCommon {
     /// The session's client id [default: perch-cli-<pid>].
     #[arg(long)]
     client_id: Option<String>,
+    /// Seal every frame with this device key (64 hex digits in a file, as
+    /// the broker's `key_file`; docs/device-protocol.md section 9). The next
+    /// epoch is kept beside it, in PATH with the extension `.epoch`.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
     /// How long to wait for the broker at each step, in ms.
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
@@ -277,7 +282,7 @@ enum DeviceCommand {
 }
 
 fn run_device_command(command: DeviceCommand) -> ExitCode {
-    use perch::tools::device::{publish, subscribe, Endpoint};
+    use perch::tools::device::{publish, read_key_file, subscribe, Endpoint, Identity};
     let endpoint = |common: &DeviceCommon| match (
         &common.endpoint.tcp,
         &common.endpoint.serial,
@@ -287,12 +292,17 @@ fn run_device_command(command: DeviceCommand) -> ExitCode {
         (_, Some(path), _) => Endpoint::Serial(path.clone(), common.baud),
         (_, _, udp) => Endpoint::Udp(udp.clone().unwrap_or_else(|| "127.0.0.1:4225".into())),
     };
-    let client_id = |common: &DeviceCommon| {
-        common
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("perch-cli-{}", std::process::id()))
-    };
+    let client_id =
+        |common: &DeviceCommon| -> Result<Identity, perch::tools::device::DeviceToolError> {
+            Ok(Identity {
+                client_id: common
+                    .client_id
+                    .clone()
+                    .unwrap_or_else(|| format!("perch-cli-{}", std::process::id())),
+                key: common.key_file.as_deref().map(read_key_file).transpose()?,
+                epoch_file: common.key_file.as_ref().map(|k| k.with_extension("epoch")),
+            })
+        };
     let result = match command {
         DeviceCommand::Pub {
             common,
@@ -300,29 +310,33 @@ fn run_device_command(command: DeviceCommand) -> ExitCode {
             count,
             subject,
             payload,
-        } => publish(
-            &endpoint(&common),
-            &client_id(&common),
-            &subject,
-            payload.as_bytes(),
-            count,
-            qos,
-            std::time::Duration::from_millis(common.timeout_ms),
-        ),
+        } => client_id(&common).and_then(|identity| {
+            publish(
+                &endpoint(&common),
+                &identity,
+                &subject,
+                payload.as_bytes(),
+                count,
+                qos,
+                std::time::Duration::from_millis(common.timeout_ms),
+            )
+        }),
         DeviceCommand::Sub {
             common,
             qos,
             count,
             subject,
-        } => subscribe(
-            &endpoint(&common),
-            &client_id(&common),
-            &subject,
-            qos == 1,
-            count,
-            std::time::Duration::from_millis(common.timeout_ms),
-            &mut std::io::stdout().lock(),
-        ),
+        } => client_id(&common).and_then(|identity| {
+            subscribe(
+                &endpoint(&common),
+                &identity,
+                &subject,
+                qos == 1,
+                count,
+                std::time::Duration::from_millis(common.timeout_ms),
+                &mut std::io::stdout().lock(),
+            )
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

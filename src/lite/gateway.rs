@@ -16,8 +16,10 @@ use std::sync::Arc;
 
 use perch_wire::{self as wire, Code, Frame, FrameType, Qos, TopicRef};
 
+use super::credentials::{Credentials, Unverified};
 use super::predefined::Predefined;
 use super::session::{DeviceSession, Presence, Qos1Send, QueuedQos1, SnapshotError, Will};
+use crate::auth::Permissions;
 
 /// Where a frame came from and where its answers go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +104,17 @@ pub struct Stats {
     pub refused: u64,
     /// ERROR replies not sent because the per-second budget was spent.
     pub errors_suppressed: u64,
+    /// Envelopes dropped unanswered: unparsable, no key for the client id,
+    /// or a tag that does not verify (docs/device-protocol.md §9).
+    pub unverified_dropped: u64,
+    /// Verified envelopes dropped as replays.
+    pub replays_dropped: u64,
+    /// Plain frames refused because the client id (or every device) must seal.
+    pub plain_refused: u64,
+    /// Replies to unverified datagrams not sent because they were larger.
+    pub replies_too_large: u64,
+    /// Publishes and subscriptions refused by permissions.
+    pub not_permitted: u64,
 }
 
 /// The shard a client id's session lives on (FNV-1a, stable across restarts).
@@ -291,6 +304,13 @@ pub struct Gateway {
     /// Stand-in addresses for restored sessions whose device was on a stream
     /// connection (counting down from u64::MAX, never a live stream's id).
     next_restored_stream: u64,
+    /// Device keys and permissions (docs/device-protocol.md §9).
+    credentials: Arc<Credentials>,
+    /// Compiled permissions of the sessions that have any, by slot.
+    permissions: HashMap<usize, Arc<Permissions>>,
+    /// Where an envelope is opened: grows to the largest verified-size
+    /// datagram (at most a TCP frame), kept.
+    scratch: Vec<u8>,
     pub stats: Stats,
 }
 
@@ -341,8 +361,59 @@ impl Gateway {
             persist: false,
             changed: std::collections::HashSet::new(),
             next_restored_stream: u64::MAX,
+            credentials: Arc::new(Credentials::default()),
+            permissions: HashMap::new(),
+            scratch: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Device keys and permissions; before any frame (default: none, every
+    /// device plain and allowed everything).
+    pub fn set_credentials(&mut self, credentials: Arc<Credentials>) {
+        self.credentials = credentials;
+    }
+
+    /// `frame` as it must go to `to`: sealed when the session there is a
+    /// keyed device's (the shell's own frames: PUBACKs, SUBACKs), else as is.
+    pub fn outbound(&self, to: Peer, frame: Vec<u8>) -> Vec<u8> {
+        if !self.credentials.enabled() {
+            return frame;
+        }
+        let Some(slot) = self.by_addr.get(&to, &self.sessions) else {
+            return frame;
+        };
+        let Some(session) = self.sessions[slot].as_ref() else {
+            return frame;
+        };
+        self.credentials
+            .seal(session.client_id(), &frame)
+            .unwrap_or(frame)
+    }
+
+    /// Seals the frames of `out[start..]` to keyed sessions (deliveries,
+    /// retries: the shell's later sends go through [`Gateway::outbound`]).
+    fn seal_sends(&self, out: &mut [Action], start: usize) {
+        if !self.credentials.enabled() {
+            return;
+        }
+        for action in &mut out[start..] {
+            if let Action::Send { to, frame } = action {
+                let sealed = self.outbound(*to, std::mem::take(frame));
+                *frame = sealed;
+            }
+        }
+    }
+
+    fn permissions_of(&self, slot: usize) -> Option<&Permissions> {
+        self.permissions.get(&slot).map(|p| &**p)
+    }
+
+    fn set_permissions(&mut self, slot: usize, client_id: &[u8]) {
+        match self.credentials.permissions(client_id) {
+            Some(p) => self.permissions.insert(slot, p),
+            None => self.permissions.remove(&slot),
+        };
     }
 
     /// Keep sessions in the store: from now on [`Gateway::take_changes`]
@@ -443,6 +514,7 @@ impl Gateway {
             }
         };
         self.by_client.insert(&client_id, slot, &self.sessions);
+        self.set_permissions(slot, &client_id);
         let addr = self.sessions[slot].as_ref().map(|s| s.addr);
         if let Some(addr) = addr {
             if self.by_addr.get(&addr, &self.sessions).is_none() {
@@ -524,7 +596,189 @@ impl Gateway {
 
     /// One datagram (UDP) or one deframed frame (TCP, serial) from `from`.
     /// `forwarded`: it came from another shard, which already decided it is ours.
+    ///
+    /// With device keys configured, an envelope is verified before anything
+    /// else happens (docs/device-protocol.md §9), and a plain datagram from an
+    /// address without a session is never answered with more bytes than it had.
     pub fn handle_datagram(
+        &mut self,
+        from: Peer,
+        bytes: &[u8],
+        forwarded: bool,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if !self.credentials.enabled() {
+            self.handle_plain(from, bytes, forwarded, now_ms, out);
+            return;
+        }
+        if bytes.first() == Some(&wire::protect::HEADER_FROM_DEVICE) {
+            self.handle_sealed(from, bytes, forwarded, now_ms, out);
+            return;
+        }
+        let start = out.len();
+        let had_session = self.by_addr.contains(&from, &self.sessions);
+        self.handle_plain(from, bytes, forwarded, now_ms, out);
+        // A plain device let in (it has a session now) is answered as before;
+        // anything else gets no reply larger than its datagram.
+        if !had_session && !self.by_addr.contains(&from, &self.sessions) {
+            let before = out.len();
+            let mut index = 0;
+            out.retain(|action| {
+                index += 1;
+                index <= start
+                    || !matches!(action, Action::Send { frame, .. } if frame.len() > bytes.len())
+            });
+            self.stats.replies_too_large += (before - out.len()) as u64;
+        }
+        self.seal_sends(out, start);
+    }
+
+    /// A device envelope: verified, checked against its device's window, and
+    /// only then opened as a frame of the envelope's client id.
+    fn handle_sealed(
+        &mut self,
+        from: Peer,
+        bytes: &[u8],
+        forwarded: bool,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if scratch.len() < bytes.len() {
+            scratch.resize(bytes.len().min(wire::TCP_FRAME_BYTES_MAX), 0);
+        }
+        let credentials = Arc::clone(&self.credentials);
+        match credentials.open(bytes, &mut scratch) {
+            Ok((envelope, frame)) => {
+                let owner = owner_of(envelope.client_id, self.shard_count);
+                match from {
+                    // Verified here, accepted (windowed) by the owner.
+                    Peer::Udp(addr) if owner != self.shard && !forwarded => {
+                        self.remember_foreign(addr, owner);
+                        out.push(Action::Forward {
+                            shard: owner,
+                            from: addr,
+                            datagram: bytes.to_vec(),
+                        });
+                    }
+                    _ => self.handle_verified(from, &envelope, frame, now_ms, out),
+                }
+            }
+            Err(_) => self.stats.unverified_dropped += 1,
+        }
+        self.scratch = scratch;
+    }
+
+    fn handle_verified(
+        &mut self,
+        from: Peer,
+        envelope: &wire::protect::DeviceEnvelope<'_>,
+        bytes: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let client_id = envelope.client_id;
+        let frame = wire::decode_from_device(bytes);
+        let connect = matches!(frame, Ok(Frame::Connect { .. }));
+        if let Err(Unverified::Replayed) = self.credentials.accept(envelope, connect) {
+            self.stats.replays_dropped += 1;
+            return;
+        }
+        let start = out.len();
+        match frame {
+            Err(e) => {
+                self.stats.malformed_frames += 1;
+                let ref_type = bytes.first().map_or(0, |b| b >> 4);
+                self.send_error(out, from, e.code(), ref_type, 0);
+            }
+            Ok(Frame::Connect {
+                client_id: claimed, ..
+            }) if claimed != client_id => {
+                self.stats.plain_refused += 1;
+                self.send_connack(out, from, false, Code::NotPermitted, 0);
+            }
+            Ok(Frame::Connect { version, .. }) if version != wire::PROTOCOL_VERSION => {
+                self.send_connack(out, from, false, Code::UnsupportedVersion, 0);
+            }
+            Ok(Frame::Connect {
+                clean_session,
+                keepalive_s,
+                will,
+                ..
+            }) => self.connect(
+                from,
+                clean_session,
+                keepalive_s,
+                client_id,
+                will,
+                now_ms,
+                out,
+            ),
+            Ok(Frame::PublishAnonymous {
+                client_id: claimed,
+                topic,
+                payload,
+            }) => {
+                if claimed == client_id {
+                    self.publish_anonymous(claimed, topic, payload, out);
+                } else {
+                    self.stats.plain_refused += 1;
+                }
+                return;
+            }
+            Ok(frame) => {
+                let slot = self
+                    .by_client
+                    .get(client_id, &self.sessions)
+                    .filter(|_| self.credentials.session_epoch(client_id) == Some(envelope.epoch));
+                let Some(slot) = slot else {
+                    // No session for this epoch (a restarted broker, an expired
+                    // session): the one plain hint, smaller than the envelope.
+                    self.stats.unknown_session_frames += 1;
+                    let ref_type = frame.frame_type() as u8;
+                    self.send_unsolicited_error(
+                        out,
+                        from,
+                        now_ms,
+                        Code::UnknownSession,
+                        ref_type,
+                        0,
+                    );
+                    return;
+                };
+                // The key, not the address, names the session: a verified frame
+                // from a new address moves it (NAT rebinding needs no RESUME).
+                if self.sessions[slot].as_ref().is_some_and(|s| s.addr != from) {
+                    self.rebind(slot, from);
+                }
+                if let Frame::Resume { session_token } = frame {
+                    let token = self.sessions[slot].as_ref().map_or(0, |s| s.token);
+                    self.heard(slot, now_ms);
+                    if token == session_token {
+                        self.send_connack(out, from, true, Code::Ok, token);
+                    } else {
+                        self.send_connack(out, from, false, Code::UnknownSession, 0);
+                    }
+                } else {
+                    self.heard(slot, now_ms);
+                    self.established(slot, frame, now_ms, out);
+                }
+            }
+        }
+        // Everything this frame caused goes to its device, sealed (a
+        // DISCONNECT to the address a session was taken from included).
+        for action in &mut out[start..] {
+            if let Action::Send { frame, .. } = action {
+                if let Some(sealed) = self.credentials.seal(client_id, frame) {
+                    *frame = sealed;
+                }
+            }
+        }
+    }
+
+    /// A plain frame (no envelope).
+    fn handle_plain(
         &mut self,
         from: Peer,
         bytes: &[u8],
@@ -562,6 +816,18 @@ impl Gateway {
         };
         // Frames that may arrive without a session here.
         match &frame {
+            Frame::Connect { client_id, .. } if !self.credentials.allows_plain(client_id) => {
+                // A keyed device (or any, with require_key) must seal.
+                self.stats.plain_refused += 1;
+                self.send_connack(out, from, false, Code::NotPermitted, 0);
+                return;
+            }
+            Frame::PublishAnonymous { client_id, .. }
+                if !self.credentials.allows_plain(client_id) =>
+            {
+                self.stats.plain_refused += 1;
+                return;
+            }
             Frame::Connect { client_id, .. } => {
                 let owner = owner_of(client_id, self.shard_count);
                 if let Some(addr) = udp_from.filter(|_| owner != self.shard) {
@@ -623,7 +889,10 @@ impl Gateway {
                         .as_ref()
                         .is_some_and(|d| d.token == session_token)
                 });
-                match slot {
+                let keyed = slot
+                    .and_then(|s| self.sessions[s].as_ref())
+                    .is_some_and(|d| self.credentials.key(d.client_id()).is_some());
+                match slot.filter(|_| !keyed) {
                     Some(slot) => {
                         self.rebind(slot, from);
                         self.heard(slot, now_ms);
@@ -651,6 +920,14 @@ impl Gateway {
                     );
                     return;
                 };
+                let keyed = self.sessions[slot]
+                    .as_ref()
+                    .is_some_and(|d| self.credentials.key(d.client_id()).is_some());
+                if keyed {
+                    // A plain frame claiming a keyed device's session: dropped.
+                    self.stats.plain_refused += 1;
+                    return;
+                }
                 self.heard(slot, now_ms);
                 self.established(slot, frame, now_ms, out);
             }
@@ -703,6 +980,13 @@ impl Gateway {
         if client_id.is_empty() || client_id.len() > wire::CLIENT_ID_BYTES_MAX {
             self.send_connack(out, from, false, Code::Malformed, 0);
             return;
+        }
+        if let (Some(will), Some(permissions)) = (&will, self.credentials.permissions(client_id)) {
+            if !permissions.can_publish(will.subject) {
+                self.stats.not_permitted += 1;
+                self.send_connack(out, from, false, Code::NotPermitted, 0);
+                return;
+            }
         }
         let existing = self.by_client.get(client_id, &self.sessions);
         if let Some(slot) = existing {
@@ -765,6 +1049,7 @@ impl Gateway {
                 (slot, false)
             }
         };
+        self.set_permissions(slot, client_id);
         let session = self.sessions[slot].as_mut().expect("slot just filled");
         session.heard(now_ms);
         session.persistent = !clean_session;
@@ -814,6 +1099,16 @@ impl Gateway {
                     self.send_publish_refusal(out, to, qos, msg_id, topic.id(), Code::UnknownTopic);
                     return;
                 };
+                // A reply to a handle is allowed: the handle is single-use and
+                // the device was allowed the request (allow_responses, max 1).
+                let reply = matches!(topic, TopicRef::Reply(_));
+                let permissions = self.permissions.get(&slot);
+                if !reply && permissions.is_some_and(|p| !p.can_publish(&subject)) {
+                    self.stats.not_permitted += 1;
+                    self.send_publish_refusal(out, to, qos, msg_id, topic.id(), Code::NotPermitted);
+                    return;
+                }
+                let session = self.sessions[slot].as_mut().expect("live slot");
                 let ack = match qos {
                     Qos::AtMostOnce => None,
                     Qos::AtLeastOnce => {
@@ -909,6 +1204,19 @@ impl Gateway {
                     });
                     return;
                 }
+                let permissions = self.permissions.get(&slot);
+                if permissions.is_some_and(|p| !p.can_subscribe(filter, None)) {
+                    self.stats.not_permitted += 1;
+                    out.push(Action::Send {
+                        to,
+                        frame: encode(&Frame::Suback {
+                            req_id,
+                            code: Code::NotPermitted,
+                        }),
+                    });
+                    return;
+                }
+                let session = self.sessions[slot].as_mut().expect("live slot");
                 if let Some(existing) = session.subscription_mut(filter) {
                     // Subscribing again replaces max_qos.
                     existing.qos1 = qos1;
@@ -1020,7 +1328,15 @@ impl Gateway {
             self.stats.refused += 1;
             return;
         }
-        match self.predefined.subject(topic, client_id) {
+        let subject = self.predefined.subject(topic, client_id);
+        let permissions = self.credentials.permissions(client_id);
+        if let (Some(subject), Some(p)) = (&subject, permissions) {
+            if !p.can_publish(subject) {
+                self.stats.not_permitted += 1;
+                return;
+            }
+        }
+        match subject {
             Some(subject) => out.push(Action::Publish {
                 subject,
                 reply: None,
@@ -1054,9 +1370,33 @@ impl Gateway {
         now_ms: u64,
         out: &mut Vec<Action>,
     ) {
+        let start = out.len();
+        self.deliver_plain(sid, subject, reply, headers, payload, now_ms, out);
+        self.seal_sends(out, start);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_plain(
+        &mut self,
+        sid: u64,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        headers: &[u8],
+        payload: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
         let Some(&slot) = self.by_sid.get(&sid) else {
             return;
         };
+        if self
+            .permissions_of(slot)
+            .is_some_and(|p| p.delivery_denied(subject))
+        {
+            // Under an allowed wildcard, a denied subject (filtered here as
+            // nats-server filters its deliveries).
+            return;
+        }
         let Some(session) = self.sessions[slot].as_mut() else {
             return;
         };
@@ -1156,6 +1496,12 @@ impl Gateway {
     /// Ends sessions silent past their keepalive (publishing their wills) and
     /// retransmits unacknowledged QoS 1 messages whose time has come.
     pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let start = out.len();
+        self.expire_plain(now_ms, out);
+        self.seal_sends(out, start);
+    }
+
+    fn expire_plain(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         for slot in self.slots_due(now_ms, DeviceSession::next_qos1_retry_ms) {
             self.pump_qos1(slot, now_ms, Qos1Pass::Timer, out);
         }
@@ -1190,6 +1536,7 @@ impl Gateway {
             return;
         };
         self.free.push(slot);
+        self.permissions.remove(&slot);
         self.by_client.remove(session.client_id(), slot);
         self.by_addr.remove(&session.addr, slot);
         if self.persist {
@@ -1333,6 +1680,9 @@ pub fn encode_delivery(topic: u32, reply_handle: Option<u32>, payload: &[u8]) ->
         payload,
     })
 }
+
+#[cfg(test)]
+mod protect_tests;
 
 #[cfg(test)]
 mod tests {

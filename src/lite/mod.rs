@@ -4,6 +4,9 @@
 //! firmware clients use too, so the two sides cannot disagree.
 //! *Nothing in lite/ touches a socket or reads the clock.*
 
+pub mod credentials;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod predefined;
 pub mod session;

@@ -87,6 +87,7 @@ pub(crate) struct DeviceSockets {
     /// Serial lines this shard serves: (path, baud rate).
     pub serial: Vec<(std::path::PathBuf, u32)>,
     pub predefined: std::sync::Arc<Predefined>,
+    pub credentials: std::sync::Arc<crate::lite::credentials::Credentials>,
 }
 
 /// How a stream transport delimits frames.
@@ -254,6 +255,7 @@ impl DeviceRuntime {
         shard: &Rc<Shard>,
         udp: Option<std::net::UdpSocket>,
         predefined: std::sync::Arc<Predefined>,
+        credentials: std::sync::Arc<crate::lite::credentials::Credentials>,
     ) -> std::io::Result<Rc<DeviceRuntime>> {
         let udp = udp.map(tokio::net::UdpSocket::from_std).transpose()?;
         let session = Session::new(
@@ -263,18 +265,19 @@ impl DeviceRuntime {
                 subscriptions_max: 0,
             },
         );
+        let mut gateway = Gateway::new(
+            shard.id,
+            shard.shared.shard_count,
+            GatewayLimits {
+                sessions_max: shard.config().device.sessions_max,
+                foreign_addrs_max: shard.config().device.sessions_max * shard.shared.shard_count,
+                ..GatewayLimits::default()
+            },
+            predefined,
+        );
+        gateway.set_credentials(credentials);
         let runtime = Rc::new(DeviceRuntime {
-            gateway: RefCell::new(Gateway::new(
-                shard.id,
-                shard.shared.shard_count,
-                GatewayLimits {
-                    sessions_max: shard.config().device.sessions_max,
-                    foreign_addrs_max: shard.config().device.sessions_max
-                        * shard.shared.shard_count,
-                    ..GatewayLimits::default()
-                },
-                predefined,
-            )),
+            gateway: RefCell::new(gateway),
             session,
             subscriptions: RefCell::new(HashMap::new()),
             udp,
@@ -417,6 +420,7 @@ impl DeviceRuntime {
     fn carry_out(self: &Rc<Self>, shard: &Rc<Shard>, actions: Vec<Action>) {
         for action in actions {
             match action {
+                // Already sealed by the gateway where the device has a key.
                 Action::Send { to, frame } => self.send(to, &frame),
                 Action::Publish {
                     subject,
@@ -431,9 +435,9 @@ impl DeviceRuntime {
                     Some((to, msg_id)) => {
                         let headers = qos1.then_some(QOS1_HEADERS.as_bytes());
                         self.publish(shard, &subject, reply.as_deref(), headers, &payload);
-                        self.send(
+                        self.send_frame(
                             to,
-                            &encode(&Frame::Puback {
+                            encode(&Frame::Puback {
                                 msg_id,
                                 code: Code::Ok,
                             }),
@@ -452,9 +456,9 @@ impl DeviceRuntime {
                         .any(|&(peer, id)| peer == to && id == msg_id);
                     // Still waiting for the store: its ack comes with the fsync.
                     if !waiting {
-                        self.send(
+                        self.send_frame(
                             to,
-                            &encode(&Frame::Puback {
+                            encode(&Frame::Puback {
                                 msg_id,
                                 code: Code::Ok,
                             }),
@@ -479,9 +483,9 @@ impl DeviceRuntime {
                     let (shard, runtime) = (Rc::clone(shard), Rc::clone(self));
                     tokio::task::spawn_local(async move {
                         shard.broadcast_interest_and_wait().await;
-                        runtime.send(
+                        runtime.send_frame(
                             to,
-                            &encode(&Frame::Suback {
+                            encode(&Frame::Suback {
                                 req_id,
                                 code: Code::Ok,
                             }),
@@ -514,6 +518,13 @@ impl DeviceRuntime {
         }
         self.flush(shard);
         self.persist();
+    }
+
+    /// A frame of the shell's own (an ack the gateway left to it): sealed
+    /// first when the session at `to` is a keyed device's.
+    fn send_frame(&self, to: Peer, frame: Vec<u8>) {
+        let frame = self.gateway.borrow().outbound(to, frame);
+        self.send(to, &frame);
     }
 
     fn send(&self, to: Peer, frame: &[u8]) {
@@ -592,8 +603,9 @@ impl DeviceRuntime {
         );
     }
 
-    /// A stream answered a device's QoS 1 publish: PUBACK it.
-    fn store_acked(&self, reply_subject: &[u8], pub_ack: &[u8]) {
+    /// A stream answered a device's QoS 1 publish: PUBACK it (sealed by
+    /// `gateway`, which the caller holds borrowed).
+    fn store_acked(&self, gateway: &Gateway, reply_subject: &[u8], pub_ack: &[u8]) {
         let n = reply_subject
             .rsplit(|&b| b == b'.')
             .next()
@@ -604,7 +616,8 @@ impl DeviceRuntime {
         };
         let failed = pub_ack.windows(8).any(|w| w == b"\"error\"");
         let code = if failed { Code::StoreFailed } else { Code::Ok };
-        self.send(to, &encode(&Frame::Puback { msg_id, code }));
+        let frame = gateway.outbound(to, encode(&Frame::Puback { msg_id, code }));
+        self.send(to, &frame);
     }
 
     /// Routes a device's message like a publish from a client of this shard.
@@ -678,7 +691,8 @@ pub(crate) fn start(
     shard: &Rc<Shard>,
     sockets: DeviceSockets,
 ) -> std::io::Result<Rc<DeviceRuntime>> {
-    let runtime = DeviceRuntime::start(shard, sockets.udp, sockets.predefined)?;
+    let runtime =
+        DeviceRuntime::start(shard, sockets.udp, sockets.predefined, sockets.credentials)?;
     if runtime.udp.is_some() {
         tokio::task::spawn_local(udp_loop(Rc::clone(shard), Rc::clone(&runtime)));
     }
@@ -867,7 +881,7 @@ async fn deliveries(shard: Rc<Shard>, runtime: Rc<DeviceRuntime>) {
                     return;
                 };
                 if sid == STORE_ACK_SID {
-                    runtime.store_acked(msg.subject, msg.payload);
+                    runtime.store_acked(&gateway, msg.subject, msg.payload);
                     return;
                 }
                 let reply = (!msg.reply.is_empty()).then_some(msg.reply);

@@ -700,7 +700,7 @@ impl Monitor {
             sessions.iter().map(|&(s, n)| (&per_shard[s][..], n as f64)),
         );
         type StatField = fn(&crate::lite::gateway::Stats) -> u64;
-        let device_counters: [(&str, &str, StatField); 9] = [
+        let device_counters: [(&str, &str, StatField); 14] = [
             (
                 "perch_device_malformed_frames_total",
                 "Device frames that did not decode.",
@@ -745,6 +745,31 @@ impl Monitor {
                 "perch_device_errors_suppressed_total",
                 "ERROR replies to devices not sent because the per-second budget was spent.",
                 |s| s.errors_suppressed,
+            ),
+            (
+                "perch_device_unverified_dropped_total",
+                "Protected device frames dropped unanswered: unparsable, unknown client or a bad tag.",
+                |s| s.unverified_dropped,
+            ),
+            (
+                "perch_device_replays_dropped_total",
+                "Protected device frames dropped as replays.",
+                |s| s.replays_dropped,
+            ),
+            (
+                "perch_device_plain_refused_total",
+                "Plain device frames refused because the device must seal them with its key.",
+                |s| s.plain_refused,
+            ),
+            (
+                "perch_device_replies_too_large_total",
+                "Replies to unverified device datagrams not sent because they were larger.",
+                |s| s.replies_too_large,
+            ),
+            (
+                "perch_device_not_permitted_total",
+                "Device publishes and subscriptions refused by permissions.",
+                |s| s.not_permitted,
             ),
         ];
         for (name, help, field) in device_counters {

@@ -417,6 +417,16 @@ fn device_sockets(
         return Ok((0..shards).map(|_| None).collect());
     }
     let predefined = Arc::new(device.predefined_table()?);
+    // One table for every shard: a keyed device's replay window is one,
+    // whichever shard or transport its frames reach.
+    let credentials = Arc::new(device.credentials()?);
+    if credentials.enabled() {
+        tracing::info!(
+            require_key = device.require_key,
+            "devices: {} keyed (docs/device-protocol.md section 9)",
+            device.clients.len()
+        );
+    }
     let mut udp: Vec<Option<std::net::UdpSocket>> = match device.udp {
         Some(addr) => {
             let sockets = device::bind_udp(addr, shards)
@@ -449,6 +459,7 @@ fn device_sockets(
                     .map(|(_, line)| (line.path.clone(), line.baud))
                     .collect(),
                 predefined: Arc::clone(&predefined),
+                credentials: Arc::clone(&credentials),
             })
         })
         .collect())

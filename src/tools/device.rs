@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use perch_device::host::{run_until, Clock, TcpTransport, Transport, UdpTransport};
 use perch_device::wire::Qos;
-use perch_device::{Client, Config, Event, Target};
+use perch_device::{Client, Config, DeviceKey, Event, Target};
 use perch_wire::serial;
 
 /// Subscriptions and topic ids the CLI's client keeps.
@@ -20,7 +20,77 @@ const INFLIGHT: usize = 8;
 /// Largest frame the CLI builds or stores.
 const BUF: usize = perch_wire::FRAME_BYTES_MAX;
 
-type DeviceClient = Client<SUBS, INFLIGHT, BUF>;
+type DeviceClient = Client<SUBS, INFLIGHT, BUF, HostStorage>;
+
+/// The CLI's storage: QoS 1 records in memory (a run keeps nothing across
+/// runs), and with a key the protection epoch in a file (`<key_file>.epoch`),
+/// so two runs never seal with the same epoch (docs/device-protocol.md §9).
+struct HostStorage {
+    records: [Option<std::vec::Vec<u8>>; INFLIGHT],
+    epoch_file: Option<std::path::PathBuf>,
+}
+
+impl perch_device::Storage for HostStorage {
+    fn store(&mut self, slot: usize, record: &[u8]) -> Result<(), perch_device::StorageError> {
+        *self
+            .records
+            .get_mut(slot)
+            .ok_or(perch_device::StorageError)? = Some(record.to_vec());
+        Ok(())
+    }
+
+    fn remove(&mut self, slot: usize) -> Result<(), perch_device::StorageError> {
+        if let Some(record) = self.records.get_mut(slot) {
+            *record = None;
+        }
+        Ok(())
+    }
+
+    fn load(
+        &mut self,
+        slot: usize,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, perch_device::StorageError> {
+        let Some(Some(record)) = self.records.get(slot) else {
+            return Ok(None);
+        };
+        buf.get_mut(..record.len())
+            .ok_or(perch_device::StorageError)?
+            .copy_from_slice(record);
+        Ok(Some(record.len()))
+    }
+
+    fn store_msg_id_counter(&mut self, _next: u32) -> Result<(), perch_device::StorageError> {
+        Ok(())
+    }
+
+    fn load_msg_id_counter(&mut self) -> Result<Option<u32>, perch_device::StorageError> {
+        Ok(None)
+    }
+
+    fn store_epoch(&mut self, next: u32) -> Result<(), perch_device::StorageError> {
+        let path = self.epoch_file.as_ref().ok_or(perch_device::StorageError)?;
+        let tmp = path.with_extension("epoch.tmp");
+        std::fs::write(&tmp, next.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|_| perch_device::StorageError)
+    }
+
+    fn load_epoch(&mut self) -> Result<Option<u32>, perch_device::StorageError> {
+        let Some(path) = &self.epoch_file else {
+            return Ok(None);
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| perch_device::StorageError),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(_) => Err(perch_device::StorageError),
+        }
+    }
+}
 
 /// Where the broker is.
 #[derive(Clone, Debug)]
@@ -53,6 +123,33 @@ pub enum DeviceToolError {
         wanted: u64,
         timeout: Duration,
     },
+    #[error("key file {0}: {1}")]
+    KeyFile(String, String),
+}
+
+/// Who the tool connects as: a client id, and its key if it seals (with
+/// the file that keeps its epoch).
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub client_id: String,
+    pub key: Option<DeviceKey>,
+    pub epoch_file: Option<std::path::PathBuf>,
+}
+
+/// A key file: 64 hex digits (the broker's `key_file` format).
+pub fn read_key_file(path: &Path) -> Result<DeviceKey, DeviceToolError> {
+    let bad = |why: String| DeviceToolError::KeyFile(path.display().to_string(), why);
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let hex = text.trim().as_bytes();
+    if hex.len() != 64 {
+        return Err(bad("not 64 hex digits".into()));
+    }
+    let mut key = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let digits = std::str::from_utf8(pair).map_err(|_| bad("not hex".into()))?;
+        key[i] = u8::from_str_radix(digits, 16).map_err(|_| bad("not hex".into()))?;
+    }
+    Ok(DeviceKey(key))
 }
 
 /// The one transport a command runs over.
@@ -89,13 +186,19 @@ fn transport(endpoint: &Endpoint) -> Result<AnyTransport, DeviceToolError> {
 }
 
 fn connect(
-    client_id: &str,
+    identity: &Identity,
     transport: &mut AnyTransport,
     clock: &Clock,
     timeout: Duration,
 ) -> Result<DeviceClient, DeviceToolError> {
-    let config = Config::new(client_id.as_bytes()).map_err(DeviceToolError::Client)?;
-    let mut client = DeviceClient::new(config);
+    let mut config = Config::new(identity.client_id.as_bytes()).map_err(DeviceToolError::Client)?;
+    config.key = identity.key.clone();
+    let storage = HostStorage {
+        records: Default::default(),
+        epoch_file: identity.epoch_file.clone(),
+    };
+    let mut client =
+        DeviceClient::with_storage(config, storage).map_err(DeviceToolError::Client)?;
     client.connect(clock.now_ms());
     let mut refused = None;
     let connected = run_until(
@@ -123,7 +226,7 @@ fn connect(
 /// publishes of `payload`; with QoS 1 every one must be acknowledged.
 pub fn publish(
     endpoint: &Endpoint,
-    client_id: &str,
+    identity: &Identity,
     subject: &str,
     payload: &[u8],
     count: u32,
@@ -132,7 +235,7 @@ pub fn publish(
 ) -> Result<(), DeviceToolError> {
     let clock = Clock::new();
     let mut transport = transport(endpoint)?;
-    let mut client = connect(client_id, &mut transport, &clock, timeout)?;
+    let mut client = connect(identity, &mut transport, &clock, timeout)?;
     let qos = if qos == 1 {
         Qos::AtLeastOnce
     } else {
@@ -225,7 +328,7 @@ fn goodbye(client: &mut DeviceClient, transport: &mut AnyTransport, clock: &Cloc
 /// payload on its own line and returns after `count` (0: never).
 pub fn subscribe(
     endpoint: &Endpoint,
-    client_id: &str,
+    identity: &Identity,
     filter: &str,
     qos1: bool,
     count: u64,
@@ -234,7 +337,7 @@ pub fn subscribe(
 ) -> Result<(), DeviceToolError> {
     let clock = Clock::new();
     let mut transport = transport(endpoint)?;
-    let mut client = connect(client_id, &mut transport, &clock, timeout)?;
+    let mut client = connect(identity, &mut transport, &clock, timeout)?;
     client
         .subscribe(
             filter.as_bytes(),

@@ -1400,3 +1400,5 @@ fn qos1_messages_for_a_sleeper_survive_kill_9() {
         "acked means gone"
     );
 }
+
+mod keys;

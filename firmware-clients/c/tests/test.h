@@ -58,6 +58,8 @@ uint64_t test_rng_next(uint64_t *state);
 extern const test_case_t wire_tests[];
 extern const size_t wire_tests_count;
 extern const test_case_t client_tests[];
+extern const test_case_t protect_tests[];
+extern const size_t protect_tests_count;
 extern const size_t client_tests_count;
 
 #endif /* PERCH_TEST_H */

@@ -119,6 +119,7 @@ int main(int argc, char **argv)
     }
     run_table(wire_tests, wire_tests_count, filter, &passed, &failed);
     run_table(client_tests, client_tests_count, filter, &passed, &failed);
+    run_table(protect_tests, protect_tests_count, filter, &passed, &failed);
     printf("%s: %u passed, %u failed\n", name, passed, failed);
     return failed == 0 && passed > 0 ? 0 : 1;
 }

@@ -16,7 +16,7 @@ flash_of() { # object -> bytes in .text*, .rodata*, .data*
 
 printf '%-12s %8s %8s\n' object "-Os" "-O2"
 total_os=0 total_o2=0
-for obj in wire framing client run; do
+for obj in wire framing client run protect; do
     os=$(flash_of "$os_dir/$obj.o")
     o2=$(flash_of "$o2_dir/$obj.o")
     total_os=$((total_os + os))
@@ -25,7 +25,7 @@ for obj in wire framing client run; do
 done
 printf '%-12s %8d %8d\n' total "$total_os" "$total_o2"
 
-objs=("$os_dir"/{wire,framing,client,run}.o)
+objs=("$os_dir"/{wire,framing,client,run,protect}.o)
 defined=$("${tool}nm" --defined-only "${objs[@]}" | awk 'NF == 3 { print $3 }' | sort -u)
 undefined=$("${tool}nm" -u "${objs[@]}" | awk 'NF == 2 { print $2 }' | sort -u)
 external=$(comm -23 <(echo "$undefined") <(echo "$defined") | tr '\n' ' ')

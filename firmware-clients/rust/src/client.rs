@@ -8,7 +8,9 @@
 //! the same frame rebuilt with the same ids, and a reconnect just marks every
 //! pending request due again.
 
+use crate::StorageError;
 use heapless::{Deque, Vec};
+use perch_wire::protect::{self, ReplayWindow, KEY_BYTES, SALT_BYTES};
 use perch_wire::{encode, Code, Frame, FrameType, Qos, TopicRef};
 use perch_wire::{CLIENT_ID_BYTES_MAX, DEDUP_WINDOW_MSG_IDS, SUBJECT_BYTES_MAX};
 
@@ -54,6 +56,46 @@ pub struct Config {
     pub reconnect_backoff_min_ms: u32,
     /// The longest wait before reconnecting.
     pub reconnect_backoff_max_ms: u32,
+    /// The device's key: every frame is sealed with it and only sealed
+    /// frames are taken from the broker (docs/device-protocol.md §9).
+    /// None: plain frames, as without keys.
+    pub key: Option<DeviceKey>,
+    /// The lowest protection epoch this boot may use. Every CONNECT uses a
+    /// new epoch, and no epoch may repeat across reboots: with a persistent
+    /// [`Storage`] the client keeps the next one there ([`EPOCH_LEASE`] at a
+    /// time); without one the firmware must pass a floor that grows every
+    /// boot (a boot counter × 65536, or the RTC's seconds).
+    pub epoch_floor: u32,
+}
+
+/// A 32-byte device key. `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceKey(pub [u8; KEY_BYTES]);
+
+impl core::fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DeviceKey(<redacted>)")
+    }
+}
+
+/// Epochs the client takes per [`Storage::store_epoch`]: it stores the epoch
+/// this many ahead, and after a reboot starts there (one flash write per 16
+/// connects).
+pub const EPOCH_LEASE: u32 = 16;
+
+/// What protection keeps: the key, this side's epoch and counter, and what
+/// it has seen of the broker's frames in this epoch.
+struct Protect {
+    key: DeviceKey,
+    /// The epoch of the current CONNECT and the last counter sealed in it.
+    epoch: u32,
+    counter: u32,
+    /// The next epoch to take and how many are left before storing again.
+    next_epoch: u32,
+    epochs_leased: u32,
+    /// The broker's salt from its first verified frame in this epoch.
+    broker_salt: Option<[u8; SALT_BYTES]>,
+    broker_window: ReplayWindow,
 }
 
 impl Config {
@@ -69,6 +111,8 @@ impl Config {
             retries_max: 4,
             reconnect_backoff_min_ms: 1_000,
             reconnect_backoff_max_ms: 60_000,
+            key: None,
+            epoch_floor: 0,
         })
     }
 }
@@ -225,6 +269,9 @@ pub struct Stats {
     /// Stored records that did not parse when the client was built (e.g.
     /// written by another firmware version): removed, not sent.
     pub records_discarded: u32,
+    /// With a key: frames from the broker dropped because they did not
+    /// verify, were replays, or came unsealed (but for ERROR UNKNOWN_SESSION).
+    pub unverified_dropped: u32,
 }
 
 /// A request's retransmission state.
@@ -434,6 +481,8 @@ pub struct Client<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S 
     msg_ids_leased: u32,
     /// Bit `slot`: the slot's record outlived its publish (a remove failed).
     unremoved: u16,
+    /// With a key (`Config::key`).
+    protect: Option<Protect>,
 }
 
 impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize> Client<SUBS, INFLIGHT, BUF> {
@@ -489,7 +538,17 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
 
     fn build(config: Config, storage: S) -> Self {
         let () = Self::BOUNDS;
+        let protect = config.key.clone().map(|key| Protect {
+            key,
+            epoch: 0,
+            counter: 0,
+            next_epoch: config.epoch_floor,
+            epochs_leased: 0,
+            broker_salt: None,
+            broker_window: ReplayWindow::new(),
+        });
         Client {
+            protect,
             reconnect_backoff_ms: config.reconnect_backoff_min_ms,
             config,
             state: State::Idle,
@@ -626,8 +685,48 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
     }
 
     fn start_connect(&mut self, resume: bool) {
+        // With a key, every connect is a CONNECT in a new epoch (RESUME is
+        // not needed: the key, not the address, names the session).
+        let resume = resume && self.protect.is_none();
+        if self.protect.is_some() && self.new_epoch().is_err() {
+            // No epoch that is sure to be new: do not send (retried after
+            // the backoff).
+            self.stats.storage_errors = self.stats.storage_errors.wrapping_add(1);
+            return self.backoff();
+        }
         self.state = State::AwaitingConnack { resume };
         self.connect_retry = Retry::now();
+    }
+
+    /// Takes the next epoch, storing a new lease first when the last is used up.
+    fn new_epoch(&mut self) -> Result<(), StorageError> {
+        let Some(p) = self.protect.as_mut() else {
+            return Ok(());
+        };
+        if p.epochs_leased == 0 {
+            if S::PERSISTENT {
+                let stored = self.storage.load_epoch()?.unwrap_or(0);
+                let start = stored.max(p.next_epoch).max(self.config.epoch_floor);
+                let end = start.checked_add(EPOCH_LEASE).ok_or(StorageError)?;
+                self.storage.store_epoch(end)?;
+                p.next_epoch = start;
+                p.epochs_leased = EPOCH_LEASE;
+            } else {
+                p.epochs_leased = u32::MAX;
+            }
+        }
+        p.epoch = p.next_epoch;
+        p.next_epoch = p.next_epoch.checked_add(1).ok_or(StorageError)?;
+        p.epochs_leased -= 1;
+        p.counter = 0;
+        p.broker_salt = None;
+        p.broker_window = ReplayWindow::new();
+        Ok(())
+    }
+
+    /// The protection epoch of the current connection (0 without a key).
+    pub fn epoch(&self) -> u32 {
+        self.protect.as_ref().map_or(0, |p| p.epoch)
     }
 
     /// Queues a publish. Returns its msg id (QoS 1) or 0 (QoS 0); the outcome
@@ -964,12 +1063,50 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
     /// One frame from the broker: a UDP datagram, a TCP frame without its
     /// prefix, or a deframed serial frame. A frame that does not decode is
     /// dropped, counted and returned as the error.
+    ///
+    /// With a key, a sealed frame is verified and checked against the
+    /// broker's window first; a frame that fails, or an unsealed one other
+    /// than ERROR UNKNOWN_SESSION, is dropped and counted in
+    /// [`Stats::unverified_dropped`] (returning `Ok`).
     pub fn handle_input(
         &mut self,
         bytes: &[u8],
         now_ms: u64,
     ) -> Result<(), perch_wire::DecodeError> {
         self.advance(now_ms);
+        let Some(p) = self.protect.as_mut() else {
+            return self.handle_frame(bytes);
+        };
+        if bytes.first() != Some(&protect::HEADER_FROM_BROKER) {
+            // The one unsealed signal: it only makes us CONNECT again.
+            if let Ok(Frame::Error {
+                code: Code::UnknownSession,
+                ..
+            }) = perch_wire::decode_from_broker(bytes)
+            {
+                return self.handle_frame(bytes);
+            }
+            self.stats.unverified_dropped = self.stats.unverified_dropped.wrapping_add(1);
+            return Ok(());
+        }
+        let mut plain = [0u8; BUF];
+        let len = match protect::open_from_broker(&p.key.0, p.epoch, bytes, &mut plain) {
+            Ok((envelope, frame))
+                if p.broker_salt.is_none_or(|salt| salt == envelope.salt)
+                    && p.broker_window.accept(0, envelope.counter).is_ok() =>
+            {
+                p.broker_salt = Some(envelope.salt);
+                frame.len()
+            }
+            _ => {
+                self.stats.unverified_dropped = self.stats.unverified_dropped.wrapping_add(1);
+                return Ok(());
+            }
+        };
+        self.handle_frame(&plain[..len])
+    }
+
+    fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), perch_wire::DecodeError> {
         let frame = match perch_wire::decode_from_broker(bytes) {
             Ok(frame) => frame,
             Err(error) => {
@@ -1470,10 +1607,36 @@ impl<const SUBS: usize, const INFLIGHT: usize, const BUF: usize, S: Storage>
     /// Writes the next frame to send into `out` and returns its length, or
     /// `None` when there is nothing to send. `out` should hold `BUF` bytes: a
     /// frame that does not fit stays queued.
+    ///
+    /// With a key the frame is sealed: `out` then needs room for the
+    /// envelope too (`BUF` + [`protect::DEVICE_OVERHEAD_BYTES_MAX`]).
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
         let next = self.next_transmit()?;
-        let len = self.encode_next(next, out)?;
+        let len = match self.protect.is_some() {
+            false => self.encode_next(next, out)?,
+            true => {
+                let mut plain = [0u8; BUF];
+                let len = self.encode_next(next, &mut plain)?;
+                self.seal(&plain[..len], out)?
+            }
+        };
         self.mark_sent(next);
+        Some(len)
+    }
+
+    /// Seals `frame` with the next counter of this epoch into `out`.
+    fn seal(&mut self, frame: &[u8], out: &mut [u8]) -> Option<usize> {
+        let p = self.protect.as_mut()?;
+        // Counters run out after 2^32 - 1 frames: the next CONNECT (a new
+        // epoch) starts them again.
+        let counter = p.counter.checked_add(1)?;
+        let envelope = protect::DeviceEnvelope {
+            client_id: &self.config.client_id,
+            epoch: p.epoch,
+            counter,
+        };
+        let len = protect::seal_from_device(&p.key.0, &envelope, frame, out).ok()?;
+        p.counter = counter;
         Some(len)
     }
 

@@ -185,7 +185,12 @@ pub fn run_until<
     let deadline_ms = clock
         .now_ms()
         .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-    let mut buf = vec![0u8; BUF.max(perch_wire::FRAME_BYTES_MAX)];
+    // Room for a sealed frame: the frame and its envelope.
+    let mut buf = vec![
+        0u8;
+        BUF.max(perch_wire::FRAME_BYTES_MAX)
+            + perch_wire::protect::DEVICE_OVERHEAD_BYTES_MAX
+    ];
     loop {
         while let Some(len) = client.poll_transmit(&mut buf) {
             transport.send(&buf[..len])?;

@@ -129,7 +129,8 @@ pub mod host;
 pub mod storage;
 
 pub use client::{
-    Client, ClientError, Config, DisconnectReason, Event, Stats, Target, CONNECT_RETRY_MS_DEFAULT,
+    Client, ClientError, Config, DeviceKey, DisconnectReason, Event, Stats, Target,
+    CONNECT_RETRY_MS_DEFAULT, EPOCH_LEASE,
 };
 pub use perch_wire as wire;
 pub use storage::{NoStorage, Storage, StorageError};

@@ -65,6 +65,21 @@ pub trait Storage {
 
     /// The value last given to `store_msg_id_counter`, `None` if never.
     fn load_msg_id_counter(&mut self) -> Result<Option<u32>, StorageError>;
+
+    /// Keeps the protection epoch the client will start from after a
+    /// reboot (a client with a key: docs/device-protocol.md §9). One write
+    /// per [`crate::EPOCH_LEASE`] connects. The default fails, so a keyed
+    /// client over a storage that cannot keep it does not connect rather
+    /// than risk reusing a nonce.
+    fn store_epoch(&mut self, next: u32) -> Result<(), StorageError> {
+        let _ = next;
+        Err(StorageError)
+    }
+
+    /// The value last given to `store_epoch`, `None` if never.
+    fn load_epoch(&mut self) -> Result<Option<u32>, StorageError> {
+        Ok(None)
+    }
 }
 
 /// How many msg ids the client hands out per `store_msg_id_counter`: it

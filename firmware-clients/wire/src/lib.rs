@@ -28,6 +28,8 @@
 //!   design table: [`Frame::Publish`] (device → broker, session QoS 0/1),
 //!   [`Frame::PublishAnonymous`] (device → broker, QoS 3, no session) and
 //!   [`Frame::Deliver`] (broker → device, with an optional reply handle).
+//! * [`protect`] — protected frames: a frame sealed with ChaCha20-Poly1305
+//!   under a per-device key, its epoch and counter, and the replay window.
 //! * [`varint`] — unsigned LEB128 of at most 5 bytes, minimal encodings only.
 //! * [`tcp`] — the varint length prefix and a splitter for a byte stream.
 //! * [`serial`] — COBS over `frame || crc16`, a `0x00` delimiter, and a
@@ -55,6 +57,7 @@ mod decode;
 pub mod encode;
 mod error;
 mod frame;
+pub mod protect;
 pub mod serial;
 pub mod tcp;
 pub mod varint;

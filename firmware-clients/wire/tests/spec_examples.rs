@@ -123,3 +123,62 @@ fn every_frame_type_has_an_example() {
         assert!(seen, "no example of frame type {frame_type:#x}");
     }
 }
+
+/// Every `Protected example:` of section 9 opens with the example key (the
+/// device epoch 1) to the frame on its `Opened:` line, and sealing that frame
+/// again with the same envelope gives the same bytes.
+#[test]
+fn protected_examples_open_and_reseal() {
+    use perch_wire::protect::*;
+    let key: [u8; KEY_BYTES] = core::array::from_fn(|i| i as u8);
+    let hex = |text: &str| -> Vec<u8> {
+        text.split_whitespace()
+            .map(|pair| u8::from_str_radix(pair, 16).expect("hex byte"))
+            .collect()
+    };
+    let mut lines = SPEC.lines();
+    let mut count = 0;
+    while let Some(line) = lines.next() {
+        let Some(name) = line.strip_prefix("Protected example: ") else {
+            continue;
+        };
+        assert_eq!(
+            lines.by_ref().find(|l| !l.trim().is_empty()),
+            Some("```hex")
+        );
+        let mut sealed = Vec::new();
+        for line in lines.by_ref() {
+            if line == "```" {
+                break;
+            }
+            sealed.extend(hex(line));
+        }
+        let opened = lines
+            .by_ref()
+            .find_map(|l| l.strip_prefix("Opened: `"))
+            .and_then(|l| l.strip_suffix('`'))
+            .unwrap_or_else(|| panic!("{name}: no Opened: line"));
+        let want = hex(opened);
+        let mut plain = [0u8; 1024];
+        let mut again = vec![0u8; sealed.len()];
+        match origin(name) {
+            Origin::Device => {
+                let (envelope, frame) = open_from_device(&key, &sealed, &mut plain).expect("opens");
+                assert_eq!(frame, &want[..], "{name}");
+                assert!(decode(frame, Origin::Device).is_ok(), "{name}");
+                let n = seal_from_device(&key, &envelope, &want, &mut again).expect("seals");
+                assert_eq!(&again[..n], &sealed[..], "{name}");
+            }
+            Origin::Broker => {
+                let (envelope, frame) =
+                    open_from_broker(&key, 1, &sealed, &mut plain).expect("opens");
+                assert_eq!(frame, &want[..], "{name}");
+                assert!(decode(frame, Origin::Broker).is_ok(), "{name}");
+                let n = seal_from_broker(&key, 1, &envelope, &want, &mut again).expect("seals");
+                assert_eq!(&again[..n], &sealed[..], "{name}");
+            }
+        }
+        count += 1;
+    }
+    assert_eq!(count, 3, "section 9 has three protected examples");
+}

@@ -10,7 +10,7 @@ use core::panic::PanicInfo;
 use core::ptr::{addr_of, addr_of_mut};
 
 use perch_device::wire::Qos;
-use perch_device::{Client, Config, Event, Target};
+use perch_device::{Client, Config, DeviceKey, Event, Target};
 
 /// The stub radio: a receive buffer with its length, a transmit buffer, and
 /// a millisecond clock, as a driver would expose them.
@@ -18,6 +18,23 @@ static mut RX_LEN: usize = 0;
 static mut RX: [u8; 128] = [0; 128];
 static mut TX: [u8; 128] = [0; 128];
 static mut CLOCK_MS: u64 = 0;
+/// The provisioned key and a boot counter the bootloader keeps.
+static mut KEY: [u8; 32] = [0; 32];
+static mut BOOTS: u32 = 0;
+
+fn device_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        // SAFETY: single-threaded firmware; volatile, as a flash read.
+        *b = unsafe { core::ptr::read_volatile(addr_of!(KEY).cast::<u8>().add(i)) };
+    }
+    key
+}
+
+fn boot_count() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(addr_of!(BOOTS)) }
+}
 
 fn now_ms() -> u64 {
     // SAFETY: single-threaded firmware; volatile so the loop re-reads it.
@@ -47,12 +64,18 @@ fn radio_send(frame: &[u8]) {
 
 #[no_mangle]
 pub extern "C" fn reset() -> ! {
-    let Ok(config) = Config::new(b"node1") else {
+    let Ok(mut config) = Config::new(b"node1") else {
         halt()
     };
+    // Every frame sealed with the device's key (docs/device-protocol.md §9);
+    // on a board it comes from a provisioned flash page. Without a storage
+    // for the epoch, the boot counter × 65536 is the floor: new every boot.
+    config.key = Some(DeviceKey(device_key()));
+    config.epoch_floor = boot_count() << 16;
     // 4 subscriptions/topics, 4 QoS 1 in flight, 128-byte frames.
     let mut client: Client<4, 4, 128> = Client::new(config);
-    let mut frame = [0u8; 128];
+    // A sealed frame is the frame plus its envelope.
+    let mut frame = [0u8; 128 + perch_device::wire::protect::DEVICE_OVERHEAD_BYTES_MAX];
     client.connect(now_ms());
     let _ = client.subscribe(b"cmd.node1", Qos::AtMostOnce, now_ms());
     let mut reading: u16 = 0;
