@@ -472,16 +472,9 @@ fn unsafe_authorization_tables_are_refused_at_start() {
         ),
     ];
     let dir = crate::support::TempDir::new("auth-config");
-    for (i, (table, want)) in cases.iter().enumerate() {
-        let path = dir.path.join(format!("bad{i}.toml"));
-        std::fs::write(&path, format!("[authorization]\n{table}\n")).expect("write");
-        let out = crate::support::perch_command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run perch");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{table}: started");
+    for (table, want) in cases.iter() {
+        let stderr =
+            crate::support::perch_refuses_config(&dir.path, &format!("[authorization]\n{table}\n"));
         assert!(stderr.contains(want), "{table}: {stderr}");
         assert!(
             !stderr.contains("hunter2secret"),
@@ -498,15 +491,8 @@ fn a_mistyped_secret_is_not_echoed_by_the_config_error() {
         "users = [ { user = \"a\", password = 987654321 } ]",
         "users = [ { user = \"a\", password = [\"hunter2secret\"] } ]",
     ] {
-        let path = dir.path.join("typo.toml");
-        std::fs::write(&path, format!("[authorization]\n{table}\n")).expect("write");
-        let out = crate::support::perch_command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run perch");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{table}: started");
+        let stderr =
+            crate::support::perch_refuses_config(&dir.path, &format!("[authorization]\n{table}\n"));
         assert!(stderr.contains("line 2, column"), "{table}: {stderr}");
         for secret in ["123456789", "987654321", "hunter2secret"] {
             assert!(!stderr.contains(secret), "{table}: secret in {stderr}");

@@ -544,6 +544,20 @@ impl Raw {
     }
 }
 
+/// Runs `perch serve` with `toml` as its config file (written into `dir`),
+/// asserts it refuses to start, and returns what it said on stderr.
+pub fn perch_refuses_config(dir: &Path, toml: &str) -> String {
+    let path = dir.join("refused.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let out = perch_command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run perch");
+    assert!(!out.status.success(), "perch started with {toml}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir {
     pub path: PathBuf,
