@@ -342,3 +342,76 @@ int host_disconnect_is_final(const perch_event_t *event)
             (event->code == PERCH_CODE_NOT_PERMITTED ||
              event->code == PERCH_CODE_UNSUPPORTED_VERSION));
 }
+
+static char epoch_path[4096];
+
+static int store_epoch_file(void *ctx, uint32_t next)
+{
+    char tmp[4200];
+    FILE *file;
+    (void)ctx;
+    snprintf(tmp, sizeof tmp, "%s.tmp", epoch_path);
+    file = fopen(tmp, "w");
+    if (file == NULL) {
+        return -1;
+    }
+    if (fprintf(file, "%lu\n", (unsigned long)next) < 0 || fclose(file) != 0) {
+        return -1;
+    }
+    return rename(tmp, epoch_path) == 0 ? 0 : -1;
+}
+
+int host_keyring_from_env(perch_keyring_t *keyring)
+{
+    const char *path = getenv("PERCH_KEY_FILE");
+    char text[130];
+    uint8_t key[PERCH_KEY_BYTES];
+    unsigned long first_epoch = 0;
+    size_t i, len;
+    FILE *file;
+    if (path == NULL || path[0] == '\0') {
+        return 0;
+    }
+    file = fopen(path, "r");
+    if (file == NULL) {
+        return -1;
+    }
+    len = fread(text, 1, sizeof text - 1, file);
+    fclose(file);
+    text[len] = '\0';
+    while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == ' ' || text[len - 1] == '\r')) {
+        text[--len] = '\0';
+    }
+    if (len != 2 * PERCH_KEY_BYTES) {
+        return -1;
+    }
+    for (i = 0; i < PERCH_KEY_BYTES; i++) {
+        char pair[3] = {text[2 * i], text[2 * i + 1], '\0'};
+        char *end;
+        key[i] = (uint8_t)strtoul(pair, &end, 16);
+        if (*end != '\0') {
+            return -1;
+        }
+    }
+    snprintf(epoch_path, sizeof epoch_path, "%s.epoch", path);
+    file = fopen(epoch_path, "r");
+    if (file != NULL) {
+        if (fscanf(file, "%lu", &first_epoch) != 1) {
+            first_epoch = 0;
+        }
+        fclose(file);
+    }
+    perch_keyring_init(keyring, key, (uint32_t)first_epoch, store_epoch_file, NULL);
+    return 1;
+}
+
+int host_run(perch_client_t *client, perch_keyring_t *keyring,
+             const perch_transport_t *transport, uint8_t *buf, size_t cap, uint32_t timeout_ms,
+             perch_event_fn on_event, void *context)
+{
+    if (keyring) {
+        return perch_run_sealed(client, keyring, transport, buf, cap, timeout_ms, on_event,
+                                context);
+    }
+    return perch_run(client, transport, buf, cap, timeout_ms, on_event, context);
+}

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "perch_device.h"
+#include "perch_protect.h"
 
 /* Bytes a transport buffers: a frame plus its framing, with room to spare. */
 #define HOST_STREAM_BYTES 4096
@@ -49,5 +50,16 @@ void host_sleep_ms(uint32_t ms);
  * session, or the broker refused it for good (not permitted, unsupported
  * version); other reasons are retried by the client. */
 int host_disconnect_is_final(const perch_event_t *event);
+
+/* A device key from the environment: PERCH_KEY_FILE names a file of 64 hex
+ * digits (the broker's key_file); the next epoch is kept in that path with
+ * ".epoch" appended. Returns 1 and fills `keyring` when set, 0 when not, -1
+ * on a bad file. */
+int host_keyring_from_env(perch_keyring_t *keyring);
+
+/* perch_run, sealed when `keyring` is not NULL. */
+int host_run(perch_client_t *client, perch_keyring_t *keyring,
+             const perch_transport_t *transport, uint8_t *buf, size_t cap, uint32_t timeout_ms,
+             perch_event_fn on_event, void *context);
 
 #endif /* PERCH_EXAMPLE_HOST_H */

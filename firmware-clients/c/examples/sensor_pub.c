@@ -102,7 +102,9 @@ int main(int argc, char **argv)
     static perch_name_t names[NAMES_MAX];
     static uint8_t name_bytes[PERCH_NAME_BYTES(NAMES_MAX, NAME_BYTES_MAX)];
     static perch_outgoing_t outgoing[OUTGOING_MAX];
-    static uint8_t buf[PERCH_FRAME_BYTES_MAX];
+    static uint8_t buf[PERCH_FRAME_BYTES_MAX + PERCH_DEVICE_OVERHEAD_BYTES_MAX];
+    static perch_keyring_t keyring_storage;
+    perch_keyring_t *keyring = NULL;
     /* Each publish's payload stays put until it has left the client's queue
      * (acknowledged, for QoS 1): one buffer per publish (host code may
      * allocate; firmware would keep its readings in its own buffers). */
@@ -207,6 +209,16 @@ int main(int argc, char **argv)
     config.name_bytes_max = NAME_BYTES_MAX;
     config.outgoing = outgoing;
     config.outgoing_max = OUTGOING_MAX;
+    switch (host_keyring_from_env(&keyring_storage)) {
+    case 1:
+        keyring = &keyring_storage; /* PERCH_KEY_FILE: every frame sealed */
+        break;
+    case 0:
+        break;
+    default:
+        fprintf(stderr, "PERCH_KEY_FILE: not a file of 64 hex digits\n");
+        return 2;
+    }
     if (perch_client_init(&client, &config) != PERCH_OK) {
         fprintf(stderr, "bad client configuration (client id 1..64 bytes?)\n");
         return 2;
@@ -257,14 +269,14 @@ int main(int argc, char **argv)
                 slice_ms = until_ms;
             }
         }
-        rc = perch_run(&client, &transport, buf, sizeof buf, slice_ms, on_event, &state);
+        rc = host_run(&client, keyring, &transport, buf, sizeof buf, slice_ms, on_event, &state);
         if (rc < 0) {
             fprintf(stderr, "transport failed\n");
             return 1;
         }
     }
     perch_disconnect(&client, host_now_ms());
-    (void)perch_run(&client, &transport, buf, sizeof buf, 1000, on_event, &state);
+    (void)host_run(&client, keyring, &transport, buf, sizeof buf, 1000, on_event, &state);
     fprintf(stderr, "published %u, acked %u, refused %u, reconnects %u\n", published,
             state.acked, state.failed, (unsigned)client.stats.connections_lost);
     free(payloads);

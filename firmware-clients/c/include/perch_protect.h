@@ -62,7 +62,8 @@ perch_protect_status_t perch_aead_open(const uint8_t key[PERCH_KEY_BYTES],
 
 /* Seals an encoded frame as device `client_id` (1..64 bytes) with (epoch,
  * counter >= 1) into out[0..cap): returns the envelope's length, 0 if it does
- * not fit or a field is invalid. frame and out must not overlap. */
+ * not fit or a field is invalid. frame may lie inside out only at or after
+ * the place the frame goes (perch_poll_transmit_sealed puts it there). */
 size_t perch_seal_from_device(const uint8_t key[PERCH_KEY_BYTES], const uint8_t *client_id,
                               size_t client_id_len, uint32_t epoch, uint32_t counter,
                               const uint8_t *frame, size_t frame_len, uint8_t *out, size_t cap);
@@ -89,5 +90,66 @@ typedef struct perch_replay_window {
  * envelope whose tag verified. */
 perch_protect_status_t perch_replay_accept(perch_replay_window_t *window, uint32_t epoch,
                                            uint32_t counter);
+
+/* ------------------------------------------------------ the client, sealed
+ *
+ * A keyed client: perch_poll_transmit and perch_handle_input wrapped so every
+ * frame sent is sealed and only verified, fresh broker frames get in.
+ *
+ * Epochs: every CONNECT the client sends (retransmissions too) is sealed in a
+ * new epoch, so no (epoch, counter) repeats as long as no epoch does. The
+ * keyring takes them PERCH_EPOCH_LEASE at a time: before the first of a lease
+ * it calls store_epoch(ctx, first + PERCH_EPOCH_LEASE), which must persist the
+ * value (the application passes it back as first_epoch after a reboot). With
+ * store_epoch NULL the application promises that first_epoch is above every
+ * epoch an earlier boot used (a boot counter x 65536).
+ */
+#include "perch_device.h"
+
+#define PERCH_EPOCH_LEASE 16u
+
+typedef struct perch_keyring {
+    uint8_t key[PERCH_KEY_BYTES];
+    /* The current epoch, the last counter sealed in it, the next epoch and how
+     * many are left of the stored lease. */
+    uint32_t epoch;
+    uint32_t counter;
+    uint32_t next_epoch;
+    uint32_t epochs_left;
+    /* Persists the next epoch; 0 on success. NULL: see above. */
+    int (*store_epoch)(void *ctx, uint32_t next);
+    void *ctx;
+    /* The broker's salt from its first verified frame in this epoch, and the
+     * window of its counters. */
+    uint8_t salt[PERCH_SALT_BYTES];
+    uint8_t have_salt;
+    perch_replay_window_t window;
+    /* Broker frames dropped: unverified, replayed, another salt, or unsealed
+     * (but for ERROR UNKNOWN_SESSION). */
+    uint32_t dropped;
+} perch_keyring_t;
+
+void perch_keyring_init(perch_keyring_t *keyring, const uint8_t key[PERCH_KEY_BYTES],
+                        uint32_t first_epoch, int (*store_epoch)(void *ctx, uint32_t next),
+                        void *ctx);
+
+/* perch_poll_transmit, sealed. Pre: cap >= config->frame_bytes_max +
+ * PERCH_DEVICE_OVERHEAD_BYTES_MAX. Returns 0 when there is nothing to send,
+ * or when a new epoch could not be stored (the client retransmits later). */
+size_t perch_poll_transmit_sealed(perch_client_t *client, perch_keyring_t *keyring,
+                                  uint8_t *out, size_t cap);
+
+/* perch_handle_input for a keyed client: a broker envelope is verified and
+ * opened in place (bytes is overwritten with the frame; MESSAGE events point
+ * into it); a frame that fails is dropped (keyring->dropped) and PERCH_OK
+ * returned, as for the one unsealed frame taken (ERROR UNKNOWN_SESSION). */
+perch_status_t perch_handle_sealed_input(perch_client_t *client, perch_keyring_t *keyring,
+                                         uint8_t *bytes, size_t len, uint32_t now_ms);
+
+/* perch_run (perch_device.h) for a keyed client. Pre: cap >=
+ * config->frame_bytes_max + PERCH_DEVICE_OVERHEAD_BYTES_MAX. */
+int perch_run_sealed(perch_client_t *client, perch_keyring_t *keyring,
+                     const perch_transport_t *transport, uint8_t *buf, size_t cap,
+                     uint32_t timeout_ms, perch_event_fn on_event, void *context);
 
 #endif

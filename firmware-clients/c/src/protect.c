@@ -9,6 +9,16 @@
 
 #include "perch_protect.h"
 
+/* Copies len bytes to dst from src, which may overlap it if dst <= src
+ * (a byte loop: the library links no memmove). */
+static void copy_down(uint8_t *dst, const uint8_t *src, size_t len)
+{
+    size_t i;
+    for (i = 0; i < len; i++) {
+        dst[i] = src[i];
+    }
+}
+
 static uint32_t load32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -397,8 +407,9 @@ size_t perch_seal_from_device(const uint8_t key[PERCH_KEY_BYTES], const uint8_t 
     if (cap < at || cap - at < PERCH_TAG_BYTES || frame_len > cap - at - PERCH_TAG_BYTES) {
         return 0;
     }
+    /* frame may lie inside out (perch_poll_transmit_sealed): move it first. */
+    copy_down(out + at, frame, frame_len);
     memcpy(out, header, at);
-    memcpy(out + at, frame, frame_len);
     device_nonce(epoch, counter, nonce);
     perch_aead_seal(key, nonce, out, at, out + at, frame_len, out + at + frame_len);
     return at + frame_len + PERCH_TAG_BYTES;
@@ -413,6 +424,7 @@ perch_protect_status_t perch_open_from_broker(const uint8_t key[PERCH_KEY_BYTES]
     /* The associated data: the clear part, then the device's epoch. */
     uint8_t ad[1 + PERCH_SALT_BYTES + 5 + 4];
     uint8_t nonce[PERCH_NONCE_BYTES];
+    uint8_t tag[PERCH_TAG_BYTES];
     size_t at = 1 + PERCH_SALT_BYTES;
     size_t n, body;
     int truncated;
@@ -438,14 +450,16 @@ perch_protect_status_t perch_open_from_broker(const uint8_t key[PERCH_KEY_BYTES]
     if (body > cap) {
         return PERCH_PROTECT_NO_ROOM;
     }
+    /* Everything read from `in` before `out` is written: out may be in. */
     memcpy(ad, in, at);
     store32(ad + at, device_epoch);
     memcpy(salt, in + 1, PERCH_SALT_BYTES);
+    memcpy(tag, in + at + body, PERCH_TAG_BYTES);
     nonce[0] = 0x01;
     memcpy(nonce + 1, salt, PERCH_SALT_BYTES);
     store32(nonce + 8, *counter);
-    memcpy(out, in + at, body);
-    status = perch_aead_open(key, nonce, ad, at + 4, out, body, in + at + body);
+    copy_down(out, in + at, body);
+    status = perch_aead_open(key, nonce, ad, at + 4, out, body, tag);
     if (status != PERCH_PROTECT_OK) {
         memset(out, 0, body);
         return status;
@@ -480,4 +494,109 @@ perch_protect_status_t perch_replay_accept(perch_replay_window_t *w, uint32_t ep
         w->seen |= (uint64_t)1 << behind;
     }
     return PERCH_PROTECT_OK;
+}
+
+/* ------------------------------------------------------ the client, sealed */
+
+void perch_keyring_init(perch_keyring_t *k, const uint8_t key[PERCH_KEY_BYTES],
+                        uint32_t first_epoch, int (*store_epoch)(void *ctx, uint32_t next),
+                        void *ctx)
+{
+    memset(k, 0, sizeof *k);
+    memcpy(k->key, key, PERCH_KEY_BYTES);
+    k->next_epoch = first_epoch;
+    k->store_epoch = store_epoch;
+    k->ctx = ctx;
+}
+
+/* A new epoch for a CONNECT: 0, or -1 if none can be made sure of. */
+static int next_epoch(perch_keyring_t *k)
+{
+    if (k->epochs_left == 0) {
+        if (k->store_epoch == NULL) {
+            k->epochs_left = UINT32_MAX;
+        } else {
+            if (k->next_epoch > UINT32_MAX - PERCH_EPOCH_LEASE ||
+                k->store_epoch(k->ctx, k->next_epoch + PERCH_EPOCH_LEASE) != 0) {
+                return -1;
+            }
+            k->epochs_left = PERCH_EPOCH_LEASE;
+        }
+    }
+    if (k->next_epoch == UINT32_MAX) {
+        return -1;
+    }
+    k->epoch = k->next_epoch++;
+    k->epochs_left--;
+    k->counter = 0;
+    k->have_salt = 0;
+    memset(&k->window, 0, sizeof k->window);
+    return 0;
+}
+
+size_t perch_poll_transmit_sealed(perch_client_t *client, perch_keyring_t *k, uint8_t *out,
+                                  size_t cap)
+{
+    const perch_config_t *config = client->config;
+    /* The plain frame goes where it leaves room for the longest clear part. */
+    size_t room = 1 + 1 + config->client_id_len + 4 + 5;
+    size_t n;
+    uint8_t *frame;
+    if (cap <= room + PERCH_TAG_BYTES) {
+        return 0;
+    }
+    frame = out + room;
+    n = perch_poll_transmit(client, frame, cap - room - PERCH_TAG_BYTES);
+    if (n == 0) {
+        return 0;
+    }
+    if (frame[0] >> 4 == PERCH_TYPE_CONNECT && next_epoch(k) != 0) {
+        return 0;
+    }
+    if (k->counter == UINT32_MAX) {
+        return 0; /* out of counters: the next CONNECT starts a new epoch */
+    }
+    k->counter++;
+    return perch_seal_from_device(k->key, config->client_id, config->client_id_len, k->epoch,
+                                  k->counter, frame, n, out, cap);
+}
+
+static int same_salt(const uint8_t *a, const uint8_t *b)
+{
+    uint8_t diff = 0;
+    size_t i;
+    for (i = 0; i < PERCH_SALT_BYTES; i++) {
+        diff |= (uint8_t)(a[i] ^ b[i]);
+    }
+    return diff == 0;
+}
+
+perch_status_t perch_handle_sealed_input(perch_client_t *client, perch_keyring_t *k,
+                                         uint8_t *bytes, size_t len, uint32_t now_ms)
+{
+    uint8_t salt[PERCH_SALT_BYTES];
+    uint32_t counter = 0;
+    size_t frame_len = 0;
+    if (len > 0 && bytes[0] == PERCH_PROTECT_FROM_BROKER) {
+        if (perch_open_from_broker(k->key, k->epoch, bytes, len, salt, &counter, bytes, len,
+                                   &frame_len) != PERCH_PROTECT_OK ||
+            (k->have_salt && !same_salt(salt, k->salt))) {
+            k->dropped++;
+            return PERCH_OK;
+        }
+        /* One window per salt: the broker's counters run per salt. */
+        if (perch_replay_accept(&k->window, 0, counter) != PERCH_PROTECT_OK) {
+            k->dropped++;
+            return PERCH_OK;
+        }
+        memcpy(k->salt, salt, PERCH_SALT_BYTES);
+        k->have_salt = 1;
+        return perch_handle_input(client, bytes, frame_len, now_ms);
+    }
+    /* Unsealed: only ERROR UNKNOWN_SESSION, whose only effect is a CONNECT. */
+    if (len >= 2 && bytes[0] == (PERCH_TYPE_ERROR << 4) && bytes[1] == PERCH_CODE_UNKNOWN_SESSION) {
+        return perch_handle_input(client, bytes, len, now_ms);
+    }
+    k->dropped++;
+    return PERCH_OK;
 }

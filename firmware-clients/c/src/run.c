@@ -10,6 +10,7 @@
 #include <stddef.h>
 
 #include "perch_device.h"
+#include "perch_protect.h"
 
 /* Hands out every queued event; 1 when on_event asked to stop. */
 static int drain_events(perch_client_t *client, perch_event_fn on_event, void *context)
@@ -23,8 +24,16 @@ static int drain_events(perch_client_t *client, perch_event_fn on_event, void *c
     return 0;
 }
 
-int perch_run(perch_client_t *client, const perch_transport_t *transport, uint8_t *buf,
-              size_t cap, uint32_t timeout_ms, perch_event_fn on_event, void *context)
+/* One frame to send, sealed when the client has a keyring. */
+static size_t transmit(perch_client_t *client, perch_keyring_t *keyring, uint8_t *buf, size_t cap)
+{
+    return keyring ? perch_poll_transmit_sealed(client, keyring, buf, cap)
+                   : transmit(client, keyring, buf, cap);
+}
+
+static int run(perch_client_t *client, perch_keyring_t *keyring,
+               const perch_transport_t *transport, uint8_t *buf, size_t cap,
+               uint32_t timeout_ms, perch_event_fn on_event, void *context)
 {
     void *io = transport->context;
     uint32_t start_ms = transport->now_ms(io);
@@ -35,7 +44,7 @@ int perch_run(perch_client_t *client, const perch_transport_t *transport, uint8_
         uint32_t deadline_ms;
         int32_t received;
         size_t len;
-        while ((len = perch_poll_transmit(client, buf, cap)) > 0) {
+        while ((len = transmit(client, keyring, buf, cap)) > 0) {
             if (transport->send(io, buf, len) < 0) {
                 return PERCH_ERR_TRANSPORT;
             }
@@ -45,7 +54,7 @@ int perch_run(perch_client_t *client, const perch_transport_t *transport, uint8_
         }
         /* Handlers may have queued frames (publishes, replies): send them
          * before waiting. */
-        if ((len = perch_poll_transmit(client, buf, cap)) > 0) {
+        if ((len = transmit(client, keyring, buf, cap)) > 0) {
             if (transport->send(io, buf, len) < 0) {
                 return PERCH_ERR_TRANSPORT;
             }
@@ -67,7 +76,12 @@ int perch_run(perch_client_t *client, const perch_transport_t *transport, uint8_
         }
         if (received > 0) {
             /* A malformed frame is counted in the stats and dropped. */
-            (void)perch_handle_input(client, buf, (size_t)received, transport->now_ms(io));
+            if (keyring) {
+                (void)perch_handle_sealed_input(client, keyring, buf, (size_t)received,
+                                                transport->now_ms(io));
+            } else {
+                (void)perch_handle_input(client, buf, (size_t)received, transport->now_ms(io));
+            }
             /* Before anything reuses `buf`: a message event points into it. */
             if (drain_events(client, on_event, context)) {
                 return 1;
@@ -75,4 +89,17 @@ int perch_run(perch_client_t *client, const perch_transport_t *transport, uint8_
         }
         perch_handle_timeout(client, transport->now_ms(io));
     }
+}
+
+int perch_run(perch_client_t *client, const perch_transport_t *transport, uint8_t *buf,
+              size_t cap, uint32_t timeout_ms, perch_event_fn on_event, void *context)
+{
+    return run(client, NULL, transport, buf, cap, timeout_ms, on_event, context);
+}
+
+int perch_run_sealed(perch_client_t *client, perch_keyring_t *keyring,
+                     const perch_transport_t *transport, uint8_t *buf, size_t cap,
+                     uint32_t timeout_ms, perch_event_fn on_event, void *context)
+{
+    return run(client, keyring, transport, buf, cap, timeout_ms, on_event, context);
 }

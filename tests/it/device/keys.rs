@@ -460,3 +460,108 @@ fn a_flood_of_unverified_datagrams_keeps_memory_flat_and_reflects_nothing_larger
         Ok(Frame::Puback { .. })
     ));
 }
+
+/// The C client (firmware-clients/c, its host examples) with a key: its own
+/// ChaCha20-Poly1305 against the broker's RustCrypto one, both directions.
+#[test]
+#[ignore = "unfinished: after sensor_pub succeeds (every QoS 1 publish acked) the test blocks \
+            reading the NATS subscriber; not diagnosed yet"]
+fn keyed_c_clients_reach_nats_and_back() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let c_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/firmware-clients/c");
+    let status = Command::new("make")
+        .args(["-s", "-C", c_dir])
+        .status()
+        .expect("run make for the C client");
+    assert!(status.success(), "make -C firmware-clients/c");
+    let (server, port, dir) = keyed_broker(true);
+    let key_file = dir.path.join("b.key");
+    let mut sub = nats(&server);
+    subscribe_nats(&mut sub, "t.>");
+    let port_text = port.to_string();
+    let output = Command::new(format!("{c_dir}/build/host/sensor_pub"))
+        .env("PERCH_KEY_FILE", &key_file)
+        .args([
+            "--timeout-ms",
+            "10000",
+            "127.0.0.1",
+            &port_text,
+            "b",
+            "t.b.temp",
+        ])
+        .args(["21.{n}", "3", "1"])
+        .output()
+        .expect("run sensor_pub");
+    assert!(
+        output.status.success(),
+        "sensor_pub: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for n in 1..=3 {
+        assert_eq!(sub.read_line(), "MSG t.b.temp 1 4");
+        assert_eq!(sub.read_line(), format!("21.{n}"));
+    }
+    // Its epoch file moved on: a second run right away is not a replay.
+    let again = Command::new(format!("{c_dir}/build/host/sensor_pub"))
+        .env("PERCH_KEY_FILE", &key_file)
+        .args([
+            "--timeout-ms",
+            "10000",
+            "127.0.0.1",
+            &port_text,
+            "b",
+            "t.b.temp",
+        ])
+        .args(["x", "1", "1"])
+        .output()
+        .expect("run sensor_pub");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(sub.read_line(), "MSG t.b.temp 1 1");
+    assert_eq!(sub.read_line(), "x");
+    let mut child = Command::new(format!("{c_dir}/build/host/sensor_sub"))
+        .env("PERCH_KEY_FILE", &key_file)
+        .args([
+            "--timeout-ms",
+            "10000",
+            "127.0.0.1",
+            &port_text,
+            "b",
+            "cmd.b.>",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sensor_sub");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut ready = String::new();
+    while !ready.contains("subscribed to") {
+        ready.clear();
+        if stderr.read_line(&mut ready).expect("sensor_sub stderr") == 0 {
+            panic!("sensor_sub ended before subscribing");
+        }
+    }
+    sub.send(b"PUB cmd.b.go 2\r\ngo\r\n");
+    let output = child.wait_with_output().expect("sensor_sub exits after 1");
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "go");
+    // Without the key the C client gets nowhere (require_key).
+    let plain = Command::new(format!("{c_dir}/build/host/sensor_pub"))
+        .args([
+            "--timeout-ms",
+            "1500",
+            "127.0.0.1",
+            &port_text,
+            "b",
+            "t.b.temp",
+        ])
+        .args(["no", "1", "1"])
+        .output()
+        .expect("run sensor_pub");
+    assert!(!plain.status.success(), "a plain C client got through");
+}
