@@ -704,6 +704,28 @@ mod tests {
             old.fixed_keys_changed(&moved),
             ["listen", "shards", "store_dir", "device.udp"]
         );
+        // TLS: new files, verify, handshake_first and the timeout reload;
+        // turning TLS on or off, and map, do not.
+        let tls = |cert: &str, verify: bool, map: bool| Config {
+            tls: crate::tls::TlsConfig {
+                cert: (!cert.is_empty()).then(|| cert.into()),
+                key: (!cert.is_empty()).then(|| "k.pem".into()),
+                verify,
+                map,
+                timeout_ms: 500,
+                ..crate::tls::TlsConfig::default()
+            },
+            ..Config::default()
+        };
+        let running = tls("a.pem", false, false);
+        assert!(running
+            .fixed_keys_changed(&tls("b.pem", true, false))
+            .is_empty());
+        assert_eq!(running.fixed_keys_changed(&tls("", false, false)), ["tls"]);
+        assert_eq!(
+            running.fixed_keys_changed(&tls("a.pem", true, true)),
+            ["tls.map"]
+        );
     }
 
     #[test]

@@ -292,6 +292,14 @@ async fn reload(shared: &Shared, running: &mut Config, service: &mut Service) ->
             .store(auth.is_some(), Ordering::Relaxed);
     }
     (service.set_log_level)(&new);
+    if let Some(tls) = &tls {
+        tracing::info!(
+            verify = tls.verify,
+            handshake_first = tls.handshake_first,
+            timeout_ms = tls.timeout_ms,
+            "tls: certificate files read again; new handshakes use them"
+        );
+    }
     if let Ok(mut slot) = shared.tls.write() {
         *slot = tls.map(Arc::new);
     }

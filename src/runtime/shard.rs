@@ -263,19 +263,20 @@ pub(crate) struct ConnEntry {
     pub session: Rc<Session>,
     fd: RawFd,
     shut_down: Cell<bool>,
+    /// A TLS handshake is running: `deadline_ms` is when it is ended.
+    handshaking: Cell<bool>,
     opened_ms: u64,
-    /// When the CONNECT deadline starts: at accept, or for TLS clients when
-    /// their handshake ended (each phase has its own timeout, as in nats-server).
-    connect_from_ms: Cell<u64>,
-    /// A TLS handshake not finished by then is ended; `NO_DEADLINE` otherwise.
-    handshake_deadline_ms: Cell<u64>,
+    /// While `handshaking`, the handshake's deadline; after it, when the
+    /// CONNECT deadline starts: at accept, or for TLS clients when their
+    /// handshake ended (each phase has its own timeout, as in nats-server).
+    /// One field for both keeps every connection's entry 8 bytes smaller.
+    deadline_ms: Cell<u64>,
     next_ping_ms: Cell<u64>,
     /// `NOT_CLOSING` until housekeeping first sees the session closing.
     closing_since_ms: Cell<u64>,
 }
 
 const NOT_CLOSING: u64 = u64::MAX;
-const NO_DEADLINE: u64 = u64::MAX;
 
 /// A session waiting for the SUB barrier: see [`Shard::release_when_interest_applied`].
 struct InterestHold {
@@ -527,8 +528,8 @@ impl Shard {
             fd,
             shut_down: Cell::new(false),
             opened_ms: now_ms,
-            connect_from_ms: Cell::new(now_ms),
-            handshake_deadline_ms: Cell::new(NO_DEADLINE),
+            handshaking: Cell::new(false),
+            deadline_ms: Cell::new(now_ms),
             next_ping_ms: Cell::new(
                 now_ms + first_ping_delay_ms(self.limits.get().ping_interval_ms),
             ),
@@ -544,8 +545,9 @@ impl Shard {
     /// it after `timeout_ms` (by shutdown, never by racing the read).
     pub(crate) fn handshake_started(&self, slot: usize, timeout_ms: u64) {
         if let Some(entry) = &self.connections.borrow().slots[slot] {
+            entry.handshaking.set(true);
             entry
-                .handshake_deadline_ms
+                .deadline_ms
                 .set(self.now_ms().saturating_add(timeout_ms));
         }
     }
@@ -553,8 +555,8 @@ impl Shard {
     /// The handshake ended (either way); the CONNECT deadline starts now.
     pub(crate) fn handshake_ended(&self, slot: usize) {
         if let Some(entry) = &self.connections.borrow().slots[slot] {
-            entry.handshake_deadline_ms.set(NO_DEADLINE);
-            entry.connect_from_ms.set(self.now_ms());
+            entry.handshaking.set(false);
+            entry.deadline_ms.set(self.now_ms());
         }
     }
 
@@ -956,11 +958,24 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
 fn adopt<B: Backend>(shard: &Rc<Shard>, stream: std::net::TcpStream, client_id: u64, reject: bool) {
     let peer = stream.peer_addr().ok();
     match B::adopt(stream) {
-        Ok(socket) => {
-            let task = super::connection::serve(Rc::clone(shard), socket, client_id, peer, reject);
-            tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task size");
-            tokio::task::spawn_local(task);
-        }
+        Ok(socket) => match shard.shared.tls().filter(|_| !reject) {
+            // The settings in force now; a reload affects later connections only.
+            Some(tls) => {
+                let task =
+                    super::connection::serve_tls(Rc::clone(shard), socket, client_id, peer, tls);
+                tracing::trace!(
+                    bytes = std::mem::size_of_val(&task),
+                    "TLS connection task size"
+                );
+                tokio::task::spawn_local(task);
+            }
+            None => {
+                let task =
+                    super::connection::serve(Rc::clone(shard), socket, client_id, peer, reject);
+                tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task size");
+                tokio::task::spawn_local(task);
+            }
+        },
         Err(e) => {
             tracing::warn!(shard = shard.id, "cannot adopt connection: {e}");
             shard.shared.connections_per_shard[shard.id].fetch_sub(1, Ordering::Relaxed);
@@ -1165,9 +1180,8 @@ async fn housekeeping(shard: Rc<Shard>) {
         crate::nats::session::set_coarse_now_ms(now_ms);
         for entry in shard.connections.borrow().iter() {
             let session = &entry.session;
-            let handshake_deadline_ms = entry.handshake_deadline_ms.get();
-            if handshake_deadline_ms != NO_DEADLINE {
-                if now_ms >= handshake_deadline_ms && !entry.shut_down.get() {
+            if entry.handshaking.get() {
+                if now_ms >= entry.deadline_ms.get() && !entry.shut_down.get() {
                     // What nats-server does: nothing more is sent, the
                     // connection closes. The pending read ends the handshake.
                     tracing::info!(client_id = session.id, "TLS handshake timeout");
@@ -1178,9 +1192,7 @@ async fn housekeeping(shard: Rc<Shard>) {
             }
             match session.state() {
                 State::AwaitingConnect => {
-                    if now_ms.saturating_sub(entry.connect_from_ms.get())
-                        >= config.connect_timeout_ms
-                    {
+                    if now_ms.saturating_sub(entry.deadline_ms.get()) >= config.connect_timeout_ms {
                         session.fail_and_close(
                             Some("Authentication Timeout"),
                             CloseReason::ConnectTimeout,
