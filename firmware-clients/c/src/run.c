@@ -28,7 +28,7 @@ static int drain_events(perch_client_t *client, perch_event_fn on_event, void *c
 static size_t transmit(perch_client_t *client, perch_keyring_t *keyring, uint8_t *buf, size_t cap)
 {
     return keyring ? perch_poll_transmit_sealed(client, keyring, buf, cap)
-                   : transmit(client, keyring, buf, cap);
+                   : perch_poll_transmit(client, buf, cap);
 }
 
 static int run(perch_client_t *client, perch_keyring_t *keyring,
