@@ -478,19 +478,26 @@ fn keyed_c_clients_reach_nats_and_back() {
     let mut sub = nats(&server);
     subscribe_nats(&mut sub, "t.>");
     let port_text = port.to_string();
-    let output = Command::new(format!("{c_dir}/build/host/sensor_pub"))
-        .env("PERCH_KEY_FILE", &key_file)
-        .args([
-            "--timeout-ms",
-            "10000",
-            "127.0.0.1",
-            &port_text,
-            "b",
-            "t.b.temp",
-        ])
-        .args(["21.{n}", "3", "1"])
-        .output()
-        .expect("run sensor_pub");
+    // sensor_pub as device b: `key` sealing or not, then payload, count, QoS.
+    let sensor_pub = |key: Option<&std::path::Path>, timeout_ms: &str, rest: [&str; 3]| {
+        let mut command = Command::new(format!("{c_dir}/build/host/sensor_pub"));
+        if let Some(key) = key {
+            command.env("PERCH_KEY_FILE", key);
+        }
+        command
+            .args([
+                "--timeout-ms",
+                timeout_ms,
+                "127.0.0.1",
+                &port_text,
+                "b",
+                "t.b.temp",
+            ])
+            .args(rest)
+            .output()
+            .expect("run sensor_pub")
+    };
+    let output = sensor_pub(Some(&key_file), "10000", ["21.{n}", "3", "1"]);
     assert!(
         output.status.success(),
         "sensor_pub: {}",
@@ -501,19 +508,7 @@ fn keyed_c_clients_reach_nats_and_back() {
         assert_eq!(sub.read_line(), format!("21.{n}"));
     }
     // Its epoch file moved on: a second run right away is not a replay.
-    let again = Command::new(format!("{c_dir}/build/host/sensor_pub"))
-        .env("PERCH_KEY_FILE", &key_file)
-        .args([
-            "--timeout-ms",
-            "10000",
-            "127.0.0.1",
-            &port_text,
-            "b",
-            "t.b.temp",
-        ])
-        .args(["x", "1", "1"])
-        .output()
-        .expect("run sensor_pub");
+    let again = sensor_pub(Some(&key_file), "10000", ["x", "1", "1"]);
     assert!(
         again.status.success(),
         "{}",
@@ -549,17 +544,6 @@ fn keyed_c_clients_reach_nats_and_back() {
     assert!(output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "go");
     // Without the key the C client gets nowhere (require_key).
-    let plain = Command::new(format!("{c_dir}/build/host/sensor_pub"))
-        .args([
-            "--timeout-ms",
-            "1500",
-            "127.0.0.1",
-            &port_text,
-            "b",
-            "t.b.temp",
-        ])
-        .args(["no", "1", "1"])
-        .output()
-        .expect("run sensor_pub");
+    let plain = sensor_pub(None, "1500", ["no", "1", "1"]);
     assert!(!plain.status.success(), "a plain C client got through");
 }
