@@ -59,7 +59,7 @@ pub(crate) async fn serve<S: Socket>(
     } else {
         nonce.refuse_if_missing(&session);
     }
-    let end = run(&shard, &socket, &session, reject, Start::fresh(), true).await;
+    let end = run(&shard, &socket, &session, reject, None, true).await;
     after_run(shard, socket, session, slot, peer, end);
 }
 
@@ -75,12 +75,12 @@ pub(crate) async fn serve_moved<S: Socket>(
     read_buffer: Vec<u8>,
     frame_bytes_needed: usize,
 ) {
-    let begin = Start {
+    let resume = Box::new(Resume {
         buf: read_buffer,
         frame_bytes_needed,
-        wait: Some(start),
-    };
-    let end = run(&shard, &socket, &session, false, begin, true).await;
+        wait: start,
+    });
+    let end = run(&shard, &socket, &session, false, Some(resume), true).await;
     let peer = super::shard::peer_ip(socket.raw_fd());
     after_run(shard, socket, session, slot, peer, end);
 }
@@ -94,13 +94,13 @@ fn after_run<S: Socket>(
     peer: Option<std::net::IpAddr>,
     end: ReadEnd,
 ) {
-    if let ReadEnd::Move {
-        id,
-        to,
-        buf,
-        frame_bytes_needed,
-    } = end
-    {
+    if let ReadEnd::Move(departing) = end {
+        let Departing {
+            id,
+            to,
+            buf,
+            frame_bytes_needed,
+        } = *departing;
         if !session.is_closing() {
             match io::duplicate(socket.raw_fd()) {
                 Ok(stream) => {
@@ -287,38 +287,32 @@ async fn tls_session<S: Socket>(
     }
     drop(info);
     // TLS connections never move (rustls' state stays with the socket).
-    run(shard, &socket, session, false, Start::fresh(), false).await;
+    run(shard, &socket, session, false, None, false).await;
 }
 
-/// How a reader starts: with an empty buffer, or (a moved connection) with
-/// the old shard's incomplete frame, once the move lets it.
-struct Start {
+/// How the reader of a connection that moved here starts: with the old
+/// shard's incomplete frame, once the move lets it. Boxed, like
+/// [`Departing`], so that neither adds to every connection's task.
+struct Resume {
     buf: Vec<u8>,
     frame_bytes_needed: usize,
-    wait: Option<Rc<tokio::sync::Notify>>,
-}
-
-impl Start {
-    fn fresh() -> Start {
-        Start {
-            buf: Vec::with_capacity(READ_BUFFER_BYTES_MIN),
-            frame_bytes_needed: 0,
-            wait: None,
-        }
-    }
+    wait: Rc<tokio::sync::Notify>,
 }
 
 /// Why a reader stopped.
 enum ReadEnd {
     Closed,
-    /// The connection moves to shard `to` (move `id`, admitted): `buf`
-    /// holds the bytes of an incomplete frame.
-    Move {
-        id: u32,
-        to: usize,
-        buf: Vec<u8>,
-        frame_bytes_needed: usize,
-    },
+    /// The connection moves (`runtime/moves.rs`).
+    Move(Box<Departing>),
+}
+
+/// A move admitted for this connection: move `id` to shard `to`; `buf`
+/// holds the bytes of an incomplete frame.
+struct Departing {
+    id: u32,
+    to: usize,
+    buf: Vec<u8>,
+    frame_bytes_needed: usize,
 }
 
 /// The session over an established byte stream: reader and writer until the
@@ -328,7 +322,7 @@ async fn run<S: Socket>(
     socket: &S,
     session: &Rc<Session>,
     reject: bool,
-    start: Start,
+    resume: Option<Box<Resume>>,
     movable: bool,
 ) -> ReadEnd {
     // Reader and writer run concurrently inside this one task (one allocation per
@@ -338,7 +332,7 @@ async fn run<S: Socket>(
         let end = if reject {
             ReadEnd::Closed
         } else {
-            read_loop(shard, socket, session, start, movable).await
+            read_loop(shard, socket, session, resume, movable).await
         };
         if matches!(end, ReadEnd::Closed) {
             session.close(CloseReason::ClientClosed);
@@ -385,17 +379,19 @@ async fn read_loop<S: Socket>(
     shard: &Rc<Shard>,
     socket: &S,
     session: &Rc<Session>,
-    start: Start,
+    resume: Option<Box<Resume>>,
     movable: bool,
 ) -> ReadEnd {
-    let Start {
-        mut buf,
-        // Bytes the frame at the head of `buf` needs before parsing is worth retrying.
-        mut frame_bytes_needed,
-        wait,
-    } = start;
-    if let Some(wait) = wait {
-        wait.notified().await;
+    let mut buf: Vec<u8> = Vec::new();
+    // Bytes the frame at the head of `buf` needs before parsing is worth retrying.
+    let mut frame_bytes_needed = 0usize;
+    match resume {
+        None => buf.reserve_exact(READ_BUFFER_BYTES_MIN),
+        Some(resume) => {
+            Box::pin(resume.wait.notified()).await;
+            buf = resume.buf;
+            frame_bytes_needed = resume.frame_bytes_needed;
+        }
     }
     let mut outgoing = Outgoing::for_client();
     // A SUB in this pass changed interest that other shards have not confirmed.
@@ -488,12 +484,12 @@ async fn read_loop<S: Socket>(
                     return ReadEnd::Closed;
                 }
                 session.detach();
-                return ReadEnd::Move {
+                return ReadEnd::Move(Box::new(Departing {
                     id,
                     to,
                     buf,
                     frame_bytes_needed,
-                };
+                }));
             }
         }
     }
@@ -510,7 +506,6 @@ fn consider_move(
     use super::moves::RoundTrip;
     let origin = session.take_origin();
     let mask = std::mem::take(&mut outgoing.pass_mask);
-    let local = std::mem::take(&mut outgoing.pass_local);
     let debug_every = shard.shared.debug_move_every;
     let (to, forced) = if debug_every > 0 {
         let passes = shard.debug_passes.get() + 1;
@@ -523,15 +518,13 @@ fn consider_move(
         if origin == crate::router::ORIGIN_NONE || !shard.config().affinity.is_auto() {
             return None;
         }
-        let round_trip = if usize::from(origin) == shard.id {
-            if !local {
-                return None;
-            }
-            RoundTrip::Local
-        } else if mask & (1 << origin) != 0 {
-            RoundTrip::With(origin)
-        } else {
+        if mask & (1 << origin) == 0 {
             return None;
+        }
+        let round_trip = if usize::from(origin) == shard.id {
+            RoundTrip::Local
+        } else {
+            RoundTrip::With(origin)
         };
         let now_ms = crate::nats::session::coarse_now_ms();
         let mut counts = shard.moves.affinity.borrow_mut();
@@ -679,7 +672,9 @@ fn publish(
         .route(msg, Some(session), &mut outgoing.targets);
     let full = outcome.remote_shards > 0
         && outgoing.push_targets(msg, shard.shared.shard_count, &shard.batch_pool, shard.id);
-    outgoing.pass_local |= outcome.delivered_local > 0;
+    if outcome.delivered_local > 0 {
+        outgoing.pass_mask |= 1 << shard.id;
+    }
     if outcome.delivered_local == 0 && outcome.remote_shards == 0 {
         no_responders(session, msg);
     }

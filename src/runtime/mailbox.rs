@@ -333,12 +333,11 @@ pub(crate) struct Outgoing {
     /// Bit k: a batch went to shard k since the last fence.
     sent_to: u64,
     /// Bit k: a message was queued for shard k since the reader last took
-    /// this (once per read pass, for connection affinity).
+    /// this (once per read pass, for connection affinity); the reader sets
+    /// its own shard's bit for a message delivered locally.
     pub pass_mask: u64,
     /// Whether its batches count for connection affinity (a client's reader).
     counts_for_affinity: bool,
-    /// A message published in this pass was delivered on this shard.
-    pub pass_local: bool,
     /// Scratch for the router's per-message targets.
     pub targets: Vec<RemoteTarget>,
 }
@@ -352,7 +351,6 @@ impl Outgoing {
             sent_to: 0,
             pass_mask: 0,
             counts_for_affinity: false,
-            pass_local: false,
             targets: Vec::new(),
         }
     }
