@@ -41,6 +41,26 @@ pub enum Placement {
     RoundRobin,
 }
 
+/// Whether established connections move to the shard they have most of
+/// their round trips with (`runtime/moves.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AffinityMode {
+    /// Move request-reply partners onto one shard. Off by default: on the
+    /// 2-vCPU VM it was measured on, partners on one shard made round trips
+    /// slower, not faster (BENCHMARKS.md).
+    Auto,
+    /// Connections stay where they were placed (the default).
+    #[default]
+    Off,
+}
+
+impl AffinityMode {
+    pub fn is_auto(self) -> bool {
+        self == AffinityMode::Auto
+    }
+}
+
 /// How log lines are written to stderr.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +80,9 @@ pub struct Config {
     pub shards: Option<usize>,
     pub io: IoMode,
     pub placement: Placement,
+    /// Connection affinity: `auto` moves a connection to the shard it has
+    /// most round trips with; `off` (the default) keeps placement as it was.
+    pub affinity: AffinityMode,
     pub server_name: Option<String>,
     pub max_payload: usize,
     pub max_pending: usize,
@@ -215,6 +238,7 @@ impl Default for Config {
             shards: None,
             io: IoMode::Auto,
             placement: Placement::LeastLoaded,
+            affinity: AffinityMode::Off,
             server_name: None,
             max_payload: PAYLOAD_BYTES_MAX_DEFAULT,
             max_pending: PENDING_BYTES_MAX_DEFAULT,
@@ -387,6 +411,7 @@ impl Config {
             shards,
             io,
             placement,
+            affinity,
             server_name,
             max_payload: _,
             max_pending: _,
@@ -426,6 +451,7 @@ impl Config {
         check("shards", *shards == self.shards);
         check("io", *io == self.io);
         check("placement", *placement == self.placement);
+        check("affinity", *affinity == self.affinity);
         check("server_name", *server_name == self.server_name);
         check("log_format", *log_format == self.log_format);
         check("spin_us", *spin_us == self.spin_us);

@@ -473,6 +473,10 @@ struct ServeArgs {
     /// How accepted connections are spread over shards [default: least-loaded].
     #[arg(long, value_enum)]
     placement: Option<Placement>,
+    /// Move a connection to the shard it has most request-reply round trips
+    /// with, so partners meet on one shard [default: off].
+    #[arg(long, value_enum)]
+    affinity: Option<perch::config::AffinityMode>,
     /// Largest message payload a client may publish, in bytes [default: 1048576].
     #[arg(long)]
     max_payload: Option<usize>,
@@ -548,6 +552,10 @@ struct ServeArgs {
     /// Test-only: when --debug-stall-shard blocks, in ms after the shard started.
     #[arg(long, hide = true, default_value_t = 0)]
     debug_stall_after_ms: u64,
+    /// Test-only: every Nth read pass on a shard moves its connection to the
+    /// next shard (when it can move at all); 0: off.
+    #[arg(long, hide = true, default_value_t = 0)]
+    debug_move_every: u32,
 }
 
 impl ServeArgs {
@@ -565,6 +573,7 @@ impl ServeArgs {
             listen,
             io,
             placement,
+            affinity,
             max_payload,
             max_pending,
             max_control_line,
@@ -704,6 +713,7 @@ fn main() -> ExitCode {
                     shard,
                     after_ms: args.debug_stall_after_ms,
                 });
+            let debug_move_every = args.debug_move_every;
             let service = perch::runtime::Service {
                 reload: Box::new(move || args.to_config()),
                 set_log_level: Box::new(move |config: &Config| {
@@ -721,6 +731,7 @@ fn main() -> ExitCode {
                     }
                 }),
                 stall,
+                debug_move_every,
             };
             match perch::runtime::run(config, service) {
                 Ok(()) => ExitCode::SUCCESS,

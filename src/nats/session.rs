@@ -73,6 +73,10 @@ pub struct Flags {
     pub echo: bool,
     pub headers: bool,
     pub no_responders: bool,
+    /// Not a client: the shell of a connection moving to another shard,
+    /// which records what it is given in the forwarding format
+    /// ([`Session::deliver_forwarded`]) instead of encoding it for a socket.
+    pub forward: bool,
 }
 
 impl Flags {
@@ -83,6 +87,7 @@ impl Flags {
             echo: options.echo,
             headers: options.headers,
             no_responders: options.no_responders,
+            forward: false,
         }
     }
 }
@@ -171,6 +176,11 @@ impl Subscription {
 
     pub fn delivered(&self) -> u64 {
         self.delivered.get()
+    }
+
+    /// The `UNSUB <sid> <max>` limit; 0 = none.
+    pub fn max_msgs(&self) -> u64 {
+        self.max_msgs.get()
     }
 
     /// Offers `msg` to the client; the caller removes the subscription on
@@ -323,6 +333,13 @@ pub struct Session {
     writer: Notify,
     subs: RefCell<SubTable>,
     pings_outstanding: Cell<u32>,
+    /// The shard whose client's message this session was last given
+    /// (`ORIGIN_NONE`: none since the reader last looked), for connection
+    /// affinity: a reply published in the next read pass is a round trip.
+    last_origin: Cell<u8>,
+    /// The connection is moving to another shard: the writer stops after its
+    /// write in flight, leaving the socket open.
+    detaching: Cell<bool>,
     /// The client answered a server PING at least once (nats-server's "RTT known").
     round_trip_measured: Cell<bool>,
     /// A message was published since the last ping check (nats-server counts
@@ -418,7 +435,7 @@ pub fn set_coarse_now_ms(ms: u64) {
     COARSE_NOW_MS.with(|now| now.set(ms));
 }
 
-fn coarse_now_ms() -> u64 {
+pub fn coarse_now_ms() -> u64 {
     COARSE_NOW_MS.with(Cell::get)
 }
 
@@ -485,6 +502,7 @@ const FLAGS_BEFORE_CONNECT: Flags = Flags {
     echo: true,
     headers: false,
     no_responders: false,
+    forward: false,
 };
 
 impl Session {
@@ -509,6 +527,8 @@ impl Session {
             writer: Notify::new(),
             subs: RefCell::new(SubTable::Few(Vec::new())),
             pings_outstanding: Cell::new(0),
+            last_origin: Cell::new(crate::router::ORIGIN_NONE),
+            detaching: Cell::new(false),
             round_trip_measured: Cell::new(false),
             active_since_ping: Cell::new(false),
             msgs_in: Cell::new(0),
@@ -998,6 +1018,110 @@ impl Session {
         subs
     }
 
+    /// The subscriptions (for a connection move).
+    pub fn subscriptions(&self) -> Vec<Rc<Subscription>> {
+        match &*self.subs.borrow() {
+            SubTable::Few(v) => v.clone(),
+            SubTable::Many(m) => m.values().cloned().collect(),
+        }
+    }
+
+    /// Notes that a client's message published on shard `origin` was queued.
+    #[inline]
+    pub fn note_origin(&self, origin: u8) {
+        self.last_origin.set(origin);
+    }
+
+    /// The origin noted since the last call ([`crate::router::ORIGIN_NONE`]: none).
+    pub fn take_origin(&self) -> u8 {
+        self.last_origin.replace(crate::router::ORIGIN_NONE)
+    }
+
+    /// Unreleased SUB-barrier holds.
+    pub fn holds(&self) -> u32 {
+        self.holds.get()
+    }
+
+    /// Starts a move: the writer stops after its write in flight (see
+    /// [`Session::is_detaching`]) and leaves the socket open.
+    pub fn detach(&self) {
+        self.detaching.set(true);
+        self.writer.notify_one();
+    }
+
+    /// The move is over: the writer on the new shard may write again.
+    pub fn attached(&self) {
+        self.detaching.set(false);
+    }
+
+    pub fn is_detaching(&self) -> bool {
+        self.detaching.get()
+    }
+
+    /// A shell for a connection moving away: the same client id and
+    /// subscriptions (sid and subject; movable connections have only plain
+    /// ones without a max), recording what it is given for
+    /// [`Session::deliver_forwarded`]. Its output is bounded by the client's
+    /// own max_pending (past it the shell closes, and the move ends the client
+    /// as a slow consumer: what it would have been).
+    pub fn shell_of(client: &Rc<Session>) -> (Rc<Session>, Vec<Rc<Subscription>>) {
+        let shell = Session::new(client.id, client.limits.get());
+        shell.state.set(State::Established);
+        shell.flags.set(Flags {
+            forward: true,
+            ..client.flags.get()
+        });
+        let subs: Vec<Rc<Subscription>> = client
+            .subscriptions()
+            .iter()
+            .map(|sub| {
+                let copy = Rc::new(Subscription::new(
+                    Rc::clone(&shell),
+                    sub.sid(),
+                    sub.subject(),
+                    None,
+                ));
+                shell.subs.borrow_mut().insert(Rc::clone(&copy));
+                copy
+            })
+            .collect();
+        (shell, subs)
+    }
+
+    /// Takes what a shell recorded (its whole output).
+    pub fn take_forwarded(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.out.borrow_mut())
+    }
+
+    /// Delivers what a shell recorded on the old shard through this session's
+    /// own subscriptions (so permissions, allowed responses and counters work
+    /// as for any delivery), ahead of everything queued since the output was
+    /// held (`hold_output` when the connection arrived); records of a
+    /// subscription that is gone are dropped. Returns false for a malformed
+    /// record (never from a shell; nothing after it is delivered).
+    pub fn deliver_forwarded(&self, records: &[u8]) -> bool {
+        let tail = {
+            let mut out = self.out.borrow_mut();
+            let at = self.hold_from.get().min(out.len());
+            out.split_off(at)
+        };
+        let mut at = 0;
+        let mut ok = true;
+        while at < records.len() {
+            let Some((sid, msg, used)) = forwarded_record(&records[at..]) else {
+                ok = false;
+                break;
+            };
+            at += used;
+            let sub = self.subs.borrow().get(sid).cloned();
+            if let Some(sub) = sub {
+                sub.deliver(&msg);
+            }
+        }
+        self.out.borrow_mut().extend_from_slice(&tail);
+        ok
+    }
+
     /// Finds this session's subscription whose subject matches `subject`
     /// (used for the no-responders status, sent on the requester's inbox sid).
     pub fn subscription_matching(&self, subject: &[u8]) -> Option<Rc<Subscription>> {
@@ -1081,8 +1205,10 @@ impl Session {
         let was_empty = {
             let mut out = self.out.borrow_mut();
             let was_empty = out.is_empty();
+            let flags = self.flags.get();
             match msg.headers {
-                Some(headers) if self.flags.get().headers => {
+                _ if flags.forward => forward_record(&mut out, sid, msg),
+                Some(headers) if flags.headers => {
                     encode::hmsg(&mut out, msg.subject, sid, msg.reply, headers, msg.payload)
                 }
                 _ => encode::msg(&mut out, msg.subject, sid, msg.reply, msg.payload),
@@ -1128,10 +1254,11 @@ impl Session {
         self.writer.notify_one();
     }
 
-    /// Waits until there is output to write or the session is closing.
+    /// Waits until there is output to write, the session is closing or the
+    /// connection is moving.
     pub async fn output_ready(&self) {
         loop {
-            if self.has_output() || self.is_closing() {
+            if self.has_output() || self.is_closing() || self.detaching.get() {
                 return;
             }
             self.writer.notified().await;
@@ -1174,6 +1301,11 @@ impl Session {
         let mut out = self.out.borrow_mut();
         let hold_from = self.hold_from.get();
         let buf = if hold_from >= out.len() {
+            if hold_from != NOT_HOLDING {
+                // Everything queued before the hold goes: what comes next is
+                // held (the hold point is now the start of the queue).
+                self.hold_from.set(0);
+            }
             std::mem::replace(&mut *out, spare)
         } else {
             spare.extend_from_slice(&out[hold_from..]);
@@ -1201,6 +1333,61 @@ impl Session {
     }
 }
 
+/// Marks an absent reply or header block in a forwarding record.
+const FORWARD_ABSENT: u32 = u32::MAX;
+
+/// Appends a shell's record of one delivery: five little-endian u32 lengths
+/// (sid, subject, reply, headers, payload; `FORWARD_ABSENT` for a missing
+/// reply or header block), then those bytes.
+fn forward_record(out: &mut Vec<u8>, sid: &[u8], msg: &Message<'_>) {
+    let lens = [
+        sid.len() as u32,
+        msg.subject.len() as u32,
+        msg.reply.map_or(FORWARD_ABSENT, |r| r.len() as u32),
+        msg.headers.map_or(FORWARD_ABSENT, |h| h.len() as u32),
+        msg.payload.len() as u32,
+    ];
+    for len in lens {
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out.extend_from_slice(sid);
+    out.extend_from_slice(msg.subject);
+    out.extend_from_slice(msg.reply.unwrap_or_default());
+    out.extend_from_slice(msg.headers.unwrap_or_default());
+    out.extend_from_slice(msg.payload);
+}
+
+/// Reads one [`forward_record`]: the sid, the message and the bytes used.
+fn forwarded_record(bytes: &[u8]) -> Option<(&[u8], Message<'_>, usize)> {
+    let mut lens = [0u32; 5];
+    for (i, len) in lens.iter_mut().enumerate() {
+        let raw = bytes.get(i * 4..i * 4 + 4)?;
+        *len = u32::from_le_bytes(raw.try_into().ok()?);
+    }
+    let mut at = 20usize;
+    let mut take = |len: u32, optional: bool| -> Option<Option<&[u8]>> {
+        if optional && len == FORWARD_ABSENT {
+            return Some(None);
+        }
+        let end = at.checked_add(len as usize)?;
+        let slice = bytes.get(at..end)?;
+        at = end;
+        Some(Some(slice))
+    };
+    let sid = take(lens[0], false)??;
+    let subject = take(lens[1], false)??;
+    let reply = take(lens[2], true)?;
+    let headers = take(lens[3], true)?;
+    let payload = take(lens[4], false)??;
+    let msg = Message {
+        subject,
+        reply,
+        headers,
+        payload,
+    };
+    Some((sid, msg, at))
+}
+
 /// A subject as Go's `%q` writes it, which is what nats-server's permission
 /// errors carry: in double quotes, `"` and `\\` escaped, bytes outside
 /// printable ASCII as `\\xNN`.
@@ -1224,6 +1411,70 @@ mod tests {
     use super::*;
     use crate::auth::AuthorizationConfig;
     use std::sync::Arc;
+
+    fn plain_session() -> Rc<Session> {
+        let session = Session::new(
+            1,
+            SessionLimits {
+                pending_bytes_max: 1 << 20,
+                subscriptions_max: 0,
+            },
+        );
+        session.state.set(State::Established);
+        session
+    }
+
+    #[test]
+    fn output_queued_after_a_hold_waits_even_when_the_writer_took_everything_before_it() {
+        let session = plain_session();
+        session.queue_bytes(b"before");
+        session.hold_output();
+        // Nothing after the hold yet: the writer takes all there is...
+        assert_eq!(session.take_output(Vec::new()), b"before");
+        session.written();
+        // ...and what comes next is held (it once leaked from the hold point's
+        // old offset, cutting a later frame in two).
+        session.queue_bytes(b"held frame");
+        assert!(!session.has_output());
+        assert!(session.take_output(Vec::new()).is_empty());
+        session.release_hold();
+        assert_eq!(session.take_output(Vec::new()), b"held frame");
+    }
+
+    #[test]
+    fn a_shells_records_are_delivered_ahead_of_held_output() {
+        let client = plain_session();
+        let sub = Rc::new(Subscription::new(Rc::clone(&client), b"7", b"a.>", None));
+        client.subs.borrow_mut().insert(Rc::clone(&sub));
+        let (shell, shell_subs) = Session::shell_of(&client);
+        assert_eq!(shell_subs.len(), 1);
+        for (subject, reply, headers) in [
+            (&b"a.1"[..], Some(&b"r.1"[..]), None),
+            (b"a.2", None, Some(&b"NATS/1.0\r\n\r\n"[..])),
+        ] {
+            let msg = Message {
+                subject,
+                reply,
+                headers,
+                payload: b"p",
+            };
+            assert_eq!(shell_subs[0].deliver(&msg), Delivery::Delivered);
+        }
+        let records = shell.take_forwarded();
+        client.queue_bytes(b"PING\r\n");
+        client.hold_output();
+        client.queue_bytes(b"+OK\r\n");
+        assert!(client.deliver_forwarded(&records));
+        client.release_hold();
+        let out = String::from_utf8(client.take_output(Vec::new())).expect("utf8");
+        assert_eq!(
+            out,
+            "PING\r\nMSG a.1 7 r.1 1\r\np\r\nMSG a.2 7 1\r\np\r\n+OK\r\n"
+        );
+        assert_eq!(sub.delivered(), 2);
+        // A cut record is refused, never read past its end.
+        assert!(!client.deliver_forwarded(&records[..records.len() - 1]));
+    }
 
     fn auth(toml_text: &str) -> Arc<Auth> {
         let config: AuthorizationConfig = toml::from_str(toml_text).expect("TOML");

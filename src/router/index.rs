@@ -124,6 +124,14 @@ struct QueueCandidate {
     handled: bool,
 }
 
+/// How a message from another shard came: the shard whose client published
+/// it (`ORIGIN_NONE` when that does not count for affinity) and its stamp.
+#[derive(Clone, Copy, Debug)]
+pub struct Via {
+    pub origin: u8,
+    pub stamp: u32,
+}
+
 /// What routing one message did locally.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RouteOutcome {
@@ -148,7 +156,39 @@ pub struct Router {
     queue_candidates: Vec<QueueCandidate>,
     queue_weights: Vec<u32>,
     rng: u64,
+    /// The newest connection move whose switch this shard applied: the stamp
+    /// of what it routes itself (see `runtime/moves.rs`).
+    pub switched: u32,
+    /// A connection moving off (or onto) this shard: which copy of each
+    /// message reaches its subscriptions is decided by the message's stamp.
+    pub mark: Option<MoveMark>,
 }
+
+/// A connection move in progress on this shard (see `runtime/moves.rs`).
+/// During a move a message for the connection's subscriptions can reach both
+/// the old shard (the *shell* of its subscriptions) and the new one; the
+/// stamp says which copy counts: routed before its origin switched to move
+/// `id`, it goes through the shell; from the switch on, directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveMark {
+    /// Deliver to session `session` (the shell) only what was stamped before `id`.
+    Leaving { session: u64, id: u32 },
+    /// Deliver to session `session` only what was stamped `id` or later.
+    Arriving { session: u64, id: u32 },
+}
+
+impl MoveMark {
+    #[inline]
+    fn skips(self, session: u64, stamp: u32) -> bool {
+        match self {
+            MoveMark::Leaving { session: s, id } => s == session && stamp >= id,
+            MoveMark::Arriving { session: s, id } => s == session && stamp < id,
+        }
+    }
+}
+
+/// `origin` for a delivery that counts for no shard's round trips.
+pub const ORIGIN_NONE: u8 = u8::MAX;
 
 impl Router {
     pub fn new(shard: usize, shard_count: usize) -> Router {
@@ -173,6 +213,8 @@ impl Router {
             queue_candidates: Vec::new(),
             queue_weights: Vec::new(),
             rng: 0x9E37_79B9_7F4A_7C15 ^ ((shard as u64 + 1) << 17),
+            switched: 0,
+            mark: None,
         }
     }
 
@@ -417,16 +459,30 @@ impl Router {
             return outcome;
         }
         let skip_session = publisher.filter(|p| !p.flags().echo).map(|p| p.id);
+        // A client's message counts for the receivers' round trips with this shard.
+        let origin = if publisher.is_some() {
+            self.shard as u8
+        } else {
+            ORIGIN_NONE
+        };
 
         // Local plain subscribers.
         let expired = &mut self.expired;
+        let (mark, stamp) = (self.mark, self.switched);
         self.local.for_each_match(route_subject, |entry| {
             for sub in &entry.plain {
                 if skip_session == Some(sub.session.id) {
                     continue;
                 }
+                if mark.is_some_and(|m| m.skips(sub.session.id, stamp)) {
+                    continue;
+                }
                 match sub.deliver(msg) {
-                    Delivery::Delivered | Delivery::Filtered => outcome.delivered_local += 1,
+                    Delivery::Delivered => {
+                        outcome.delivered_local += 1;
+                        sub.session.note_origin(origin);
+                    }
+                    Delivery::Filtered => outcome.delivered_local += 1,
                     Delivery::DeliveredLast => {
                         outcome.delivered_local += 1;
                         expired.push(Rc::clone(sub));
@@ -549,7 +605,11 @@ impl Router {
     /// Delivers a message that another shard routed here.
     pub fn deliver_remote(&mut self, msg: &Message<'_>, plain: bool, queues: &[QueueRef]) {
         let mut passed_on = Vec::new();
-        self.deliver_remote_as(msg.subject, msg, plain, queues, &mut passed_on);
+        let via = Via {
+            origin: ORIGIN_NONE,
+            stamp: self.switched,
+        };
+        self.deliver_remote_as(msg.subject, msg, plain, queues, via, &mut passed_on);
     }
 
     /// [`Router::deliver_remote`] for a message routed with [`Router::route_as`].
@@ -565,15 +625,22 @@ impl Router {
         msg: &Message<'_>,
         plain: bool,
         queues: &[QueueRef],
+        via: Via,
         passed_on: &mut Vec<RemoteTarget>,
     ) {
         passed_on.clear();
         if plain {
             let expired = &mut self.expired;
+            let mark = self.mark;
             self.local.for_each_match(route_subject, |entry| {
                 for sub in &entry.plain {
-                    if sub.deliver(msg) == Delivery::DeliveredLast {
-                        expired.push(Rc::clone(sub));
+                    if mark.is_some_and(|m| m.skips(sub.session.id, via.stamp)) {
+                        continue;
+                    }
+                    match sub.deliver(msg) {
+                        Delivery::Delivered => sub.session.note_origin(via.origin),
+                        Delivery::DeliveredLast => expired.push(Rc::clone(sub)),
+                        Delivery::Dead | Delivery::Filtered => {}
                     }
                 }
             });

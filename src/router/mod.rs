@@ -5,4 +5,4 @@
 pub mod index;
 pub mod trie;
 
-pub use index::{InterestChange, QueueRef, RemoteTarget, Router};
+pub use index::{InterestChange, MoveMark, QueueRef, RemoteTarget, Router, Via, ORIGIN_NONE};

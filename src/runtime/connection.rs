@@ -59,7 +59,73 @@ pub(crate) async fn serve<S: Socket>(
     } else {
         nonce.refuse_if_missing(&session);
     }
-    run(&shard, &socket, &session, reject).await;
+    let end = run(&shard, &socket, &session, reject, None, true).await;
+    after_run(shard, socket, session, slot, peer, end);
+}
+
+/// A connection that moved here from another shard (`runtime/moves.rs`):
+/// its writer writes at once; its reader starts at `start`, with the bytes
+/// of a frame the old shard had half read.
+pub(crate) async fn serve_moved<S: Socket>(
+    shard: Rc<Shard>,
+    socket: S,
+    session: Rc<Session>,
+    slot: usize,
+    start: Rc<tokio::sync::Notify>,
+    read_buffer: Vec<u8>,
+    frame_bytes_needed: usize,
+) {
+    let resume = Box::new(Resume {
+        buf: read_buffer,
+        frame_bytes_needed,
+        wait: start,
+    });
+    let end = run(&shard, &socket, &session, false, Some(resume), true).await;
+    let peer = super::shard::peer_ip(socket.raw_fd());
+    after_run(shard, socket, session, slot, peer, end);
+}
+
+/// After the reader and writer stopped: the connection closes, or moves.
+fn after_run<S: Socket>(
+    shard: Rc<Shard>,
+    socket: S,
+    session: Rc<Session>,
+    slot: usize,
+    peer: Option<std::net::IpAddr>,
+    end: ReadEnd,
+) {
+    if let ReadEnd::Move(departing) = end {
+        let Departing {
+            id,
+            to,
+            buf,
+            frame_bytes_needed,
+        } = *departing;
+        if !session.is_closing() {
+            match io::duplicate(socket.raw_fd()) {
+                Ok(stream) => {
+                    // Unregistered before the socket closes, so housekeeping
+                    // never shuts down a descriptor number that was reused.
+                    let opened_ms = shard.unregister_moved(slot);
+                    drop(socket);
+                    let departure = super::moves::Departure {
+                        id,
+                        to,
+                        read_buffer: buf,
+                        frame_bytes_needed,
+                        opened_ms,
+                    };
+                    super::moves::cut(&shard, session, stream, departure);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(client_id = session.id, "cannot move a connection: {e}");
+                    session.close(CloseReason::ServerShutdown);
+                }
+            }
+        }
+        super::moves::abandon(&shard, id, to);
+    }
     // Unregister (in `finish`) after the socket is closed, so housekeeping
     // never shuts down a descriptor number that was reused.
     drop(socket);
@@ -141,6 +207,7 @@ impl Nonce {
 /// close logged, the connection unregistered.
 fn finish(shard: &Shard, session: &Session, slot: usize, peer: Option<std::net::IpAddr>) {
     let client_id = session.id;
+    shard.moves.affinity.borrow_mut().remove(&client_id);
     // No barrier: nothing waits on it.
     {
         let subs = session.take_subscriptions();
@@ -219,28 +286,70 @@ async fn tls_session<S: Socket>(
         session.queue_bytes(&info);
     }
     drop(info);
-    run(shard, &socket, session, false).await;
+    // TLS connections never move (rustls' state stays with the socket).
+    run(shard, &socket, session, false, None, false).await;
+}
+
+/// How the reader of a connection that moved here starts: with the old
+/// shard's incomplete frame, once the move lets it. Boxed, like
+/// [`Departing`], so that neither adds to every connection's task.
+struct Resume {
+    buf: Vec<u8>,
+    frame_bytes_needed: usize,
+    wait: Rc<tokio::sync::Notify>,
+}
+
+/// Why a reader stopped.
+enum ReadEnd {
+    Closed,
+    /// The connection moves (`runtime/moves.rs`).
+    Move(Box<Departing>),
+}
+
+/// A move admitted for this connection: move `id` to shard `to`; `buf`
+/// holds the bytes of an incomplete frame.
+struct Departing {
+    id: u32,
+    to: usize,
+    buf: Vec<u8>,
+    frame_bytes_needed: usize,
 }
 
 /// The session over an established byte stream: reader and writer until the
-/// connection ends.
-async fn run<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Session>, reject: bool) {
+/// connection ends or moves.
+async fn run<S: Socket>(
+    shard: &Rc<Shard>,
+    socket: &S,
+    session: &Rc<Session>,
+    reject: bool,
+    resume: Option<Box<Resume>>,
+    movable: bool,
+) -> ReadEnd {
     // Reader and writer run concurrently inside this one task (one allocation per
     // connection instead of two). `join` polls both and never drops either, so no
     // in-flight io_uring operation is abandoned.
     let reader = async {
-        if !reject {
-            read_loop(shard, socket, session).await;
+        let end = if reject {
+            ReadEnd::Closed
+        } else {
+            read_loop(shard, socket, session, resume, movable).await
+        };
+        if matches!(end, ReadEnd::Closed) {
+            session.close(CloseReason::ClientClosed);
         }
-        session.close(CloseReason::ClientClosed);
+        end
     };
-    tokio::join!(reader, write_loop(socket, session));
+    tokio::join!(reader, write_loop(socket, session)).0
 }
 
 async fn write_loop<S: Socket>(socket: &S, session: &Session) {
     let mut spare = Vec::new();
     loop {
         session.output_ready().await;
+        if session.is_detaching() {
+            // Moving: the socket stays open for the new shard.
+            return;
+        }
         if let State::Closing { flush } = session.state() {
             if !flush || !session.has_output() {
                 break;
@@ -266,11 +375,25 @@ async fn write_loop<S: Socket>(socket: &S, session: &Session) {
     io::shutdown(socket.raw_fd());
 }
 
-async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Session>) {
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES_MIN);
+async fn read_loop<S: Socket>(
+    shard: &Rc<Shard>,
+    socket: &S,
+    session: &Rc<Session>,
+    resume: Option<Box<Resume>>,
+    movable: bool,
+) -> ReadEnd {
+    let mut buf: Vec<u8> = Vec::new();
     // Bytes the frame at the head of `buf` needs before parsing is worth retrying.
     let mut frame_bytes_needed = 0usize;
-    let mut outgoing = Outgoing::new();
+    match resume {
+        None => buf.reserve_exact(READ_BUFFER_BYTES_MIN),
+        Some(resume) => {
+            Box::pin(resume.wait.notified()).await;
+            buf = resume.buf;
+            frame_bytes_needed = resume.frame_bytes_needed;
+        }
+    }
+    let mut outgoing = Outgoing::for_client();
     // A SUB in this pass changed interest that other shards have not confirmed.
     let mut interest_unconfirmed = false;
     let peers = &shard.shared.peers;
@@ -282,12 +405,12 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
         let (result, filled) = socket.read(buf).await;
         buf = filled;
         let read_bytes = match result {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return ReadEnd::Closed,
             Ok(n) => n,
         };
         shard.mark_active();
         if session.is_closing() {
-            return;
+            return ReadEnd::Closed;
         }
         // Route with every interest change that has reached this shard.
         shard.apply_arrived_interest();
@@ -325,7 +448,7 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
             Box::pin(outgoing.flush_blocked(peers)).await;
         }
         if step == Step::Stop {
-            return;
+            return ReadEnd::Closed;
         }
         if std::mem::take(&mut interest_unconfirmed) {
             // The SUB barrier, once per pass however many SUBs it had: their
@@ -348,7 +471,93 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
             buf = Vec::with_capacity(READ_BUFFER_BYTES_MIN);
             outgoing.shrink(&shard.batch_pool);
         }
+        if movable {
+            if let Some((id, to)) = consider_move(shard, session, &mut outgoing) {
+                // Everything this client published reaches its subscribers
+                // before anything it publishes from the new shard.
+                if outgoing.needs_fence() {
+                    Box::pin(outgoing.fence(peers)).await;
+                }
+                outgoing.shrink(&shard.batch_pool);
+                if session.is_closing() {
+                    super::moves::abandon(shard, id, to);
+                    return ReadEnd::Closed;
+                }
+                session.detach();
+                return ReadEnd::Move(Box::new(Departing {
+                    id,
+                    to,
+                    buf,
+                    frame_bytes_needed,
+                }));
+            }
+        }
     }
+}
+
+/// At the end of a read pass: counts a round trip (a publish in reply to
+/// what the client was given), and decides whether the connection moves
+/// (`runtime/moves.rs`). Returns the admitted move.
+fn consider_move(
+    shard: &Shard,
+    session: &Rc<Session>,
+    outgoing: &mut Outgoing,
+) -> Option<(u32, usize)> {
+    use super::moves::RoundTrip;
+    let origin = session.take_origin();
+    let mask = std::mem::take(&mut outgoing.pass_mask);
+    let debug_every = shard.shared.debug_move_every;
+    let (to, forced) = if debug_every > 0 {
+        let passes = shard.debug_passes.get() + 1;
+        shard.debug_passes.set(passes);
+        if !passes.is_multiple_of(u64::from(debug_every)) {
+            return None;
+        }
+        ((shard.id + 1) % shard.shared.shard_count, true)
+    } else {
+        if origin == crate::router::ORIGIN_NONE || !shard.config().affinity.is_auto() {
+            return None;
+        }
+        if mask & (1 << origin) == 0 {
+            return None;
+        }
+        let round_trip = if usize::from(origin) == shard.id {
+            RoundTrip::Local
+        } else {
+            RoundTrip::With(origin)
+        };
+        let now_ms = crate::nats::session::coarse_now_ms();
+        let mut counts = shard.moves.affinity.borrow_mut();
+        let affinity = counts.entry(session.id).or_default();
+        let to = affinity.note(round_trip, now_ms)?;
+        affinity.restart();
+        (usize::from(to), false)
+    };
+    if !movable_now(session) {
+        return None;
+    }
+    let last_move_ms = shard
+        .moves
+        .affinity
+        .borrow()
+        .get(&session.id)
+        .map_or(0, |a| a.last_move_ms);
+    super::moves::admit(shard, to, last_move_ms, forced).map(|id| (id, to))
+}
+
+/// Whether the connection can move now: established, no SUB barrier
+/// pending, no queue-group member and no subscription with a max, and its
+/// session referenced only by this connection (its task and the shard's
+/// table) and its subscriptions.
+fn movable_now(session: &Rc<Session>) -> bool {
+    if session.state() != State::Established || session.holds() > 0 {
+        return false;
+    }
+    let subs = session.subscriptions();
+    let plain = subs
+        .iter()
+        .all(|s| s.queue().is_none() && s.max_msgs() == 0);
+    plain && Rc::strong_count(session) == 2 + subs.len()
 }
 
 /// Makes room in a full buffer: doubling (bursts), up to READ_BUFFER_BYTES_BURST
@@ -463,6 +672,9 @@ fn publish(
         .route(msg, Some(session), &mut outgoing.targets);
     let full = outcome.remote_shards > 0
         && outgoing.push_targets(msg, shard.shared.shard_count, &shard.batch_pool, shard.id);
+    if outcome.delivered_local > 0 {
+        outgoing.pass_mask |= 1 << shard.id;
+    }
     if outcome.delivered_local == 0 && outcome.remote_shards == 0 {
         no_responders(session, msg);
     }

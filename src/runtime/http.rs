@@ -596,6 +596,12 @@ impl Monitor {
             });
         }
         out.single(
+            "perch_connection_moves_total",
+            "Client connections moved to the shard they have most round trips with.",
+            Kind::Counter,
+            shared.moves_total.load(Ordering::Relaxed) as f64,
+        );
+        out.single(
             "perch_connections_rate_limited_total",
             "Connections closed at accept for exceeding connection_rate_per_ip.",
             Kind::Counter,

@@ -10,6 +10,7 @@ mod internal;
 pub mod io;
 mod jetstream;
 mod mailbox;
+mod moves;
 mod ratelimit;
 mod shard;
 mod systemd;
@@ -40,6 +41,8 @@ pub struct Service {
     pub set_log_level: Box<dyn FnMut(&Config)>,
     /// Test-only: stall a shard (`--debug-stall-shard`).
     pub stall: Option<StallHook>,
+    /// Test-only: force connection moves (`--debug-move-every`).
+    pub debug_move_every: u32,
 }
 
 /// How long a reload waits for every shard to apply new limits before it
@@ -126,7 +129,9 @@ pub fn run(config: Config, mut service: Service) -> anyhow::Result<()> {
             "TLS required for client connections"
         );
     }
-    let shared = Arc::new(Shared::new(config, shard_count, peers, service.stall, tls));
+    let mut shared = Shared::new(config, shard_count, peers, service.stall, tls);
+    shared.debug_move_every = service.debug_move_every;
+    let shared = Arc::new(shared);
     #[cfg(feature = "http")]
     if let Some(listener) = http_listener {
         http::spawn(listener, Arc::clone(&shared)).context("cannot start monitoring")?;

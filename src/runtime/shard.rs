@@ -143,6 +143,17 @@ pub(crate) struct Shared {
     /// When the broker started (wall clock), for `/varz` and `/connz`.
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub started: crate::jetstream::api::Timestamp,
+    /// Connection moves (`runtime/moves.rs`): the id of the one in progress
+    /// (0: none), the next id, halves of it not yet over, when the last one
+    /// started (clock ms), and moves completed.
+    pub move_in_progress: std::sync::atomic::AtomicU32,
+    pub next_move_id: std::sync::atomic::AtomicU32,
+    pub move_halves_left: std::sync::atomic::AtomicU32,
+    pub last_move_started_ms: AtomicU64,
+    pub moves_total: AtomicU64,
+    /// Test-only (`--debug-move-every N`): every Nth read pass on a shard
+    /// tries to move its connection to the next shard; 0: off.
+    pub debug_move_every: u32,
 }
 
 impl Shared {
@@ -196,6 +207,12 @@ impl Shared {
             tls: std::sync::RwLock::new(tls.map(Arc::new)),
             stats: (0..shard_count).map(|_| ShardStats::default()).collect(),
             started: crate::jetstream::api::Timestamp::from_unix_nanos(unix_now_ns()),
+            move_in_progress: std::sync::atomic::AtomicU32::new(0),
+            next_move_id: std::sync::atomic::AtomicU32::new(1),
+            move_halves_left: std::sync::atomic::AtomicU32::new(0),
+            last_move_started_ms: AtomicU64::new(0),
+            moves_total: AtomicU64::new(0),
+            debug_move_every: 0,
             config,
         }
     }
@@ -365,6 +382,11 @@ pub(crate) struct Shard {
     /// `[authorization]` in force: the config's at start, replaced by a
     /// reload (None: no authentication).
     auth: RefCell<Option<std::sync::Arc<crate::auth::Auth>>>,
+    /// Connection moves: this shard's half of the one in progress, round-trip
+    /// counts, which batches from each shard it has handled.
+    pub moves: super::moves::Moves,
+    /// Read passes, for `--debug-move-every`.
+    pub debug_passes: Cell<u64>,
 }
 
 impl Shard {
@@ -388,6 +410,8 @@ impl Shard {
             js: std::cell::OnceCell::new(),
             device: std::cell::OnceCell::new(),
             auth: RefCell::new(shared.auth.clone()),
+            moves: super::moves::Moves::default(),
+            debug_passes: Cell::new(0),
             shared,
         }
     }
@@ -558,6 +582,27 @@ impl Shard {
             entry.handshaking.set(false);
             entry.deadline_ms.set(self.now_ms());
         }
+    }
+
+    /// [`Shard::register`] for a connection that moved here: it keeps the
+    /// time it was opened (monitoring shows it).
+    pub(crate) fn register_moved(&self, session: &Rc<Session>, fd: RawFd, opened_ms: u64) -> usize {
+        let slot = self.register(session, fd);
+        if let Some(entry) = self.connections.borrow_mut().slots[slot].as_mut() {
+            entry.opened_ms = opened_ms;
+        }
+        slot
+    }
+
+    /// Removes a connection that is moving to another shard (it is not
+    /// closing: the totals stay); returns when it was opened.
+    pub(crate) fn unregister_moved(&self, slot: usize) -> u64 {
+        let opened_ms = self.connections.borrow().slots[slot]
+            .as_ref()
+            .map_or(0, |e| e.opened_ms);
+        self.connections.borrow_mut().remove(slot);
+        self.shared.connections_per_shard[self.id].fetch_sub(1, Ordering::Relaxed);
+        opened_ms
     }
 
     pub(crate) fn unregister(&self, slot: usize) {
@@ -760,6 +805,9 @@ impl Shard {
             InterestMessage::Fence { applied } => {
                 let _ = applied.send(());
             }
+            InterestMessage::MoveSwitch { id, from, to } => {
+                super::moves::switch(self, id, from, to);
+            }
         }
     }
 
@@ -948,11 +996,56 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
             let _ = applied.send(shard.id);
         }
         Control::Monitor(request) => shard.report(request),
+        Control::MoveIn(moved) => move_in::<B>(shard, *moved),
+        Control::MoveWatermark {
+            id,
+            shard: from,
+            opened,
+        } => super::moves::watermark(shard, id, from, opened),
+        Control::MoveEnd {
+            id,
+            forwarded,
+            overflow,
+        } => super::moves::end(shard, id, forwarded, overflow),
+        Control::MoveAbort { id } => super::moves::abort(shard, id),
         Control::Shutdown => {
             shard.begin_shutdown();
             stopped.notify_one();
         }
     }
+}
+
+/// A connection moving here from another shard (`runtime/moves.rs`).
+fn move_in<B: Backend>(shard: &Rc<Shard>, moved: super::moves::MovedConnection) {
+    let super::moves::MovedConnection {
+        id,
+        from,
+        stream,
+        session,
+        read_buffer,
+        frame_bytes_needed,
+        opened_ms,
+        affinity,
+    } = moved;
+    let session = session.into_inner();
+    let socket = match B::adopt(stream) {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::warn!(shard = shard.id, "cannot take a moving connection: {e}");
+            return super::moves::refuse(shard, id, from, session);
+        }
+    };
+    let start = super::moves::arrive(shard, id, from, affinity, &session);
+    let slot = shard.register_moved(&session, io::Socket::raw_fd(&socket), opened_ms);
+    tokio::task::spawn_local(super::connection::serve_moved(
+        Rc::clone(shard),
+        socket,
+        session,
+        slot,
+        start,
+        read_buffer,
+        frame_bytes_needed,
+    ));
 }
 
 fn adopt<B: Backend>(shard: &Rc<Shard>, stream: std::net::TcpStream, client_id: u64, reject: bool) {
@@ -1014,11 +1107,15 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
     while let Some(batch) = data.recv().await {
         shard.mark_active();
         deliver_batch(&shard, &batch);
+        shard.moves.batch_done(batch.origin, batch.seq);
+        super::moves::progress(&shard);
         if let Some(applied) = &batch.fence {
             let _ = applied.send(());
             continue;
         }
         // Back to the shard that allocated it: reused there, never freed here.
+        // At once, not gathered: see `Control::Recycle` (it wakes the origin
+        // early, which request-reply latency depends on).
         let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
         // Auto-unsubscribes may have changed interest; no one waits on these.
         shard.broadcast_interest();
@@ -1040,11 +1137,20 @@ fn deliver_batch(shard: &Shard, batch: &Batch) {
     {
         let mut router = shard.router.borrow_mut();
         for (route_subject, msg, envelope) in batch.messages() {
+            let via = crate::router::Via {
+                origin: if batch.counts_for_affinity {
+                    batch.origin as u8
+                } else {
+                    crate::router::ORIGIN_NONE
+                },
+                stamp: envelope.stamp,
+            };
             router.deliver_remote_as(
                 route_subject,
                 &msg,
                 envelope.plain,
                 &envelope.queues,
+                via,
                 &mut passed_on,
             );
             for target in &mut passed_on {
@@ -1056,7 +1162,7 @@ fn deliver_batch(shard: &Shard, batch: &Batch) {
                     *next = shard.batch_pool.take(shard.id);
                 }
                 let route = (route_subject != msg.subject).then_some(route_subject);
-                next.push_as(route, &msg, target);
+                next.push_as(route, &msg, target, envelope.stamp);
             }
         }
     }
@@ -1144,6 +1250,12 @@ async fn accept_loop<B: Backend>(shard: Rc<Shard>, listener: std::net::TcpListen
 
 /// The peer of a connected socket, asked of the kernel (so connections need
 /// not keep it: idle ones are the norm).
+/// The peer's IP address of a connected socket (for a moved connection's
+/// closing log line).
+pub(crate) fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
+    peer_of(fd).map(|p| p.ip())
+}
+
 fn peer_of(fd: RawFd) -> Option<SocketAddr> {
     use std::os::fd::FromRawFd;
     // SAFETY: `fd` is a registered connection's socket, open until the

@@ -99,7 +99,19 @@ struct Step {
     pause_us: u64,
 }
 
-fn script(rng: &mut Rng, steps: usize) -> Vec<Step> {
+/// Which ops a script may use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// Everything.
+    Mixed,
+    /// No queue SUBs and no `UNSUB sid max`: the connection stays movable
+    /// (connection moves, `runtime/moves.rs`, skip queue members and
+    /// subscriptions with a max).
+    Movable,
+}
+
+fn script_of(rng: &mut Rng, steps: usize, profile: Profile) -> Vec<Step> {
+    let movable = profile == Profile::Movable;
     let mut live: Vec<u32> = Vec::new();
     let mut next_sid = 1;
     let mut next_seq = 1;
@@ -113,13 +125,13 @@ fn script(rng: &mut Rng, steps: usize) -> Vec<Step> {
                 0..=29 => {
                     let sid = next_sid;
                     next_sid += 1;
-                    let queue = rng.chance(30).then(|| rng.pick(&QUEUES));
+                    let queue = (!movable && rng.chance(30)).then(|| rng.pick(&QUEUES));
                     ops.push(Op::Sub {
                         sid,
                         pattern: rng.pick(&PATTERNS),
                         queue,
                     });
-                    if rng.chance(15) {
+                    if !movable && rng.chance(15) {
                         // Auto-unsubscribe: not a candidate for a later UNSUB.
                         let max = 1 + rng.below(3) as u32;
                         ops.push(Op::Unsub {
@@ -457,11 +469,41 @@ struct SubLife<'a> {
     deliveries: Vec<(usize, &'a Received)>,
 }
 
-/// Runs one seeded scenario; returns the contract violations found.
-fn run_model(shards: usize, seed: u64, conns: usize, steps: usize) -> Vec<String> {
-    let server = Server::perch(&["--shards", &shards.to_string()]);
+/// Whether a run forces connection moves, and with which scripts.
+enum Moves {
+    None,
+    /// `--debug-move-every every`, every connection on `profile` scripts.
+    Forced {
+        every: u32,
+        profile: Profile,
+    },
+}
+
+/// Runs one seeded scenario; returns the contract violations found and the
+/// moves the broker made (0 without forced moves).
+fn run_model_with(
+    shards: usize,
+    seed: u64,
+    conns: usize,
+    steps: usize,
+    moves: &Moves,
+) -> (Vec<String>, u64) {
+    let shards_arg = shards.to_string();
+    let http_port = crate::support::free_port().to_string();
+    let http = format!("127.0.0.1:{http_port}");
+    let (every, profile) = match moves {
+        Moves::None => (None, Profile::Mixed),
+        Moves::Forced { every, profile } => (Some(every.to_string()), *profile),
+    };
+    let mut args = vec!["--shards", &shards_arg];
+    if let Some(every) = &every {
+        args.extend(["--debug-move-every", every, "--http", &http]);
+    }
+    let server = Server::perch(&args);
     let mut rng = Rng(seed);
-    let scripts: Vec<Vec<Step>> = (0..conns).map(|_| script(&mut rng, steps)).collect();
+    let scripts: Vec<Vec<Step>> = (0..conns)
+        .map(|_| script_of(&mut rng, steps, profile))
+        .collect();
     let mut connections: Vec<Conn> = (0..conns).map(|_| Conn::open(&server)).collect();
 
     // Every connection runs its script at once.
@@ -499,7 +541,23 @@ fn run_model(shards: usize, seed: u64, conns: usize, steps: usize) -> Vec<String
         let inbox = Arc::try_unwrap(conn.inbox).unwrap_or_else(|_| panic!("inbox still shared"));
         received.push(inbox.frames.into_inner().expect("frames"));
     }
-    check(&sent, &received)
+    let moved = if every.is_some() {
+        moves_made(http_port.parse().expect("port"))
+    } else {
+        0
+    };
+    (check(&sent, &received), moved)
+}
+
+/// `perch_connection_moves_total` from the broker's /metrics.
+fn moves_made(port: u16) -> u64 {
+    let (status, _, body) = crate::monitoring::http_get(port, "/metrics");
+    assert_eq!(status, 200, "/metrics: {body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("perch_connection_moves_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no perch_connection_moves_total in:\n{body}"))
 }
 
 /// The oracle (see the module docs).
@@ -809,14 +867,30 @@ fn seeds() -> Vec<u64> {
 }
 
 fn run_seeds(shards: usize, conns: usize) {
+    run_seeds_with(shards, conns, &Moves::None);
+}
+
+fn run_seeds_with(shards: usize, conns: usize, moves: &Moves) {
     for seed in seeds() {
         let started = Instant::now();
-        let violations = run_model(shards, seed, conns, 40);
+        let (violations, moved) = run_model_with(shards, seed, conns, 40, moves);
         eprintln!(
-            "interest model: shards {shards}, seed {seed}: {} violations in {:?}",
+            "interest model: shards {shards}, seed {seed}: {} violations, {moved} moves in {:?}",
             violations.len(),
             started.elapsed()
         );
+        if let Moves::Forced { profile, .. } = moves {
+            // Not vacuous: connections really moved, many times (fewer with
+            // mixed scripts, whose queue SUBs and maxes pin connections).
+            let wanted = match profile {
+                Profile::Movable => conns as u64,
+                Profile::Mixed => conns as u64 / 4,
+            };
+            assert!(
+                moved >= wanted,
+                "PERCH_MODEL_SEED={seed}: only {moved} moves for {conns} connections"
+            );
+        }
         if !violations.is_empty() {
             let shown: Vec<_> = violations.iter().take(25).collect();
             panic!(
@@ -840,4 +914,25 @@ fn cross_shard_interest_model_2_shards() {
 #[test]
 fn cross_shard_interest_model_4_shards() {
     run_seeds(4, 12);
+}
+
+// The same contract while connections keep moving between shards
+// (`--debug-move-every`): a move must be invisible to every client.
+
+#[test]
+fn cross_shard_interest_model_with_moves_2_shards() {
+    let profile = Profile::Movable;
+    run_seeds_with(2, 8, &Moves::Forced { every: 3, profile });
+}
+
+#[test]
+fn cross_shard_interest_model_with_moves_4_shards() {
+    let profile = Profile::Movable;
+    run_seeds_with(4, 12, &Moves::Forced { every: 3, profile });
+}
+
+#[test]
+fn cross_shard_interest_model_with_moves_mixed_scripts() {
+    let profile = Profile::Mixed;
+    run_seeds_with(2, 8, &Moves::Forced { every: 2, profile });
 }

@@ -60,6 +60,21 @@ pub(crate) trait Backend: 'static {
     fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Socket>;
 }
 
+/// A second descriptor for a socket (close-on-exec), as a std stream: how a
+/// connection leaves its shard's backend, which closes the original when it
+/// drops its socket. The duplicate shares the open file description, so the
+/// connection and its socket options are untouched.
+pub(crate) fn duplicate(fd: RawFd) -> io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we own returns a new one
+    // (or -1), which the TcpStream then owns alone.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(dup) })
+}
+
 /// Ends both directions of a socket so that pending reads and writes on it complete.
 /// Errors (already shut down, peer gone) are of no interest to the caller.
 pub(crate) fn shutdown(fd: RawFd) {
