@@ -59,7 +59,7 @@ pub(crate) async fn serve<S: Socket>(
     } else {
         nonce.refuse_if_missing(&session);
     }
-    let end = run(&shard, &socket, &session, reject, None, true).await;
+    let end = run(&shard, &socket, &session, reject).await;
     after_run(shard, socket, session, slot, peer, end);
 }
 
@@ -75,12 +75,13 @@ pub(crate) async fn serve_moved<S: Socket>(
     read_buffer: Vec<u8>,
     frame_bytes_needed: usize,
 ) {
-    let resume = Box::new(Resume {
-        buf: read_buffer,
-        frame_bytes_needed,
-        wait: start,
-    });
-    let end = run(&shard, &socket, &session, false, Some(resume), true).await;
+    // Reader and writer both wait for the end of the move (a few hundred µs):
+    // a task type of its own, so plain connections' tasks do not carry it.
+    start.notified().await;
+    shard
+        .moves
+        .resume(session.id, read_buffer, frame_bytes_needed);
+    let end = run(&shard, &socket, &session, false).await;
     let peer = super::shard::peer_ip(socket.raw_fd());
     after_run(shard, socket, session, slot, peer, end);
 }
@@ -287,16 +288,7 @@ async fn tls_session<S: Socket>(
     }
     drop(info);
     // TLS connections never move (rustls' state stays with the socket).
-    run(shard, &socket, session, false, None, false).await;
-}
-
-/// How the reader of a connection that moved here starts: with the old
-/// shard's incomplete frame, once the move lets it. Boxed, like
-/// [`Departing`], so that neither adds to every connection's task.
-struct Resume {
-    buf: Vec<u8>,
-    frame_bytes_needed: usize,
-    wait: Rc<tokio::sync::Notify>,
+    run(shard, &socket, session, false).await;
 }
 
 /// Why a reader stopped.
@@ -307,7 +299,8 @@ enum ReadEnd {
 }
 
 /// A move admitted for this connection: move `id` to shard `to`; `buf`
-/// holds the bytes of an incomplete frame.
+/// holds the bytes of an incomplete frame. Boxed, so that it adds nothing to
+/// every connection's task.
 struct Departing {
     id: u32,
     to: usize,
@@ -322,8 +315,6 @@ async fn run<S: Socket>(
     socket: &S,
     session: &Rc<Session>,
     reject: bool,
-    resume: Option<Box<Resume>>,
-    movable: bool,
 ) -> ReadEnd {
     // Reader and writer run concurrently inside this one task (one allocation per
     // connection instead of two). `join` polls both and never drops either, so no
@@ -332,7 +323,7 @@ async fn run<S: Socket>(
         let end = if reject {
             ReadEnd::Closed
         } else {
-            read_loop(shard, socket, session, resume, movable).await
+            read_loop(shard, socket, session).await
         };
         if matches!(end, ReadEnd::Closed) {
             session.close(CloseReason::ClientClosed);
@@ -375,25 +366,14 @@ async fn write_loop<S: Socket>(socket: &S, session: &Session) {
     io::shutdown(socket.raw_fd());
 }
 
-async fn read_loop<S: Socket>(
-    shard: &Rc<Shard>,
-    socket: &S,
-    session: &Rc<Session>,
-    resume: Option<Box<Resume>>,
-    movable: bool,
-) -> ReadEnd {
-    let mut buf: Vec<u8> = Vec::new();
+async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Session>) -> ReadEnd {
+    // A connection that moved here resumes with the frame it had half read.
     // Bytes the frame at the head of `buf` needs before parsing is worth retrying.
-    let mut frame_bytes_needed = 0usize;
-    match resume {
-        None => buf.reserve_exact(READ_BUFFER_BYTES_MIN),
-        Some(resume) => {
-            Box::pin(resume.wait.notified()).await;
-            buf = resume.buf;
-            frame_bytes_needed = resume.frame_bytes_needed;
-        }
-    }
-    let mut outgoing = Outgoing::for_client();
+    let (mut buf, mut frame_bytes_needed) = shard
+        .moves
+        .take_resume(session.id)
+        .unwrap_or_else(|| (Vec::with_capacity(READ_BUFFER_BYTES_MIN), 0));
+    let mut outgoing = Outgoing::new();
     // A SUB in this pass changed interest that other shards have not confirmed.
     let mut interest_unconfirmed = false;
     let peers = &shard.shared.peers;
@@ -471,8 +451,14 @@ async fn read_loop<S: Socket>(
             buf = Vec::with_capacity(READ_BUFFER_BYTES_MIN);
             outgoing.shrink(&shard.batch_pool);
         }
-        if movable {
+        if S::MOVABLE {
             if let Some((id, to)) = consider_move(shard, session, &mut outgoing) {
+                let departing = Box::new(Departing {
+                    id,
+                    to,
+                    buf: std::mem::take(&mut buf),
+                    frame_bytes_needed,
+                });
                 // Everything this client published reaches its subscribers
                 // before anything it publishes from the new shard.
                 if outgoing.needs_fence() {
@@ -480,16 +466,11 @@ async fn read_loop<S: Socket>(
                 }
                 outgoing.shrink(&shard.batch_pool);
                 if session.is_closing() {
-                    super::moves::abandon(shard, id, to);
+                    super::moves::abandon(shard, departing.id, departing.to);
                     return ReadEnd::Closed;
                 }
                 session.detach();
-                return ReadEnd::Move(Box::new(Departing {
-                    id,
-                    to,
-                    buf,
-                    frame_bytes_needed,
-                }));
+                return ReadEnd::Move(departing);
             }
         }
     }

@@ -641,7 +641,14 @@ impl DeviceRuntime {
             .borrow_mut()
             .route(&msg, None, &mut outgoing.targets);
         if outcome.remote_shards > 0 {
-            outgoing.push_targets(&msg, shard.shared.shard_count, &shard.batch_pool, shard.id);
+            outgoing.push_targets_as(
+                None,
+                &msg,
+                shard.shared.shard_count,
+                &shard.batch_pool,
+                shard.id,
+                false,
+            );
         }
     }
 

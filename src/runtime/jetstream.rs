@@ -511,6 +511,7 @@ async fn send(shard: &Rc<Shard>, outgoing: &mut Outgoing, out: &mut Vec<Outbound
                 shard.shared.shard_count,
                 &shard.batch_pool,
                 shard.id,
+                false,
             );
             if full && outgoing.try_flush(peers) {
                 outgoing.flush_blocked(peers).await;

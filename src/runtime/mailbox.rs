@@ -336,35 +336,22 @@ pub(crate) struct Outgoing {
     /// this (once per read pass, for connection affinity); the reader sets
     /// its own shard's bit for a message delivered locally.
     pub pass_mask: u64,
-    /// Whether its batches count for connection affinity (a client's reader).
-    counts_for_affinity: bool,
     /// Scratch for the router's per-message targets.
     pub targets: Vec<RemoteTarget>,
 }
 
 impl Outgoing {
-    /// For JetStream and the device gateway: their messages never make a
-    /// connection move.
     pub(crate) fn new() -> Outgoing {
         Outgoing {
             batches: Vec::new(),
             sent_to: 0,
             pass_mask: 0,
-            counts_for_affinity: false,
             targets: Vec::new(),
         }
     }
 
-    /// For a client connection's reader.
-    pub(crate) fn for_client() -> Outgoing {
-        Outgoing {
-            counts_for_affinity: true,
-            ..Outgoing::new()
-        }
-    }
-
-    /// Queues the message for every shard in `self.targets`; returns true when
-    /// some batch is full and should be flushed before reading on.
+    /// Queues a client's message for every shard in `self.targets`; returns
+    /// true when some batch is full and should be flushed before reading on.
     pub(crate) fn push_targets(
         &mut self,
         msg: &Message<'_>,
@@ -372,10 +359,12 @@ impl Outgoing {
         pool: &BatchPool,
         origin: usize,
     ) -> bool {
-        self.push_targets_as(None, msg, shard_count, pool, origin)
+        self.push_targets_as(None, msg, shard_count, pool, origin, true)
     }
 
-    /// [`Outgoing::push_targets`] for a message routed with `Router::route_as`.
+    /// [`Outgoing::push_targets`] for a message routed with `Router::route_as`;
+    /// `counts_for_affinity`: a client's (JetStream's and the device
+    /// gateway's messages never make a connection move).
     #[inline]
     pub(crate) fn push_targets_as(
         &mut self,
@@ -384,6 +373,7 @@ impl Outgoing {
         shard_count: usize,
         pool: &BatchPool,
         origin: usize,
+        counts_for_affinity: bool,
     ) -> bool {
         if self.batches.len() < shard_count {
             self.batches.resize_with(shard_count, Batch::default);
@@ -394,7 +384,7 @@ impl Outgoing {
             let batch = &mut self.batches[target.shard];
             if batch.envelopes.capacity() == 0 || batch.seq == 0 {
                 *batch = pool.open(origin, target.shard);
-                batch.counts_for_affinity = self.counts_for_affinity;
+                batch.counts_for_affinity = counts_for_affinity;
             }
             batch.push_as(route_subject, msg, target, stamp);
             self.pass_mask |= 1 << target.shard;

@@ -310,9 +310,26 @@ pub(crate) struct Moves {
     processed: RefCell<Vec<Processed>>,
     /// Round-trip counts of this shard's connections that have any.
     pub affinity: RefCell<std::collections::HashMap<u64, Affinity>>,
+    /// Moved connections' half-read frames, until their reader starts.
+    resumes: RefCell<std::collections::HashMap<u64, (Vec<u8>, usize)>>,
 }
 
 impl Moves {
+    /// Keeps what a moved connection's reader starts with.
+    pub(crate) fn resume(&self, client_id: u64, buf: Vec<u8>, frame_bytes_needed: usize) {
+        self.resumes
+            .borrow_mut()
+            .insert(client_id, (buf, frame_bytes_needed));
+    }
+
+    /// What a reader starts with, if its connection moved here.
+    pub(crate) fn take_resume(&self, client_id: u64) -> Option<(Vec<u8>, usize)> {
+        let mut resumes = self.resumes.borrow_mut();
+        if resumes.is_empty() {
+            return None;
+        }
+        resumes.remove(&client_id)
+    }
     /// A data batch from `origin` numbered `seq` was handled.
     pub(crate) fn batch_done(&self, origin: usize, seq: u64) {
         if seq == 0 {

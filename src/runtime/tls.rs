@@ -232,6 +232,7 @@ impl<S: Socket> TlsSocket<S> {
 }
 
 impl<S: Socket> Socket for TlsSocket<S> {
+    const MOVABLE: bool = false;
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         debug_assert!(buf.capacity() > buf.len(), "read needs spare capacity");
         loop {

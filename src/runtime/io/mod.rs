@@ -39,6 +39,9 @@ pub enum Selected {
 
 /// A connected stream socket with owned-buffer I/O.
 pub(crate) trait Socket: 'static {
+    /// Whether a connection over it can move to another shard
+    /// (`runtime/moves.rs`): not TLS, whose state stays with its shard.
+    const MOVABLE: bool = true;
     /// Reads into the spare capacity of `buf` (after its current length). Returns the
     /// number of bytes read, 0 at end of stream, and the buffer with its length grown.
     /// The caller guarantees spare capacity is non-zero.
