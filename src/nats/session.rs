@@ -15,7 +15,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
-
 use super::connect::{parse_connect, ConnectOptions};
 use super::encode;
 use super::parser::ClientOp;
