@@ -15,8 +15,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use tokio::sync::Notify;
-
 use super::connect::{parse_connect, ConnectOptions};
 use super::encode;
 use super::parser::ClientOp;
@@ -330,7 +328,10 @@ pub struct Session {
     holds: Cell<u32>,
     /// Bytes handed to the socket and not yet confirmed written.
     in_flight_bytes: Cell<usize>,
-    writer: Notify,
+    /// The writer's waker while it waits in [`Session::output_ready`]: a
+    /// single slot, not a tokio `Notify` (one writer, one thread; 16 B, and
+    /// the wait itself costs the connection's task nothing).
+    writer: Cell<Option<std::task::Waker>>,
     subs: RefCell<SubTable>,
     pings_outstanding: Cell<u32>,
     /// The shard whose client's message this session was last given
@@ -524,7 +525,7 @@ impl Session {
             hold_from: Cell::new(NOT_HOLDING),
             holds: Cell::new(0),
             in_flight_bytes: Cell::new(0),
-            writer: Notify::new(),
+            writer: Cell::new(None),
             subs: RefCell::new(SubTable::Few(Vec::new())),
             pings_outstanding: Cell::new(0),
             last_origin: Cell::new(crate::router::ORIGIN_NONE),
@@ -1046,7 +1047,7 @@ impl Session {
     /// [`Session::is_detaching`]) and leaves the socket open.
     pub fn detach(&self) {
         self.detaching.set(true);
-        self.writer.notify_one();
+        self.wake_writer();
     }
 
     /// The move is over: the writer on the new shard may write again.
@@ -1232,7 +1233,7 @@ impl Session {
             return;
         }
         if was_empty {
-            self.writer.notify_one();
+            self.wake_writer();
         }
     }
 
@@ -1251,17 +1252,31 @@ impl Session {
         if !reason.flushes() {
             self.out.borrow_mut().clear();
         }
-        self.writer.notify_one();
+        self.wake_writer();
     }
 
     /// Waits until there is output to write, the session is closing or the
     /// connection is moving.
     pub async fn output_ready(&self) {
-        loop {
+        std::future::poll_fn(|cx| {
             if self.has_output() || self.is_closing() || self.detaching.get() {
-                return;
+                return std::task::Poll::Ready(());
             }
-            self.writer.notified().await;
+            // Checked and parked in one step on one thread: every change that
+            // makes the check pass wakes this waker ([`Session::wake_writer`]).
+            let waker = cx.waker();
+            match self.writer.take() {
+                Some(old) if old.will_wake(waker) => self.writer.set(Some(old)),
+                _ => self.writer.set(Some(waker.clone())),
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    fn wake_writer(&self) {
+        if let Some(waker) = self.writer.take() {
+            waker.wake();
         }
     }
 
@@ -1289,7 +1304,7 @@ impl Session {
         if holds == 1 {
             self.hold_from.set(NOT_HOLDING);
             if !self.out.borrow().is_empty() {
-                self.writer.notify_one();
+                self.wake_writer();
             }
         }
     }

@@ -46,9 +46,8 @@ pub(crate) async fn serve<S: Socket>(
     session.queue_bytes(&shard.info_line(client_id, peer, tls.as_deref(), nonce.text()));
     drop(tls);
     tracing::debug!(client_id, ?peer, "client connected");
-    // Only the IP is kept for the closing log line: a whole SocketAddr would sit
-    // in every connection's task for its lifetime.
-    let peer = peer.map(|p| p.ip());
+    // Nothing of the peer is kept for the closing log line: it is asked of the
+    // kernel then (an address would sit in every connection's task).
     let slot = shard.register(&session, socket.raw_fd());
     if reject {
         tracing::warn!(client_id, "maximum connections exceeded");
@@ -60,6 +59,7 @@ pub(crate) async fn serve<S: Socket>(
         nonce.refuse_if_missing(&session);
     }
     let end = run(&shard, &socket, &session, reject).await;
+    let peer = super::shard::peer_ip(socket.raw_fd());
     after_run(shard, socket, session, slot, peer, end);
 }
 
@@ -647,12 +647,20 @@ fn publish(
     msg: &Message<'_>,
     outgoing: &mut Outgoing,
 ) -> Option<Step> {
+    let mut targets = shard.route_targets.borrow_mut();
     let outcome = shard
         .router
         .borrow_mut()
-        .route(msg, Some(session), &mut outgoing.targets);
+        .route(msg, Some(session), &mut targets);
     let full = outcome.remote_shards > 0
-        && outgoing.push_targets(msg, shard.shared.shard_count, &shard.batch_pool, shard.id);
+        && outgoing.push_targets(
+            &mut targets,
+            msg,
+            shard.shared.shard_count,
+            &shard.batch_pool,
+            shard.id,
+        );
+    drop(targets);
     if outcome.delivered_local > 0 {
         outgoing.pass_mask |= 1 << shard.id;
     }

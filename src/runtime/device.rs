@@ -636,12 +636,11 @@ impl DeviceRuntime {
             payload,
         };
         let mut outgoing = self.outgoing.borrow_mut();
-        let outcome = shard
-            .router
-            .borrow_mut()
-            .route(&msg, None, &mut outgoing.targets);
+        let mut targets = shard.route_targets.borrow_mut();
+        let outcome = shard.router.borrow_mut().route(&msg, None, &mut targets);
         if outcome.remote_shards > 0 {
             outgoing.push_targets_as(
+                &mut targets,
                 None,
                 &msg,
                 shard.shared.shard_count,

@@ -496,26 +496,28 @@ async fn send(shard: &Rc<Shard>, outgoing: &mut Outgoing, out: &mut Vec<Outbound
             headers: (!message.headers.is_empty()).then_some(message.headers.as_slice()),
             payload: &message.payload,
         };
-        let outcome = shard.router.borrow_mut().route_as(
-            &message.route_to,
-            &msg,
-            None,
-            &mut outgoing.targets,
-        );
-        if outcome.remote_shards > 0 {
+        let full = {
+            let mut targets = shard.route_targets.borrow_mut();
+            let outcome =
+                shard
+                    .router
+                    .borrow_mut()
+                    .route_as(&message.route_to, &msg, None, &mut targets);
             let route_as =
                 (message.route_to != message.subject).then_some(message.route_to.as_slice());
-            let full = outgoing.push_targets_as(
-                route_as,
-                &msg,
-                shard.shared.shard_count,
-                &shard.batch_pool,
-                shard.id,
-                false,
-            );
-            if full && outgoing.try_flush(peers) {
-                outgoing.flush_blocked(peers).await;
-            }
+            outcome.remote_shards > 0
+                && outgoing.push_targets_as(
+                    &mut targets,
+                    route_as,
+                    &msg,
+                    shard.shared.shard_count,
+                    &shard.batch_pool,
+                    shard.id,
+                    false,
+                )
+        };
+        if full && outgoing.try_flush(peers) {
+            outgoing.flush_blocked(peers).await;
         }
     }
     if outgoing.try_flush(peers) {

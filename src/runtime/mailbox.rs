@@ -336,8 +336,6 @@ pub(crate) struct Outgoing {
     /// this (once per read pass, for connection affinity); the reader sets
     /// its own shard's bit for a message delivered locally.
     pub pass_mask: u64,
-    /// Scratch for the router's per-message targets.
-    pub targets: Vec<RemoteTarget>,
 }
 
 impl Outgoing {
@@ -346,28 +344,31 @@ impl Outgoing {
             batches: Vec::new(),
             sent_to: 0,
             pass_mask: 0,
-            targets: Vec::new(),
         }
     }
 
-    /// Queues a client's message for every shard in `self.targets`; returns
-    /// true when some batch is full and should be flushed before reading on.
+    /// Queues a client's message for every shard in `targets` (the router's
+    /// answer); returns true when some batch is full and should be flushed
+    /// before reading on.
     pub(crate) fn push_targets(
         &mut self,
+        targets: &mut [RemoteTarget],
         msg: &Message<'_>,
         shard_count: usize,
         pool: &BatchPool,
         origin: usize,
     ) -> bool {
-        self.push_targets_as(None, msg, shard_count, pool, origin, true)
+        self.push_targets_as(targets, None, msg, shard_count, pool, origin, true)
     }
 
     /// [`Outgoing::push_targets`] for a message routed with `Router::route_as`;
     /// `counts_for_affinity`: a client's (JetStream's and the device
     /// gateway's messages never make a connection move).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn push_targets_as(
         &mut self,
+        targets: &mut [RemoteTarget],
         route_subject: Option<&[u8]>,
         msg: &Message<'_>,
         shard_count: usize,
@@ -380,7 +381,7 @@ impl Outgoing {
         }
         let mut full = false;
         let stamp = pool.switched.get();
-        for target in &mut self.targets {
+        for target in targets {
             let batch = &mut self.batches[target.shard];
             if batch.envelopes.capacity() == 0 || batch.seq == 0 {
                 *batch = pool.open(origin, target.shard);

@@ -387,6 +387,9 @@ pub(crate) struct Shard {
     pub moves: super::moves::Moves,
     /// Read passes, for `--debug-move-every`.
     pub debug_passes: Cell<u64>,
+    /// Scratch for the router's targets of one client message (borrowed only
+    /// while a reader routes it, so every connection shares one).
+    pub route_targets: RefCell<Vec<crate::router::RemoteTarget>>,
 }
 
 impl Shard {
@@ -412,6 +415,7 @@ impl Shard {
             auth: RefCell::new(shared.auth.clone()),
             moves: super::moves::Moves::default(),
             debug_passes: Cell::new(0),
+            route_targets: RefCell::new(Vec::new()),
             shared,
         }
     }
