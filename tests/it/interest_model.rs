@@ -542,22 +542,11 @@ fn run_model_with(
         received.push(inbox.frames.into_inner().expect("frames"));
     }
     let moved = if every.is_some() {
-        moves_made(http_port.parse().expect("port"))
+        crate::monitoring::connection_moves(http_port.parse().expect("port"))
     } else {
         0
     };
     (check(&sent, &received), moved)
-}
-
-/// `perch_connection_moves_total` from the broker's /metrics.
-fn moves_made(port: u16) -> u64 {
-    let (status, _, body) = crate::monitoring::http_get(port, "/metrics");
-    assert_eq!(status, 200, "/metrics: {body}");
-    body.lines()
-        .find_map(|l| l.strip_prefix("perch_connection_moves_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("no perch_connection_moves_total in:\n{body}"))
 }
 
 /// The oracle (see the module docs).

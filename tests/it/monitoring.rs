@@ -20,6 +20,17 @@ const SETTLE_MS_MAX: u64 = 3_000;
 /// One HTTP/1.0 `GET` (so no chunked encoding: the body ends where the
 /// connection does): (status, content type, body). A tiny client on purpose:
 /// the test must not share an HTTP stack with the server.
+/// `perch_connection_moves_total` from the broker's /metrics.
+pub(crate) fn connection_moves(port: u16) -> u64 {
+    let (status, _, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "/metrics: {body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("perch_connection_moves_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no perch_connection_moves_total in:\n{body}"))
+}
+
 pub(crate) fn http_get(port: u16, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to monitoring port");
     stream

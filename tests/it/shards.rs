@@ -201,6 +201,39 @@ fn pong_after_publishing_means_delivered_everywhere() {
     }
 }
 
+/// A responder subscribed to `svc` and a requester to `inbox`, both
+/// confirmed; placement puts them on different shards.
+fn request_reply_pair(server: &Server) -> (Raw, Raw) {
+    let mut responder = connect(server);
+    let mut requester = connect(server);
+    responder.send(b"SUB svc 1\r\nPING\r\n");
+    assert_eq!(responder.read_line(), "PONG");
+    requester.send(b"SUB inbox 1\r\nPING\r\n");
+    assert_eq!(requester.read_line(), "PONG");
+    (responder, requester)
+}
+
+/// One request and its reply, checked.
+fn round_trip(requester: &mut Raw, responder: &mut Raw, n: u64) {
+    let request = format!("r{n}");
+    let len = request.len();
+    requester.send(format!("PUB svc inbox {len}\r\n{request}\r\n").as_bytes());
+    assert_eq!(responder.read_line(), format!("MSG svc 1 inbox {len}"));
+    assert_eq!(responder.read_line(), request);
+    responder.send(format!("PUB inbox {len}\r\n{request}\r\n").as_bytes());
+    assert_eq!(requester.read_line(), format!("MSG inbox 1 {len}"));
+    assert_eq!(requester.read_line(), request, "round trip {n}");
+}
+
+/// Round trips for `ms`, numbered from `*n` on.
+fn round_trips_for(requester: &mut Raw, responder: &mut Raw, n: &mut u64, ms: u64) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(ms) {
+        round_trip(requester, responder, *n);
+        *n += 1;
+    }
+}
+
 /// `--affinity auto`: a requester and its responder on different shards meet
 /// on one after a few hundred ms of round trips, exactly once, and every
 /// round trip before, during and after the move is answered in order.
@@ -209,48 +242,20 @@ fn affinity_moves_a_request_reply_pair_together_once() {
     let port = crate::support::free_port();
     let http = format!("127.0.0.1:{port}");
     let server = Server::perch(&["--shards", "2", "--affinity", "auto", "--http", &http]);
-    let mut responder = connect(&server);
-    let mut requester = connect(&server);
-    responder.send(b"SUB svc 1\r\nPING\r\n");
-    assert_eq!(responder.read_line(), "PONG");
-    requester.send(b"SUB inbox 1\r\nPING\r\n");
-    assert_eq!(requester.read_line(), "PONG");
-    let moves = || {
-        let (status, _, body) = crate::monitoring::http_get(port, "/metrics");
-        assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix("perch_connection_moves_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .expect("perch_connection_moves_total") as u64
-    };
-    let mut round_trip = |n: u64| {
-        let request = format!("r{n}");
-        requester.send(format!("PUB svc inbox {}\r\n{request}\r\n", request.len()).as_bytes());
-        assert_eq!(
-            responder.read_line(),
-            format!("MSG svc 1 inbox {}", request.len())
-        );
-        assert_eq!(responder.read_line(), request);
-        responder.send(format!("PUB inbox {}\r\n{request}\r\n", request.len()).as_bytes());
-        assert_eq!(
-            requester.read_line(),
-            format!("MSG inbox 1 {}", request.len())
-        );
-        assert_eq!(requester.read_line(), request, "round trip {n}");
-    };
+    let (mut responder, mut requester) = request_reply_pair(&server);
     let mut n = 0;
-    let started = std::time::Instant::now();
-    while started.elapsed() < std::time::Duration::from_millis(1500) {
-        round_trip(n);
-        n += 1;
-    }
-    assert_eq!(moves(), 1, "after {n} round trips in 1.5 s");
-    let again = std::time::Instant::now();
-    while again.elapsed() < std::time::Duration::from_millis(1500) {
-        round_trip(n);
-        n += 1;
-    }
-    assert_eq!(moves(), 1, "no move back ({n} round trips)");
+    round_trips_for(&mut requester, &mut responder, &mut n, 1500);
+    assert_eq!(
+        crate::monitoring::connection_moves(port),
+        1,
+        "after {n} round trips in 1.5 s"
+    );
+    round_trips_for(&mut requester, &mut responder, &mut n, 1500);
+    assert_eq!(
+        crate::monitoring::connection_moves(port),
+        1,
+        "no move back ({n} round trips)"
+    );
 }
 
 /// Without `--affinity auto` (the default) nothing moves.
@@ -259,24 +264,12 @@ fn connections_stay_put_by_default() {
     let port = crate::support::free_port();
     let http = format!("127.0.0.1:{port}");
     let server = Server::perch(&["--shards", "2", "--http", &http]);
-    let mut responder = connect(&server);
-    let mut requester = connect(&server);
-    responder.send(b"SUB svc 1\r\nPING\r\n");
-    assert_eq!(responder.read_line(), "PONG");
-    requester.send(b"SUB inbox 1\r\nPING\r\n");
-    assert_eq!(requester.read_line(), "PONG");
-    let started = std::time::Instant::now();
-    while started.elapsed() < std::time::Duration::from_millis(800) {
-        requester.send(b"PUB svc inbox 1\r\nx\r\n");
-        assert_eq!(responder.read_line(), "MSG svc 1 inbox 1");
-        assert_eq!(responder.read_line(), "x");
-        responder.send(b"PUB inbox 1\r\ny\r\n");
-        assert_eq!(requester.read_line(), "MSG inbox 1 1");
-        assert_eq!(requester.read_line(), "y");
-    }
-    let (_, _, body) = crate::monitoring::http_get(port, "/metrics");
-    assert!(
-        body.lines().any(|l| l == "perch_connection_moves_total 0"),
-        "{body}"
+    let (mut responder, mut requester) = request_reply_pair(&server);
+    let mut n = 0;
+    round_trips_for(&mut requester, &mut responder, &mut n, 800);
+    assert_eq!(
+        crate::monitoring::connection_moves(port),
+        0,
+        "{n} round trips"
     );
 }
