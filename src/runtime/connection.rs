@@ -69,6 +69,7 @@ pub(crate) fn open(
 /// An `async` block rather than an `async fn`: an async fn's future keeps its
 /// arguments twice (as arguments and as the locals they are moved into),
 /// 40 bytes of every connection's task, which is allocated in 128-byte steps.
+#[allow(clippy::manual_async_fn)] // deliberately not an async fn: see above
 pub(crate) fn serve<S: Socket>(
     shard: Rc<Shard>,
     socket: S,
