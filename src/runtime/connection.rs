@@ -32,14 +32,17 @@ const READ_BUFFER_BYTES_BURST: usize = 64 * 1024;
 /// Write buffers larger than this are released after use rather than kept.
 const WRITE_BUFFER_BYTES_KEEP: usize = 64 * 1024;
 
-pub(crate) async fn serve<S: Socket>(
-    shard: Rc<Shard>,
-    socket: S,
+/// A new plain client: its session with INFO queued, registered (slot
+/// returned). Done before its task starts, so the task carries neither the
+/// peer's address nor the client id (every idle connection's task would).
+pub(crate) fn open(
+    shard: &Shard,
+    fd: std::os::fd::RawFd,
     client_id: u64,
     peer: Option<SocketAddr>,
     reject: bool,
-) {
-    let (session, nonce) = new_session(&shard, client_id);
+) -> (Rc<Session>, usize) {
+    let (session, nonce) = new_session(shard, client_id);
     // With TLS on, a client over the limit is refused here, in plain text
     // before any handshake (its INFO still says tls_required), as nats-server does.
     let tls = if reject { shard.shared.tls() } else { None };
@@ -48,7 +51,7 @@ pub(crate) async fn serve<S: Socket>(
     tracing::debug!(client_id, ?peer, "client connected");
     // Nothing of the peer is kept for the closing log line: it is asked of the
     // kernel then (an address would sit in every connection's task).
-    let slot = shard.register(&session, socket.raw_fd());
+    let slot = shard.register(&session, fd);
     if reject {
         tracing::warn!(client_id, "maximum connections exceeded");
         session.fail_and_close(
@@ -58,9 +61,26 @@ pub(crate) async fn serve<S: Socket>(
     } else {
         nonce.refuse_if_missing(&session);
     }
-    let end = run(&shard, &socket, &session, reject).await;
-    let peer = super::shard::peer_ip(socket.raw_fd());
-    after_run(shard, socket, session, slot, peer, end);
+    (session, slot)
+}
+
+/// A plain client's connection, opened by [`open`], until it closes or moves.
+///
+/// An `async` block rather than an `async fn`: an async fn's future keeps its
+/// arguments twice (as arguments and as the locals they are moved into),
+/// 40 bytes of every connection's task, which is allocated in 128-byte steps.
+#[allow(clippy::manual_async_fn)] // deliberately not an async fn: see above
+pub(crate) fn serve<S: Socket>(
+    shard: Rc<Shard>,
+    socket: S,
+    session: Rc<Session>,
+    slot: usize,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let end = run(&shard, &socket, &session).await;
+        let peer = super::shard::peer_ip(socket.raw_fd());
+        after_run(shard, socket, session, slot, peer, end);
+    }
 }
 
 /// A connection that moved here from another shard (`runtime/moves.rs`):
@@ -81,7 +101,7 @@ pub(crate) async fn serve_moved<S: Socket>(
     shard
         .moves
         .resume(session.id, read_buffer, frame_bytes_needed);
-    let end = run(&shard, &socket, &session, false).await;
+    let end = run(&shard, &socket, &session).await;
     let peer = super::shard::peer_ip(socket.raw_fd());
     after_run(shard, socket, session, slot, peer, end);
 }
@@ -288,7 +308,7 @@ async fn tls_session<S: Socket>(
     }
     drop(info);
     // TLS connections never move (rustls' state stays with the socket).
-    run(shard, &socket, session, false).await;
+    run(shard, &socket, session).await;
 }
 
 /// Why a reader stopped.
@@ -310,17 +330,14 @@ struct Departing {
 
 /// The session over an established byte stream: reader and writer until the
 /// connection ends or moves.
-async fn run<S: Socket>(
-    shard: &Rc<Shard>,
-    socket: &S,
-    session: &Rc<Session>,
-    reject: bool,
-) -> ReadEnd {
+async fn run<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Session>) -> ReadEnd {
     // Reader and writer run concurrently inside this one task (one allocation per
     // connection instead of two). `join` polls both and never drops either, so no
     // in-flight io_uring operation is abandoned.
     let reader = async {
-        let end = if reject {
+        // Refused before it began (over max_connections, no nonce): nothing
+        // of the client's is read, only the -ERR written.
+        let end = if session.is_closing() {
             ReadEnd::Closed
         } else {
             read_loop(shard, socket, session).await

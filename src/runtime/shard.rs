@@ -1067,8 +1067,12 @@ fn adopt<B: Backend>(shard: &Rc<Shard>, stream: std::net::TcpStream, client_id: 
                 tokio::task::spawn_local(task);
             }
             None => {
-                let task =
-                    super::connection::serve(Rc::clone(shard), socket, client_id, peer, reject);
+                let task = {
+                    let fd = io::Socket::raw_fd(&socket);
+                    let (session, slot) =
+                        super::connection::open(shard, fd, client_id, peer, reject);
+                    super::connection::serve(Rc::clone(shard), socket, session, slot)
+                };
                 tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task size");
                 tokio::task::spawn_local(task);
             }
