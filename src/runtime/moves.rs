@@ -62,7 +62,7 @@ use tokio::sync::Notify;
 
 use super::mailbox::{Control, InterestMessage};
 use super::shard::Shard;
-use crate::nats::session::{CloseReason, Session, Subscription};
+use crate::nats::session::{CloseReason, Session};
 use crate::router::MoveMark;
 
 /// Round trips with one shard in a window (100 ms) before it can qualify:
@@ -287,7 +287,6 @@ pub(crate) enum Half {
         id: u32,
         to: usize,
         shell: Rc<Session>,
-        shell_subs: Vec<Rc<Subscription>>,
         switched: bool,
         /// Per shard: batches it opened for this shard before its switch.
         watermarks: Vec<Option<u64>>,
@@ -387,8 +386,8 @@ pub(crate) fn cut(
         let mut router = shard.router.borrow_mut();
         // Shell first, so no subject's local count passes through zero:
         // S's interest does not change.
-        for sub in &shell_subs {
-            router.subscribe(Rc::clone(sub));
+        for sub in shell_subs {
+            router.subscribe(sub);
         }
         for sub in &subs {
             router.unsubscribe(sub);
@@ -417,7 +416,7 @@ pub(crate) fn cut(
             session.close(CloseReason::ServerShutdown);
             drop(session);
             drop(stream);
-            end_leaving_now(shard, id, shell, shell_subs, to, true);
+            end_leaving_now(shard, id, shell, to, true);
             return;
         }
     };
@@ -425,7 +424,6 @@ pub(crate) fn cut(
         id,
         to,
         shell,
-        shell_subs,
         switched: false,
         watermarks: vec![None; shard.shared.shard_count],
     });
@@ -452,15 +450,7 @@ pub(crate) fn cut(
 }
 
 /// Tears the shell down (the move failed or ended).
-fn end_leaving_now(
-    shard: &Shard,
-    id: u32,
-    shell: Rc<Session>,
-    shell_subs: Vec<Rc<Subscription>>,
-    to: usize,
-    failed: bool,
-) {
-    drop(shell_subs);
+fn end_leaving_now(shard: &Shard, id: u32, shell: Rc<Session>, to: usize, failed: bool) {
     let subs = shell.take_subscriptions();
     {
         let mut router = shard.router.borrow_mut();
@@ -622,14 +612,10 @@ pub(crate) fn abort(shard: &Shard, id: u32) {
     let half = shard.moves.half.borrow_mut().take();
     match half {
         Some(Half::Leaving {
-            id: m,
-            to,
-            shell,
-            shell_subs,
-            ..
+            id: m, to, shell, ..
         }) if m == id => {
             tracing::warn!(shard = shard.id, "connection move refused by shard {to}");
-            end_leaving_now(shard, id, shell, shell_subs, to, true);
+            end_leaving_now(shard, id, shell, to, true);
         }
         other => *shard.moves.half.borrow_mut() = other,
     }
@@ -653,13 +639,7 @@ pub(crate) fn progress(shard: &Shard) {
         return;
     }
     match moves.half.borrow_mut().take() {
-        Some(Half::Leaving {
-            id,
-            to,
-            shell,
-            shell_subs,
-            ..
-        }) => {
+        Some(Half::Leaving { id, to, shell, .. }) => {
             let overflow = shell.is_closing();
             let forwarded = shell.take_forwarded();
             let _ = shard.shared.peers.control[to].send(Control::MoveEnd {
@@ -667,7 +647,7 @@ pub(crate) fn progress(shard: &Shard) {
                 forwarded,
                 overflow,
             });
-            end_leaving_now(shard, id, shell, shell_subs, to, false);
+            end_leaving_now(shard, id, shell, to, false);
         }
         Some(Half::Arriving { id, from, .. }) => {
             shard.router.borrow_mut().mark = None;
