@@ -41,24 +41,22 @@ pub enum Placement {
     RoundRobin,
 }
 
-/// Whether established connections move to the shard they have most of
-/// their round trips with (`runtime/moves.rs`).
+/// Whether established connections move between shards
+/// (`runtime/moves.rs`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AffinityMode {
-    /// Move request-reply partners onto one shard. Off by default: on the
-    /// 2-vCPU VM it was measured on, partners on one shard made round trips
-    /// slower, not faster (BENCHMARKS.md).
-    Auto,
-    /// Connections stay where they were placed (the default).
+    /// A publisher whose stream of messages (over 100 000 a second, in
+    /// batches) all goes to subscribers on one other shard moves there (the
+    /// default: it halves the broker's CPU per message, BENCHMARKS.md).
     #[default]
+    Flows,
+    /// As `flows`, and request-reply partners move onto one shard too. Not
+    /// the default: on the 2-vCPU VM it was measured on, partners on one
+    /// shard made round trips slower, not faster (BENCHMARKS.md).
+    Auto,
+    /// Connections stay where they were placed.
     Off,
-}
-
-impl AffinityMode {
-    pub fn is_auto(self) -> bool {
-        self == AffinityMode::Auto
-    }
 }
 
 /// How log lines are written to stderr.
@@ -80,8 +78,9 @@ pub struct Config {
     pub shards: Option<usize>,
     pub io: IoMode,
     pub placement: Placement,
-    /// Connection affinity: `auto` moves a connection to the shard it has
-    /// most round trips with; `off` (the default) keeps placement as it was.
+    /// Connection affinity: `flows` (the default) moves a high-rate publisher
+    /// to its subscribers' shard, `auto` also request-reply partners, `off`
+    /// keeps placement as it was.
     pub affinity: AffinityMode,
     pub server_name: Option<String>,
     pub max_payload: usize,
@@ -238,7 +237,7 @@ impl Default for Config {
             shards: None,
             io: IoMode::Auto,
             placement: Placement::LeastLoaded,
-            affinity: AffinityMode::Off,
+            affinity: AffinityMode::Flows,
             server_name: None,
             max_payload: PAYLOAD_BYTES_MAX_DEFAULT,
             max_pending: PENDING_BYTES_MAX_DEFAULT,

@@ -473,8 +473,9 @@ struct ServeArgs {
     /// How accepted connections are spread over shards [default: least-loaded].
     #[arg(long, value_enum)]
     placement: Option<Placement>,
-    /// Move a connection to the shard it has most request-reply round trips
-    /// with, so partners meet on one shard [default: off].
+    /// Move connections between shards: `flows` moves a high-rate publisher
+    /// to its subscribers' shard, `auto` also request-reply partners, `off`
+    /// never [default: flows].
     #[arg(long, value_enum)]
     affinity: Option<perch::config::AffinityMode>,
     /// Largest message payload a client may publish, in bytes [default: 1048576].

@@ -14,6 +14,7 @@ use super::io::{self, Socket};
 use super::mailbox::Outgoing;
 use super::shard::Shard;
 use super::tls::TlsSocket;
+use crate::config::AffinityMode;
 use crate::nats::encode;
 use crate::nats::parser::{parse_op, Parsed};
 use crate::nats::session::{CloseReason, Effect, Message, Session, State};
@@ -494,16 +495,18 @@ async fn read_loop<S: Socket>(shard: &Rc<Shard>, socket: &S, session: &Rc<Sessio
 }
 
 /// At the end of a read pass: counts a round trip (a publish in reply to
-/// what the client was given), and decides whether the connection moves
+/// what the client was given) or a publisher's flow (what it published and
+/// to which shards), and decides whether the connection moves
 /// (`runtime/moves.rs`). Returns the admitted move.
 fn consider_move(
     shard: &Shard,
     session: &Rc<Session>,
     outgoing: &mut Outgoing,
 ) -> Option<(u32, usize)> {
-    use super::moves::RoundTrip;
+    use super::moves::{FlowPass, RoundTrip, FLOW_PASS_MIN};
     let origin = session.take_origin();
     let mask = std::mem::take(&mut outgoing.pass_mask);
+    let published = std::mem::take(&mut outgoing.pass_published);
     let debug_every = shard.shared.debug_move_every;
     let (to, forced) = if debug_every > 0 {
         let passes = shard.debug_passes.get() + 1;
@@ -513,23 +516,49 @@ fn consider_move(
         }
         ((shard.id + 1) % shard.shared.shard_count, true)
     } else {
-        if origin == crate::router::ORIGIN_NONE || !shard.config().affinity.is_auto() {
+        let mode = shard.config().affinity;
+        if mode == AffinityMode::Off || (published == 0 && origin == crate::router::ORIGIN_NONE) {
             return None;
         }
-        if mask & (1 << origin) == 0 {
-            return None;
-        }
-        let round_trip = if usize::from(origin) == shard.id {
-            RoundTrip::Local
-        } else {
-            RoundTrip::With(origin)
-        };
         let now_ms = crate::nats::session::coarse_now_ms();
         let mut counts = shard.moves.affinity.borrow_mut();
-        let affinity = counts.entry(session.id).or_default();
-        let to = affinity.note(round_trip, now_ms)?;
-        affinity.restart();
-        (usize::from(to), false)
+        let mut wanted = None;
+        if mode == AffinityMode::Auto
+            && origin != crate::router::ORIGIN_NONE
+            && mask & (1 << origin) != 0
+        {
+            let round_trip = if usize::from(origin) == shard.id {
+                RoundTrip::Local
+            } else {
+                RoundTrip::With(origin)
+            };
+            let affinity = counts.entry(session.id).or_default();
+            wanted = affinity.note(round_trip, now_ms);
+            if wanted.is_some() {
+                affinity.restart();
+            }
+        }
+        if wanted.is_none() && published > 0 {
+            let pass = if mask.count_ones() == 1 && mask & (1 << shard.id) == 0 {
+                FlowPass::Only(mask.trailing_zeros() as u8)
+            } else {
+                FlowPass::Spread
+            };
+            // Only a pass of a batched stream starts a connection's counts:
+            // a device's burst or a request never does.
+            let affinity = if published >= FLOW_PASS_MIN {
+                Some(counts.entry(session.id).or_default())
+            } else {
+                counts.get_mut(&session.id)
+            };
+            if let Some(affinity) = affinity {
+                wanted = affinity.flow.note(pass, published, now_ms);
+                if wanted.is_some() {
+                    affinity.flow.restart();
+                }
+            }
+        }
+        (usize::from(wanted?), false)
     };
     if !movable_now(session) {
         return None;
@@ -680,6 +709,9 @@ fn publish(
     drop(targets);
     if outcome.delivered_local > 0 {
         outgoing.pass_mask |= 1 << shard.id;
+    }
+    if outcome.delivered_local > 0 || outcome.remote_shards > 0 {
+        outgoing.pass_published = outgoing.pass_published.saturating_add(1);
     }
     if outcome.delivered_local == 0 && outcome.remote_shards == 0 {
         no_responders(session, msg);

@@ -336,6 +336,9 @@ pub(crate) struct Outgoing {
     /// this (once per read pass, for connection affinity); the reader sets
     /// its own shard's bit for a message delivered locally.
     pub pass_mask: u64,
+    /// Messages the client published this pass that reached someone (taken
+    /// with `pass_mask`: a publisher's flow, `runtime/moves.rs`).
+    pub pass_published: u32,
 }
 
 impl Outgoing {
@@ -344,6 +347,7 @@ impl Outgoing {
             batches: Vec::new(),
             sent_to: 0,
             pass_mask: 0,
+            pass_published: 0,
         }
     }
 

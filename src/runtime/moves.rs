@@ -94,6 +94,90 @@ pub(crate) struct Affinity {
     streak: u8,
     /// When the connection last moved (shard clock, ms); 0: never.
     pub last_move_ms: u64,
+    /// What it publishes, and where to.
+    pub flow: Flow,
+}
+
+/// Messages a publisher sent to one other shard alone in a window (100 ms)
+/// before the window can qualify: 100 000 a second. Below that rate the
+/// cross-shard hop costs little; above it, it is most of the broker's CPU
+/// per message (BENCHMARKS.md, "Connection moves for flows").
+pub(crate) const FLOW_MSGS_MIN: u32 = 10_000;
+/// A read pass that published at least this many messages starts a
+/// connection's flow counts. A request (one message a pass) or a device's
+/// burst (a hundred) never does, so request-reply partners, which are faster
+/// on separate shards on the machines measured, stay apart.
+pub(crate) const FLOW_PASS_MIN: u32 = 256;
+
+/// One read pass of a publisher, for [`Flow::note`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FlowPass {
+    /// Everything it published went to this other shard alone.
+    Only(u8),
+    /// Some was delivered here, or it went to several shards.
+    Spread,
+}
+
+/// A publisher's flow counts: a window qualifies for shard k when at least
+/// [`FLOW_MSGS_MIN`] of its messages went to k alone and 3× more than
+/// everywhere else; two qualifying windows in a row ask for a move to k
+/// (the publisher joins its subscribers: one shard then parses, routes and
+/// writes each message, with no copy into a batch, no second match and no
+/// wake-up of another shard).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Flow {
+    window: u64,
+    to: u8,
+    to_msgs: u32,
+    other: u32,
+    streak_shard: u8,
+    streak: u8,
+}
+
+impl Flow {
+    /// Counts one read pass that published `published` messages at
+    /// `now_ms`; returns the shard to move to when the previous window
+    /// closed a streak.
+    pub(crate) fn note(&mut self, pass: FlowPass, published: u32, now_ms: u64) -> Option<u8> {
+        let window = now_ms / WINDOW_MS;
+        let mut wanted = None;
+        if window != self.window {
+            wanted = self.close_window(window);
+        }
+        match pass {
+            FlowPass::Only(shard) if shard == self.to || self.to_msgs == 0 => {
+                self.to = shard;
+                self.to_msgs = self.to_msgs.saturating_add(published);
+            }
+            _ => self.other = self.other.saturating_add(published),
+        }
+        wanted
+    }
+
+    fn close_window(&mut self, window: u64) -> Option<u8> {
+        if self.window + 1 != window {
+            self.streak = 0;
+        }
+        let qualifies =
+            self.to_msgs >= FLOW_MSGS_MIN && self.to_msgs >= DOMINANCE.saturating_mul(self.other);
+        if !qualifies {
+            self.streak = 0;
+        } else if self.streak > 0 && self.streak_shard == self.to {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.streak_shard = self.to;
+            self.streak = 1;
+        }
+        self.window = window;
+        self.to_msgs = 0;
+        self.other = 0;
+        (self.streak >= STREAK_MIN).then_some(self.streak_shard)
+    }
+
+    /// A move was tried (or made): the streak starts again.
+    pub(crate) fn restart(&mut self) {
+        self.streak = 0;
+    }
 }
 
 /// A round trip, for [`Affinity::note`].
@@ -726,6 +810,64 @@ mod tests {
             }
         }
         assert_eq!(wanted, Some(1));
+    }
+
+    /// `passes` passes of `per_pass` messages in `window`, each `pass`.
+    fn flow_window(
+        f: &mut Flow,
+        window: u64,
+        passes: u32,
+        per_pass: u32,
+        pass: FlowPass,
+    ) -> Option<u8> {
+        let mut wanted = None;
+        for _ in 0..passes {
+            wanted = wanted.or(f.note(pass, per_pass, window * WINDOW_MS));
+        }
+        wanted
+    }
+
+    #[test]
+    fn a_stream_to_one_shard_for_two_windows_asks_for_a_move() {
+        let mut f = Flow::default();
+        assert_eq!(flow_window(&mut f, 5, 40, 500, FlowPass::Only(1)), None);
+        assert_eq!(flow_window(&mut f, 6, 40, 500, FlowPass::Only(1)), None);
+        assert_eq!(f.note(FlowPass::Only(1), 500, 7 * WINDOW_MS), Some(1));
+        // Minority traffic elsewhere does not stop it.
+        let mut f = Flow::default();
+        for w in 0..2 {
+            flow_window(&mut f, w, 30, 500, FlowPass::Only(2));
+            flow_window(&mut f, w, 5, 500, FlowPass::Spread);
+        }
+        assert_eq!(f.note(FlowPass::Spread, 1, 2 * WINDOW_MS), Some(2));
+    }
+
+    #[test]
+    fn slow_spread_alternating_or_interrupted_streams_never_ask() {
+        // 9 999 messages a window: under the rate.
+        let mut f = Flow::default();
+        for w in 0..20 {
+            assert_eq!(flow_window(&mut f, w, 9, 1111, FlowPass::Only(1)), None);
+        }
+        // Half of it delivered here or to several shards (fan-out).
+        let mut f = Flow::default();
+        for w in 0..20 {
+            assert_eq!(flow_window(&mut f, w, 20, 500, FlowPass::Only(1)), None);
+            assert_eq!(flow_window(&mut f, w, 20, 500, FlowPass::Spread), None);
+        }
+        // A different shard each window.
+        let mut f = Flow::default();
+        for w in 0..20 {
+            assert_eq!(
+                flow_window(&mut f, w, 40, 500, FlowPass::Only((w % 2) as u8 + 1)),
+                None
+            );
+        }
+        // Idle windows in between.
+        let mut f = Flow::default();
+        for w in [0, 2, 4, 6, 8] {
+            assert_eq!(flow_window(&mut f, w, 40, 500, FlowPass::Only(1)), None);
+        }
     }
 
     #[test]

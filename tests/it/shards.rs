@@ -258,9 +258,10 @@ fn affinity_moves_a_request_reply_pair_together_once() {
     );
 }
 
-/// Without `--affinity auto` (the default) nothing moves.
+/// With the default (`--affinity flows`) request-reply partners stay on
+/// their shards: one message a read pass is no flow.
 #[test]
-fn connections_stay_put_by_default() {
+fn request_reply_partners_stay_apart_by_default() {
     let port = crate::support::free_port();
     let http = format!("127.0.0.1:{port}");
     let server = Server::perch(&["--shards", "2", "--http", &http]);
@@ -272,4 +273,110 @@ fn connections_stay_put_by_default() {
         0,
         "{n} round trips"
     );
+}
+
+/// What [`publish_flow`] saw: messages published, moves seen by the end,
+/// and the subscriber's count (every payload in order, or the test failed).
+struct FlowRun {
+    published: u64,
+    moves: u64,
+    received: u64,
+}
+
+/// A subscriber and a publisher on different shards; the publisher streams
+/// numbered 8-byte messages in writes of 1000 until a move is seen (at most
+/// `deadline_ms`), then 100 000 more, then `end`. The subscriber, reading in
+/// its own thread, checks that every number arrives once, in order.
+fn publish_flow(server: &Server, port: u16, deadline_ms: u64) -> FlowRun {
+    use std::io::{BufRead, BufReader};
+    let mut subscriber = connect(server);
+    let mut publisher = connect(server);
+    subscriber.send(b"SUB flow 1\r\nPING\r\n");
+    assert_eq!(subscriber.read_line(), "PONG");
+    publisher.send(b"PING\r\n");
+    assert_eq!(publisher.read_line(), "PONG");
+    let mut answer = subscriber.stream.try_clone().expect("clone");
+    let reader = std::thread::spawn(move || {
+        subscriber
+            .stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut lines = BufReader::with_capacity(1 << 16, subscriber.stream);
+        let mut line = String::new();
+        let mut next = 0u64;
+        loop {
+            line.clear();
+            lines.read_line(&mut line).expect("subscriber read");
+            let head = line.trim_end();
+            if head == "PING" {
+                std::io::Write::write_all(&mut answer, b"PONG\r\n").expect("pong");
+                continue;
+            }
+            assert!(head.starts_with("MSG flow 1 "), "unexpected {head:?}");
+            line.clear();
+            lines.read_line(&mut line).expect("subscriber read");
+            let payload = line.trim_end();
+            if payload == "end" {
+                return next;
+            }
+            assert_eq!(payload, format!("{next:08}"), "message {next}");
+            next += 1;
+        }
+    });
+    let mut published = 0u64;
+    let mut chunk = String::new();
+    let mut send_chunk = |publisher: &mut Raw, published: &mut u64| {
+        chunk.clear();
+        for _ in 0..1000 {
+            chunk.push_str(&format!("PUB flow 8\r\n{:08}\r\n", *published));
+            *published += 1;
+        }
+        publisher.send(chunk.as_bytes());
+    };
+    let started = std::time::Instant::now();
+    let mut moves = 0;
+    while started.elapsed() < std::time::Duration::from_millis(deadline_ms) {
+        for _ in 0..50 {
+            send_chunk(&mut publisher, &mut published);
+        }
+        moves = crate::monitoring::connection_moves(port);
+        if moves > 0 {
+            break;
+        }
+    }
+    for _ in 0..100 {
+        send_chunk(&mut publisher, &mut published);
+    }
+    publisher.send(b"PUB flow 3\r\nend\r\nPING\r\n");
+    assert_eq!(publisher.read_line(), "PONG");
+    let received = reader.join().expect("subscriber");
+    FlowRun {
+        published,
+        moves: moves.max(crate::monitoring::connection_moves(port)),
+        received,
+    }
+}
+
+/// By default a publisher streaming to a subscriber on another shard moves
+/// to that shard, once, and the subscriber gets every message in order
+/// before, during and after the move.
+#[test]
+fn a_streaming_publisher_joins_its_subscriber_by_default() {
+    let port = crate::support::free_port();
+    let http = format!("127.0.0.1:{port}");
+    let server = Server::perch(&["--shards", "2", "--http", &http]);
+    let run = publish_flow(&server, port, 20_000);
+    assert_eq!(run.received, run.published);
+    assert_eq!(run.moves, 1, "after {} messages", run.published);
+}
+
+/// `--affinity off`: the same stream moves nothing.
+#[test]
+fn affinity_off_keeps_a_streaming_publisher_in_place() {
+    let port = crate::support::free_port();
+    let http = format!("127.0.0.1:{port}");
+    let server = Server::perch(&["--shards", "2", "--affinity", "off", "--http", &http]);
+    let run = publish_flow(&server, port, 1500);
+    assert_eq!(run.received, run.published);
+    assert_eq!(run.moves, 0, "after {} messages", run.published);
 }
