@@ -28,7 +28,7 @@ pub(crate) const BATCH_BYTES_MAX: usize = 256 * 1024;
 /// Messages for one destination shard. Every message's subject, reply, headers
 /// and payload are copied back to back into `data`, so a batch costs no
 /// allocation per message. Batches are recycled: the destination hands each one
-/// back to its origin shard ([`Control::Recycle`]), which reuses it. Per-message
+/// back to its origin shard ([`Peers::give_back`]), which reuses it. Per-message
 /// allocations, and above all freeing on one shard what another allocated
 /// (glibc serialises that on its arena locks), measured as the largest costs of
 /// cross-shard delivery.
@@ -57,10 +57,29 @@ pub(crate) struct Batch {
 const POOL_BATCHES_MAX: usize = 8;
 const POOL_BATCH_BYTES_MAX: usize = 2 * BATCH_BYTES_MAX;
 
+/// Emptied batches on their way back to the shard that allocated them. The
+/// origin takes them itself whenever its pool runs dry ([`BatchPool::take`]),
+/// so the batches a shard has allocated are bounded by what is in flight (the
+/// data mailboxes are bounded), never by how often its control loop gets to
+/// run: with each batch travelling home as a control message, a publisher
+/// whose reader kept its shard busy left 1.3 GB of emptied batches queued
+/// there in a 3 s stream.
+#[derive(Default)]
+pub(crate) struct Returned {
+    batches: std::sync::Mutex<Vec<Batch>>,
+    /// A [`Control::Recycled`] is on its way to the origin (one at a time).
+    woken: std::sync::atomic::AtomicBool,
+}
+
 /// A shard's recycled batches, and the numbering of the batches it opens.
 #[derive(Default)]
 pub(crate) struct BatchPool {
     free: std::cell::RefCell<Vec<Batch>>,
+    /// Where other shards put this shard's batches back.
+    returned: Arc<Returned>,
+    /// The other of the two vectors `returned` is swapped with (so neither
+    /// side allocates one per reclaim).
+    spare: std::cell::RefCell<Vec<Batch>>,
     /// Per destination: data batches opened for it so far ([`Batch::seq`]).
     opened_to: std::cell::RefCell<Vec<u64>>,
     /// The newest connection move whose switch this shard has applied: the
@@ -69,7 +88,18 @@ pub(crate) struct BatchPool {
 }
 
 impl BatchPool {
+    /// The pool of the shard whose batches come back to `returned`.
+    pub(crate) fn new(returned: Arc<Returned>) -> BatchPool {
+        BatchPool {
+            returned,
+            ..BatchPool::default()
+        }
+    }
+
     pub(crate) fn take(&self, origin: usize) -> Batch {
+        if self.free.borrow().is_empty() {
+            self.reclaim();
+        }
         let mut batch = self.free.borrow_mut().pop().unwrap_or_default();
         batch.origin = origin;
         batch.seq = 0;
@@ -98,6 +128,33 @@ impl BatchPool {
             .get(destination)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Takes in the batches other shards have given back (freeing what the
+    /// pool does not keep, here on the shard that allocated it).
+    pub(crate) fn reclaim(&self) {
+        let mut taken = std::mem::take(&mut *self.spare.borrow_mut());
+        {
+            let mut returned = self
+                .returned
+                .batches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::swap(&mut taken, &mut *returned);
+        }
+        for batch in taken.drain(..) {
+            self.give(batch);
+        }
+        *self.spare.borrow_mut() = taken;
+    }
+
+    /// Called for a [`Control::Recycled`]: later batches given back wake
+    /// this shard again.
+    pub(crate) fn reclaim_woken(&self) {
+        self.returned
+            .woken
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.reclaim();
     }
 
     /// Keeps an emptied batch for reuse (or frees it, on this its origin shard).
@@ -219,13 +276,14 @@ pub(crate) enum Control {
         /// Over max_connections: send INFO and the error, then close.
         reject: bool,
     },
-    /// A batch this shard sent, processed and emptied, back for reuse. Sent
-    /// at once, one per batch: in a request-reply this wakes the requester's
-    /// shard while the responder is still working, so the vCPU wake-up
-    /// (tens of µs on a VM) overlaps the reply instead of following it.
-    /// Returning batches four at a time measured 44 → 75 µs request-reply
-    /// p50 (BENCHMARKS.md).
-    Recycle(Batch),
+    /// Batches this shard sent are back, emptied, in its [`Returned`]. Sent
+    /// by [`Peers::give_back`] at once, for the first batch given back since
+    /// the last one was handled: in a request-reply this wakes the
+    /// requester's shard while the responder is still working, so the vCPU
+    /// wake-up (tens of µs on a VM) overlaps the reply instead of following
+    /// it. Returning batches four at a time measured 44 → 75 µs
+    /// request-reply p50 (BENCHMARKS.md).
+    Recycled,
     /// Queue-group messages another shard could not deliver (every member it
     /// was picked for had left): deliver them here, like a data batch. Rare,
     /// hence on the unbounded control channel, where passing them on can
@@ -293,6 +351,28 @@ pub(crate) struct Peers {
     pub data: Vec<mpsc::Sender<Batch>>,
     pub control: Vec<mpsc::UnboundedSender<Control>>,
     pub interest: Vec<mpsc::UnboundedSender<InterestMessage>>,
+    /// Per shard: its batches given back by the others.
+    pub returned: Vec<Arc<Returned>>,
+}
+
+impl Peers {
+    /// Hands a delivered batch back to the shard that allocated it, waking
+    /// that shard unless a wake is already on its way.
+    pub(crate) fn give_back(&self, batch: Batch) {
+        let origin = batch.origin;
+        let returned = &self.returned[origin];
+        returned
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(batch);
+        if !returned
+            .woken
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let _ = self.control[origin].send(Control::Recycled);
+        }
+    }
 }
 
 /// The receiving halves for one shard.
@@ -308,6 +388,7 @@ pub(crate) fn mailboxes(shards: usize) -> (Peers, Vec<Inbox>) {
         data: Vec::new(),
         control: Vec::new(),
         interest: Vec::new(),
+        returned: Vec::new(),
     };
     let mut inboxes = Vec::new();
     for _ in 0..shards {
@@ -317,6 +398,7 @@ pub(crate) fn mailboxes(shards: usize) -> (Peers, Vec<Inbox>) {
         peers.data.push(data_tx);
         peers.control.push(control_tx);
         peers.interest.push(interest_tx);
+        peers.returned.push(Arc::default());
         inboxes.push(Inbox {
             data: data_rx,
             control: control_rx,
@@ -481,6 +563,47 @@ impl Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches handed back to their origin are reused by it even while its
+    /// control loop never runs (a reader keeping the shard busy), and however
+    /// many come back, one wake-up is queued for it.
+    #[test]
+    fn batches_given_back_are_reused_without_the_control_loop() {
+        let (peers, mut inboxes) = mailboxes(2);
+        let pool = BatchPool::new(Arc::clone(&peers.returned[0]));
+        let msg = Message {
+            subject: b"s",
+            reply: None,
+            headers: None,
+            payload: b"x",
+        };
+        let mut buffers = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let mut batch = pool.open(0, 1);
+            batch.push_as(None, &msg, &mut RemoteTarget::default(), 0);
+            buffers.insert(batch.envelopes.as_ptr() as usize);
+            // Shard 1 delivers it and hands it back.
+            peers.give_back(batch);
+        }
+        assert_eq!(buffers.len(), 1, "every batch after the first was reused");
+        let woken = |inbox: &mut Inbox| {
+            let mut n = 0;
+            while let Ok(message) = inbox.control.try_recv() {
+                assert!(matches!(message, Control::Recycled));
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(woken(&mut inboxes[0]), 1);
+        pool.reclaim_woken();
+        peers.give_back(pool.take(0));
+        assert_eq!(
+            woken(&mut inboxes[0]),
+            1,
+            "a wake-up once the last was handled"
+        );
+        assert_eq!(woken(&mut inboxes[1]), 0);
+    }
 
     #[test]
     fn batch_round_trips_every_message_shape() {

@@ -399,7 +399,7 @@ impl Shard {
             id,
             router: RefCell::new(Router::new(id, shared.shard_count)),
             limits: Cell::new(config.limits()),
-            batch_pool: BatchPool::default(),
+            batch_pool: BatchPool::new(Arc::clone(&shared.peers.returned[id])),
             connections: RefCell::new(Connections::default()),
             active: Cell::new(false),
             activity: Notify::new(),
@@ -968,10 +968,10 @@ fn handle_control<B: Backend>(shard: &Rc<Shard>, message: Control, stopped: &Not
             client_id,
             reject,
         } => adopt::<B>(shard, stream, client_id, reject),
-        Control::Recycle(batch) => shard.batch_pool.give(batch),
+        Control::Recycled => shard.batch_pool.reclaim_woken(),
         Control::PassOn(batch) => {
             deliver_batch(shard, &batch);
-            let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
+            shard.shared.peers.give_back(batch);
             shard.broadcast_interest();
         }
         Control::DeviceDatagram(datagram) => match shard.device.get() {
@@ -1122,9 +1122,9 @@ async fn data_loop(shard: Rc<Shard>, mut data: mpsc::Receiver<Batch>) {
             continue;
         }
         // Back to the shard that allocated it: reused there, never freed here.
-        // At once, not gathered: see `Control::Recycle` (it wakes the origin
+        // At once, not gathered: see `Control::Recycled` (it wakes the origin
         // early, which request-reply latency depends on).
-        let _ = shard.shared.peers.control[batch.origin].send(Control::Recycle(batch));
+        shard.shared.peers.give_back(batch);
         // Auto-unsubscribes may have changed interest; no one waits on these.
         shard.broadcast_interest();
         // Let writers drain what this batch queued before taking the next one, so a
